@@ -1,0 +1,29 @@
+"""marlin: MARLIN facial-video masked autoencoders as a library.
+
+    from marlin import Marlin                       # drop-in for marlin-pytorch
+    model = Marlin.from_online("marlin_vit_base_ytf")
+    feats = model.extract_video("face.mp4", crop_face=True)
+
+Boolean token masks everywhere in marlin are *visibility* masks: shape [B, N], True = the token is visible to the
+encoder, False = hidden (to be reconstructed) — the convention of the released MARLIN code (see `marlin.masking`).
+"""
+
+from .checkpoint import CheckpointError, read_checkpoint
+from .config import MarlinConfig
+from .model import LoadReport, Marlin, create_model, load
+from .registry import get_config, list_models, register_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "Marlin",
+    "MarlinConfig",
+    "create_model",
+    "get_config",
+    "list_models",
+    "load",
+    "read_checkpoint",
+    "register_model",
+]

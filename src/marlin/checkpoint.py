@@ -1,0 +1,236 @@
+"""Reading MARLIN weights from every format they circulate in, safely.
+
+Formats (detected from the content, not trusted from the file name):
+- official `*.encoder.pt` / `*.full.pt`: a plain state dict with `encoder.*` (and `decoder.*`, `enc_dec_proj.*`) keys;
+- official Lightning `*.ckpt`: `{"state_dict": ...}`, the `discriminator.*` entries are dropped;
+- HF `model.safetensors`: keys prefixed `marlin.`;
+- VideoMAE pretraining checkpoints (`{"model": ...}` with `patch_embed.proj`, `mlp.fc1`, `encoder_to_decoder`):
+  key-mapped for use as an initialisation;
+- marlin's own files: safetensors whose metadata carries the config JSON, a directory from `save_pretrained`, or a
+  `.pt` with `{"config": ..., "state_dict": ...}`.
+
+Pickles are read with `torch.load(weights_only=True)`: a file that needs code execution to unpickle is refused, never
+executed.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import MarlinConfig
+from .registry import get_config, list_models
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable MARLIN checkpoint; the message is one line naming the file and the reason."""
+
+
+@dataclass
+class Checkpoint:
+    """Weights in the official key layout plus what is known about them."""
+
+    state_dict: dict[str, Tensor]
+    path: str
+    format: str  # "official", "lightning", "hf", "videomae", "marlin"
+    config: MarlinConfig | None = None  # present when the file carries one
+    dropped: list[str] = field(default_factory=list)  # keys removed on reading (e.g. the critic)
+
+    @property
+    def has_decoder(self) -> bool:
+        return any(k.startswith("decoder.") for k in self.state_dict)
+
+
+def _fail(path: str | Path, reason: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {reason}")
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg) or re.search(r"global '([\w.]+)'", msg)
+        if found or "weights_only" in msg.lower() or "Weights only load failed" in msg:
+            what = found.group(1) if found else "an object that is not plain tensors/containers"
+            raise _fail(
+                path, f"refused to unpickle: it needs code execution ({what}); only weights-only files are loaded"
+            ) from None
+        raise _fail(path, f"not a PyTorch checkpoint ({msg.splitlines()[0][:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if isinstance(e, EOFError) or "zip" in first.lower() or "central directory" in first.lower():
+            raise _fail(path, f"truncated or corrupt checkpoint ({first})") from None
+        raise _fail(path, f"could not read as a PyTorch checkpoint ({first})") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _fail(path, f"truncated or corrupt safetensors file ({str(e).splitlines()[0][:160]})") from None
+
+
+_VIDEOMAE_RULES = [  # (pattern, replacement) applied in order to VideoMAE pretraining keys
+    (re.compile(r"^encoder_to_decoder\."), "enc_dec_proj."),
+    (re.compile(r"^mask_token$"), "decoder.mask_token"),
+    (re.compile(r"\.patch_embed\.proj\."), ".patch_embedding.projection."),
+]
+
+
+def _map_videomae_key(key: str) -> str:
+    key = re.sub(r"^module\.", "", key)
+    for pattern, repl in _VIDEOMAE_RULES:
+        key = pattern.sub(repl, key)
+    # mlp.fcN -> mlp.layers.{N-1}.linear
+    return re.sub(r"\.mlp\.fc(\d)\.", lambda m: f".mlp.layers.{int(m.group(1)) - 1}.linear.", key)
+
+
+def _is_videomae(keys: list[str]) -> bool:
+    return any(".patch_embed.proj." in k or ".mlp.fc1." in k or k.startswith("encoder_to_decoder.") for k in keys)
+
+
+def _unwrap(obj: object, path: Path) -> tuple[dict[str, Tensor], str, MarlinConfig | None, list[str]]:
+    """Find the state dict inside a loaded object and normalise its keys to the official layout."""
+    if not isinstance(obj, dict):
+        raise _fail(path, f"not a checkpoint: expected a dict of tensors, found {type(obj).__name__}")
+    config, fmt, dropped = None, "official", []
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        if isinstance(obj.get("config"), dict):
+            config, fmt = MarlinConfig.from_dict(obj["config"]), "marlin"
+        else:
+            fmt = "lightning"
+        obj = obj["state_dict"]
+    elif "model" in obj and isinstance(obj["model"], dict):
+        obj, fmt = obj["model"], "videomae"
+    sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not sd:
+        raise _fail(path, f"not a checkpoint: no tensors found (top-level keys: {sorted(map(str, obj))[:8]})")
+    dropped = [k for k in sd if k.startswith("discriminator.")]
+    sd = {k: v for k, v in sd.items() if not k.startswith("discriminator.")}
+    if any(k.startswith("marlin.") for k in sd):
+        sd, fmt = {k.removeprefix("marlin."): v for k, v in sd.items()}, "hf"
+    if _is_videomae(list(sd)):
+        sd, fmt = {_map_videomae_key(k): v for k, v in sd.items()}, "videomae"
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if not any(k.startswith("encoder.") for k in sd):
+        raise _fail(path, f"not a MARLIN checkpoint: no 'encoder.*' weights (found e.g. {sorted(sd)[:3]})")
+    return sd, fmt, config, dropped
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read weights from any supported file or `save_pretrained` directory, without executing code."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise _fail(path, f"directory has no {WEIGHTS_FILE}")
+        ckpt = read_checkpoint(weights)
+        cfg_file = path / CONFIG_FILE
+        if cfg_file.is_file():
+            try:
+                ckpt.config = MarlinConfig.from_dict(json.loads(cfg_file.read_text()))
+            except (ValueError, TypeError) as e:
+                raise _fail(cfg_file, f"invalid config ({e})") from None
+        return ckpt
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise _fail(path, f"truncated or empty file ({path.stat().st_size} bytes)")
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch >= 1.6) or a legacy pickle
+        sd, fmt, config, dropped = _unwrap(_torch_load(path), path)
+    else:
+        sd, meta = _read_safetensors(path)
+        config = MarlinConfig.from_dict(json.loads(meta["marlin_config"])) if "marlin_config" in meta else None
+        sd, fmt, cfg2, dropped = _unwrap(sd, path)
+        config = config or cfg2
+        if config is not None:
+            fmt = "marlin"
+    return Checkpoint(sd, str(path), fmt, config, dropped)
+
+
+def describe(sd: dict[str, Tensor]) -> dict[str, int]:
+    """Sizes read from the tensor shapes: encoder/decoder dim and depth, token count, patch geometry."""
+    out: dict[str, int] = {}
+    w = sd.get("encoder.patch_embedding.projection.weight")
+    if w is not None:  # [D, C, t, p, p]
+        out.update(encoder_embed_dim=w.shape[0], in_chans=w.shape[1], tubelet_size=w.shape[2], patch_size=w.shape[3])
+    for part in ("encoder", "decoder"):
+        idx = {int(m.group(1)) for k in sd if (m := re.match(rf"{part}\.blocks\.(\d+)\.", k))}
+        if idx:
+            out[f"{part}_depth"] = max(idx) + 1
+    pos = sd.get("encoder.pos_embedding.emb")
+    if pos is not None:
+        out["num_tokens"] = pos.shape[1]
+    if "decoder.norm.weight" in sd:
+        out["decoder_embed_dim"] = sd["decoder.norm.weight"].shape[0]
+    return out
+
+
+def _summary(d: dict[str, int]) -> str:
+    keys = ("encoder_embed_dim", "encoder_depth", "decoder_embed_dim", "decoder_depth", "num_tokens")
+    return ", ".join(f"{k}={d[k]}" for k in keys if k in d)
+
+
+def infer_config(sd: dict[str, Tensor], path: str = "<state dict>") -> MarlinConfig:
+    """Pick the registered variant whose sizes match the tensors; else derive one (64-dim heads, as all releases)."""
+    d = describe(sd)
+    if "encoder_embed_dim" not in d or "encoder_depth" not in d:
+        raise _fail(path, "cannot infer the architecture: no encoder patch embedding or blocks")
+
+    def matches(c: MarlinConfig) -> bool:
+        fields = {k: v for k, v in d.items() if k != "num_tokens"}
+        return all(getattr(c, k) == v for k, v in fields.items()) and d.get("num_tokens", c.num_tokens) == c.num_tokens
+
+    candidates = [get_config(n) for n in list_models() if matches(get_config(n))]
+    if candidates:  # prefer released names (`_ytf`) so the inferred name is the familiar one
+        return sorted(candidates, key=lambda c: (not c.name.endswith("_ytf"), c.name))[0]
+    base = get_config("marlin_vit_base_ytf")
+    dec_dim = d.get("decoder_embed_dim", base.decoder_embed_dim)
+    n_spatial = (base.img_size // d["patch_size"]) ** 2
+    frames = d.get("num_tokens", base.num_tokens) // n_spatial * d["tubelet_size"]
+    return MarlinConfig(
+        name="marlin_custom",
+        patch_size=d["patch_size"],
+        tubelet_size=d["tubelet_size"],
+        clip_frames=frames,
+        encoder_embed_dim=d["encoder_embed_dim"],
+        encoder_depth=d["encoder_depth"],
+        encoder_num_heads=max(1, d["encoder_embed_dim"] // 64),
+        decoder_embed_dim=dec_dim,
+        decoder_depth=d.get("decoder_depth", base.decoder_depth),
+        decoder_num_heads=max(1, dec_dim // 64),
+    )
+
+
+def check_compatible(sd: dict[str, Tensor], expected: dict[str, Tensor], path: str, name: str) -> None:
+    """Raise a one-line CheckpointError when tensor shapes disagree with the model `name` expects."""
+    bad = [k for k, v in sd.items() if k in expected and tuple(expected[k].shape) != tuple(v.shape)]
+    enc_depth_ckpt = describe(sd).get("encoder_depth")
+    enc_depth_model = describe(expected).get("encoder_depth")
+    if bad or enc_depth_ckpt != enc_depth_model:
+        try:
+            found = infer_config(sd, path).name
+        except CheckpointError:
+            found = "unknown"
+        found = f"{found} ({_summary(describe(sd))})" if found == "marlin_custom" else found
+        raise _fail(
+            path,
+            f"wrong variant: {name!r} expects {_summary(describe(expected))}, "
+            f"the file holds {found} ({_summary(describe(sd))})",
+        )

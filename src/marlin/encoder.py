@@ -1,0 +1,70 @@
+"""The MARLIN ViT encoder: tubelet embedding, fixed sin-cos positions, pre-norm blocks, final LayerNorm."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .config import MarlinConfig
+from .layers import Block, PatchEmbedding3d, SinCosPositionalEmbedding, init_weights
+
+
+class MarlinEncoder(nn.Module):
+    """Video ViT encoder. Input [B, C, T, H, W] RGB in [0, 1]; tokens ordered (t, h, w); no class token."""
+
+    def __init__(self, config: MarlinConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = config
+        self.patch_embedding = PatchEmbedding3d(c.in_chans, c.encoder_embed_dim, c.tubelet_size, c.patch_size)
+        self.pos_embedding = SinCosPositionalEmbedding(c.num_tokens, c.encoder_embed_dim)
+        self.blocks = nn.ModuleList(
+            Block(c.encoder_embed_dim, c.encoder_num_heads, c.mlp_ratio, c.qkv_bias, c.norm_eps)
+            for _ in range(c.encoder_depth)
+        )
+        self.norm = nn.LayerNorm(c.encoder_embed_dim, eps=c.norm_eps)
+        self.grad_checkpointing = False
+        self.apply(init_weights)
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise a one-line ValueError when `x` is not [B, C, T, H, W] of the configured size."""
+        c = self.config
+        want = (c.in_chans, c.clip_frames, c.img_size, c.img_size)
+        if x.dim() != 5 or tuple(x.shape[1:]) != want:
+            raise ValueError(
+                f"expected a clip batch of shape [B, {', '.join(map(str, want))}] (B, C, T, H, W), got {tuple(x.shape)}"
+            )
+
+    def embed(self, x: Tensor) -> Tensor:  # [B, C, T, H, W] -> [B, N, D]
+        self.check_input(x)
+        return self.pos_embedding(self.patch_embedding(x))
+
+    def run_blocks(self, x: Tensor) -> Tensor:  # [B, n, D] -> [B, n, D]
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and x.requires_grad:
+                from torch.utils.checkpoint import checkpoint
+
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward(self, x: Tensor, visible: Tensor | None = None) -> Tensor:
+        """Encode the visible tokens only (pretraining). `visible`: [B, N] bool, True = visible, same count per row.
+
+        Returns [B, N_visible, D] after the final norm; all tokens when `visible` is None.
+        """
+        x = self.embed(x)  # [B, N, D]
+        if visible is not None:
+            b, _, d = x.shape
+            x = x[visible].view(b, -1, d)  # [B, N_vis, D], kept in token order
+        return self.norm(self.run_blocks(x))
+
+    def extract_features(self, x: Tensor, seq_mean_pool: bool = False) -> Tensor:
+        """All tokens -> [B, N, D]; with `seq_mean_pool`, mean over tokens *then* the final norm -> [B, D].
+
+        Pooling before the norm is how the released models define their clip feature.
+        """
+        x = self.run_blocks(self.embed(x))
+        if seq_mean_pool:
+            x = x.mean(dim=1)
+        return self.norm(x)

@@ -1,0 +1,135 @@
+"""Building blocks of the MARLIN ViT, with module names matching the released checkpoints.
+
+Parameter names (`patch_embedding.projection`, `pos_embedding.emb`, `attn.q_bias`, `mlp.layers.0.linear`, ...) are
+part of the public checkpoint format: renaming any of them breaks loading of the official `.pt` files.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def sincos_table(n_positions: int, dim: int) -> Tensor:
+    """Fixed 1-D sin-cos position table, as the released models use (not the 3-D factorised variant).
+
+    angle[pos, i] = pos / 10000^(2 * (i // 2) / dim); sin on even dims, cos on odd dims.
+    Computed in float32 exactly like the reference implementation, so a freshly built table is bit-identical to the
+    one stored in the released checkpoints.
+    """
+    i = torch.arange(dim)
+    exponent = 2 * torch.div(i, 2, rounding_mode="trunc") / dim  # [D] float32
+    # pos * (1 / 10000^e): the reference divides a Python int by a tensor, which torch evaluates as a reciprocal
+    # then a product; doing the same keeps the float32 rounding identical.
+    angle = torch.arange(n_positions, dtype=torch.float32)[:, None] * torch.tensor(10000.0).pow(exponent).reciprocal()
+    table = torch.empty(n_positions, dim)
+    table[:, 0::2] = torch.sin(angle[:, 0::2])
+    table[:, 1::2] = torch.cos(angle[:, 1::2])
+    return table
+
+
+class SinCosPositionalEmbedding(nn.Module):
+    """Adds the fixed sin-cos table; stored as a frozen parameter `emb` [1, N, D] because the checkpoints hold it."""
+
+    def __init__(self, n_positions: int, dim: int) -> None:
+        super().__init__()
+        self.emb = nn.Parameter(sincos_table(n_positions, dim)[None], requires_grad=False)  # [1, N, D]
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, N, D] -> [B, N, D]
+        return x + self.emb
+
+
+class PatchEmbedding3d(nn.Module):
+    """Tubelet embedding: a Conv3d with kernel = stride = (tubelet, patch, patch), tokens ordered (t, h, w)."""
+
+    def __init__(self, in_chans: int, dim: int, tubelet: int, patch: int) -> None:
+        super().__init__()
+        self.projection = nn.Conv3d(in_chans, dim, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch))
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, C, T, H, W] -> [B, N, D]
+        return self.projection(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a bias-free qkv projection plus separate q and v biases (k bias is zero).
+
+    `fused=True` (default) runs `F.scaled_dot_product_attention`; `fused=False` is the explicit
+    softmax(q k^T / sqrt(d)) v reference used by tests and benchmarks.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.proj = nn.Linear(dim, dim)
+        self.fused = True
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, N, D] -> [B, N, D]
+        b, n, d = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # [3D]
+        qkv = F.linear(x, self.qkv.weight, bias)  # [B, N, 3D]
+        q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d]
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+            x = attn.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class _Linear(nn.Module):
+    """`nn.Linear` wrapped one level deep, so parameter names read `layers.{i}.linear.*` as in the checkpoints."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)
+
+
+class Mlp(nn.Module):
+    """D -> hidden -> D with exact (erf) GELU."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_Linear(dim, hidden), _Linear(hidden, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers[1](F.gelu(self.layers[0](x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)). No layer scale, no dropout."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, eps: float = 1e-5):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """Xavier-uniform Linear weights, zero biases, unit LayerNorm (the MAE / official initialisation)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,321 @@
+"""The `Marlin` model: encoder (+ decoder for full models), the drop-in `marlin-pytorch` API and the native one.
+
+Drop-in (same names and semantics as the official package):
+    model = Marlin.from_online("marlin_vit_base_ytf")            # or Marlin.from_file(name, path)
+    feats = model.extract_features(x, keep_seq=True)              # x [B, 3, 16, 224, 224] in [0, 1] -> [B, 1568, 768]
+    feats = model.extract_video("clip.mp4", crop_face=True)       # [n_windows, 768]
+    pred = full_model(x, mask)                                    # mask [B, 1568] bool, True = visible
+
+Native:
+    model = marlin.load("any/checkpoint")                         # format and variant inferred, config carried
+    model = marlin.create_model("marlin_vit_small", full=True)
+    model.save_pretrained("dir/")                                 # config.json + model.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt_io
+from .config import MarlinConfig
+from .decoder import MarlinDecoder
+from .encoder import MarlinEncoder
+from .registry import get_config
+
+log = logging.getLogger("marlin")
+
+# marlin-pytorch constructor argument -> MarlinConfig field
+_OFFICIAL_ARGS = {
+    "img_size": "img_size",
+    "patch_size": "patch_size",
+    "n_frames": "clip_frames",
+    "encoder_embed_dim": "encoder_embed_dim",
+    "encoder_depth": "encoder_depth",
+    "encoder_num_heads": "encoder_num_heads",
+    "decoder_embed_dim": "decoder_embed_dim",
+    "decoder_depth": "decoder_depth",
+    "decoder_num_heads": "decoder_num_heads",
+    "mlp_ratio": "mlp_ratio",
+    "qkv_bias": "qkv_bias",
+    "tubelet_size": "tubelet_size",
+}
+_OFFICIAL_NEUTRAL = {
+    "qk_scale": None,
+    "drop_rate": 0.0,
+    "attn_drop_rate": 0.0,
+    "norm_layer": "LayerNorm",
+    "init_values": 0.0,
+}
+
+
+@dataclass
+class LoadReport:
+    """What loading a checkpoint did: where from, which format, and keys that did not line up."""
+
+    path: str
+    format: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
+class Marlin(nn.Module):
+    """MARLIN ViT video masked autoencoder (encoder-only feature extractor, or full model with decoder)."""
+
+    def __init__(self, config: MarlinConfig | str | None = None, *, as_feature_extractor: bool = True, **kwargs: Any):
+        super().__init__()
+        if isinstance(config, str):
+            config = get_config(config)
+        if kwargs:  # the marlin-pytorch constructor: Marlin(img_size=..., n_frames=..., encoder_embed_dim=..., ...)
+            config = _config_from_official_kwargs(config, kwargs)
+        self.config: MarlinConfig = config or get_config("marlin_vit_base_ytf")
+        self.as_feature_extractor = as_feature_extractor
+        self.clip_frames = self.config.clip_frames
+        self.encoder = MarlinEncoder(self.config)
+        if as_feature_extractor:
+            self.enc_dec_proj = None
+            self.decoder = None
+        else:
+            self.decoder = MarlinDecoder(self.config)
+            self.enc_dec_proj = nn.Linear(self.config.encoder_embed_dim, self.config.decoder_embed_dim, bias=False)
+            nn.init.xavier_uniform_(self.enc_dec_proj.weight)
+        self.load_report: LoadReport | None = None
+
+    # ---- properties -----------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.norm.weight.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.encoder_embed_dim
+
+    # ---- compute --------------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Reconstruct hidden patches: x [B, C, T, H, W], mask [B, N] bool (True = visible, equal count per row)
+        -> [B, N_masked, patch_dim] pixel predictions in token order (see `marlin.patches` for the layout)."""
+        if self.as_feature_extractor:
+            raise RuntimeError(
+                "this is an encoder-only model: use `extract_features` / `extract_video`, "
+                "or load a full checkpoint (`*.full.pt`, full_model=True) to reconstruct"
+            )
+        if mask is None:
+            raise ValueError("forward needs a visibility mask [B, N] (True = visible) for the hidden patches")
+        self._check_mask(x, mask)
+        z = self.encoder(x, mask)  # [B, N_vis, D]
+        return self.decoder(self.enc_dec_proj(z), mask)  # [B, N_masked, patch_dim]
+
+    def _check_mask(self, x: Tensor, mask: Tensor) -> None:
+        n = self.config.num_tokens
+        if mask.dtype != torch.bool or mask.shape != (x.shape[0], n):
+            raise ValueError(
+                f"mask must be a bool tensor of shape [{x.shape[0]}, {n}], got {mask.dtype} {tuple(mask.shape)}"
+            )
+        counts = mask.sum(1)
+        if (counts != counts[0]).any():
+            raise ValueError(f"every mask row needs the same number of visible tokens, got {counts.tolist()}")
+
+    def extract_features(self, x: Tensor, keep_seq: bool = True, *, requires_grad: bool | None = None) -> Tensor:
+        """Clip features: [B, N, D] with `keep_seq`, else [B, D] (mean over tokens, then the final LayerNorm).
+
+        Gradients: by default they flow in training mode or when `x` requires grad (and autograd is enabled), so
+        inference in eval mode stays cheap while saliency / fine-tuning work; `requires_grad` forces either way.
+        """
+        if requires_grad is None:
+            requires_grad = self.training or x.requires_grad
+        if x.is_floating_point() and x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()):
+            return self.encoder.extract_features(x, seq_mean_pool=not keep_seq)
+
+    @torch.no_grad()
+    def extract_video(
+        self,
+        video_path: str | os.PathLike,
+        crop_face: bool = False,
+        sample_rate: int = 2,
+        stride: int = 16,
+        reduction: str = "none",
+        keep_seq: bool = False,
+        detector_device: str | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Features of a whole video by sliding 16-frame windows (see `marlin.windows` for the exact rule).
+
+        Returns [n_windows, D] (or [n_windows, N, D] with `keep_seq`); `reduction` "mean"/"max" pools the windows.
+        `crop_face` detects, smooths and crops the face offline first. Extra keyword arguments go to
+        `marlin.pipeline.extract_video` (e.g. `batch_size`, `dtype`).
+        """
+        from .pipeline import extract_video
+
+        del detector_device  # the offline detectors run on the CPU; kept for signature compatibility
+        result = extract_video(
+            self, video_path, crop_face=crop_face, sample_rate=sample_rate, stride=stride, keep_seq=keep_seq, **kwargs
+        )
+        return result.reduce(reduction)
+
+    # ---- options --------------------------------------------------------------------------------------------------
+    def set_fused_attention(self, fused: bool = True) -> Marlin:
+        """Switch between SDPA (default) and the explicit softmax(q k^T) v reference attention."""
+        for m in self.modules():
+            if hasattr(m, "fused"):
+                m.fused = fused
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> Marlin:
+        self.encoder.grad_checkpointing = enable
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if n.endswith(("bias", "mask_token")) or ".norm" in n}
+
+    # ---- loading --------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, model_name: str | None, path: str | os.PathLike) -> Marlin:
+        """Load weights of variant `model_name` (None: infer it) from any supported checkpoint file."""
+        return load(path, name=model_name)
+
+    @classmethod
+    def from_online(cls, model_name: str, full_model: bool = False) -> Marlin:
+        """Download (once, into the cache; see `marlin.hub`) and load a released MARLIN checkpoint."""
+        from .hub import fetch_release
+
+        return load(fetch_release(model_name, full_model), name=model_name)
+
+    @classmethod
+    def clean_cache(cls, verbose: bool = True) -> None:
+        from .hub import clean_cache
+
+        clean_cache(verbose)
+
+    def load_checkpoint(self, ckpt: ckpt_io.Checkpoint, *, strict: bool = True) -> LoadReport:
+        """Load an already-read checkpoint into this model, refusing wrong variants with a one-line error."""
+        sd = dict(ckpt.state_dict)
+        own = self.state_dict()
+        if self.as_feature_extractor:  # an encoder-only model takes the encoder part of a full checkpoint
+            sd = {k: v for k, v in sd.items() if k.startswith("encoder.")}
+        ckpt_io.check_compatible(sd, own, ckpt.path, self.config.name)
+        result = self.load_state_dict(sd, strict=False)
+        report = LoadReport(
+            ckpt.path, ckpt.format, list(result.missing_keys), list(result.unexpected_keys), ckpt.dropped
+        )
+        if strict and (report.missing or report.unexpected):
+            raise ckpt_io.CheckpointError(
+                f"{ckpt.path}: keys do not match {self.config.name!r}: missing {report.missing[:4]}"
+                f"{'...' if len(report.missing) > 4 else ''}, unexpected {report.unexpected[:4]}"
+                f"{'...' if len(report.unexpected) > 4 else ''}"
+            )
+        self.load_report = report
+        return report
+
+    # ---- saving ---------------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write `config.json` + `model.safetensors` (official key layout, config also in its metadata)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write(directory / ckpt_io.CONFIG_FILE, lambda p: Path(p).write_text(self.config.to_json()))
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = {"marlin_config": json.dumps(self.config.to_dict()), "format": "marlin"}
+        _atomic_write(directory / ckpt_io.WEIGHTS_FILE, lambda p: save_file(sd, p, metadata=meta))
+        return directory
+
+    def export_official(self, path: str | os.PathLike, full_model: bool | None = None) -> Path:
+        """Write a plain state dict in the official `.encoder.pt` / `.full.pt` layout (loads in marlin-pytorch)."""
+        full = (not self.as_feature_extractor) if full_model is None else full_model
+        if full and self.as_feature_extractor:
+            raise ValueError("cannot export a full model from an encoder-only Marlin")
+        sd = {k: v.detach().cpu() for k, v in self.state_dict().items() if full or k.startswith("encoder.")}
+        path = Path(path)
+        _atomic_write(path, lambda p: torch.save(sd, p))
+        return path
+
+
+def _config_from_official_kwargs(config: MarlinConfig | None, kwargs: dict[str, Any]) -> MarlinConfig:
+    changes = {}
+    for key, value in kwargs.items():
+        if key in _OFFICIAL_ARGS:
+            changes[_OFFICIAL_ARGS[key]] = value
+        elif key in _OFFICIAL_NEUTRAL:
+            if value != _OFFICIAL_NEUTRAL[key]:
+                raise ValueError(
+                    f"Marlin({key}={value!r}) is not supported; the released architecture uses "
+                    f"{_OFFICIAL_NEUTRAL[key]!r}"
+                )
+        else:
+            raise TypeError(f"Marlin() got an unexpected keyword argument {key!r}")
+    return (config or MarlinConfig(name="marlin_custom")).replace(**changes)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)` then rename over `path`, so a crash never leaves a partial file under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def create_model(
+    name: str | MarlinConfig = "marlin_vit_base_ytf", *, full: bool = False, pretrained: bool = False
+) -> Marlin:
+    """Build a registered variant; `pretrained=True` downloads/loads the released weights (ytf variants)."""
+    if pretrained:
+        if not isinstance(name, str):
+            raise ValueError("pretrained=True needs a registered model name")
+        return Marlin.from_online(name, full_model=full)
+    return Marlin(name, as_feature_extractor=not full)
+
+
+def load(
+    path: str | os.PathLike,
+    name: str | None = None,
+    *,
+    full: bool | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Marlin:
+    """Load any supported checkpoint; the variant comes from the file's config, `name`, or the tensor shapes.
+
+    `full=None` builds a full model when the file has decoder weights; `full=False` keeps only the encoder.
+    VideoMAE checkpoints load non-strictly (an initialisation): missing / unexpected keys are logged and reported
+    in `model.load_report`.
+    """
+    ckpt = ckpt_io.read_checkpoint(path)
+    if name is not None:
+        config = get_config(name)
+    else:
+        config = ckpt.config or ckpt_io.infer_config(ckpt.state_dict, ckpt.path)
+    if full and not ckpt.has_decoder:
+        raise ckpt_io.CheckpointError(f"{ckpt.path}: full model requested but the file holds only an encoder")
+    full = ckpt.has_decoder if full is None else full
+    model = Marlin(config, as_feature_extractor=not full)
+    strict = ckpt.format != "videomae"
+    report = model.load_checkpoint(ckpt, strict=strict)
+    if report.missing or report.unexpected:
+        log.warning(
+            "%s: loaded as %s; missing keys %s; unexpected keys %s",
+            ckpt.path,
+            ckpt.format,
+            report.missing,
+            report.unexpected,
+        )
+    model.eval()
+    return model.to(map_location)
