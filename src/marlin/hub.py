@@ -50,7 +50,7 @@ def download(url: str, dest: Path, *, progress: bool = True, timeout: float = 60
                 raise ConnectionError(f"{url}: download stopped at {out.tell()} of {total} bytes")
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        reason = getattr(e, "reason", None) or e
+        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
         raise ConnectionError(
             f"could not download {url} ({reason}); if offline, fetch it elsewhere and place it at {dest}, "
             f"or load a local file with Marlin.from_file / marlin.load"
