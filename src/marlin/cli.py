@@ -1,0 +1,51 @@
+"""`marlin` command line: one subcommand per module in `marlin.commands`, imported only when used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("marlin.commands.demo", "run the feature pipeline end to end on an embedded real face clip"),
+    "extract": ("marlin.commands.extract", "extract MARLIN features from videos, files, folders, globs or a CSV"),
+    "crop": ("marlin.commands.crop", "write face-cropped 224x224 H.264 videos for dataset preparation"),
+    "masks": ("marlin.commands.masks", "draw the face parse and the masked patches of a video to a PNG"),
+    "prepare": ("marlin.commands.prepare", "build a training-ready store of face crops and parse maps"),
+    "pretrain": ("marlin.commands.pretrain", "adversarial masked-autoencoder pretraining (torchrun-ready)"),
+    "reconstruct": ("marlin.commands.reconstruct", "show what a full model reconstructs from a masked video"),
+    "info": ("marlin.commands.info", "list registered models, or describe a checkpoint file"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="marlin", description="MARLIN facial video representation toolkit.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == only:  # only the chosen command's module is imported
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if args.command is None:
+        build_parser().print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
