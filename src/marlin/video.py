@@ -1,0 +1,354 @@
+"""Video reading and writing with PyAV (the FFmpeg libraries; no ffmpeg binary, no OpenCV).
+
+One module owns video IO so that every part of the project agrees on frame count, frame order, colour conversion and
+orientation:
+
+* Frames are indexed in the order the decoder outputs them. Timestamps are ignored: a variable-frame-rate video is
+  read frame by frame, with no duplication or dropping to a constant rate, as the official MARLIN code does with
+  OpenCV. A 16-frame window therefore covers 16 frames, not a fixed time span.
+* Frames come out as ``[H, W, 3]`` uint8 RGB, C-contiguous and owning their memory, whatever the stored pixel format
+  (yuv420p, yuvj420p, 10-bit, gray, rgba, odd sizes, ...). Conversion is done by swscale, which honours the colour
+  matrix the file is tagged with (BT.601 when untagged).
+* The display rotation stored in the container (the display matrix) is applied, so frames come out upright.
+  Mirroring in the display matrix is ignored.
+* Reading streams one frame at a time, so memory stays flat whatever the video length or resolution.
+
+Failure policy: every failure to read a file raises :class:`VideoError` with the one-line message
+``"<path>: <reason>"``: missing path, directory, not a media file, a still image (PNG, JPEG, ...: MARLIN needs motion,
+and a one-frame "video" padded to 16 copies is almost always a mistake), no video stream, no frames, no decodable
+frame, a resolution above ``max_pixels``. A file that is damaged or truncated after an intact header is read as far as
+it goes: packets that fail to decode are skipped, and once the stream ends one :class:`VideoWarning` says how many
+were skipped and how many of the declared frames decoded. Real datasets hold a few such clips, FFmpeg conceals the
+damage in the frames that follow, and callers that need strictness can turn the warning into an error with
+``warnings.simplefilter("error", VideoWarning)``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from av.video.reformatter import VideoReformatter
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "VideoError",
+    "VideoInfo",
+    "VideoWarning",
+    "iter_frames",
+    "probe_video",
+    "read_video",
+    "write_video",
+]
+
+DEFAULT_MAX_PIXELS = 8192 * 8192
+"""Largest frame area accepted by default: above 8K UHD (7680x4320), below what would exhaust memory per frame."""
+
+
+class VideoError(ValueError):
+    """A file that cannot be read as a video; the message is one line, ``"<path>: <reason>"``."""
+
+
+class VideoWarning(UserWarning):
+    """A video that was read, but not cleanly: damaged packets were skipped, or fewer frames decoded than declared."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe_video` learns about a video without decoding it fully."""
+
+    path: Path
+    n_frames: int  # frame count stored in the container, else counted from packets (see probe_video)
+    fps: float  # average frame rate
+    width: int  # as displayed, i.e. after rotation
+    height: int  # as displayed, i.e. after rotation
+    rotation: int  # counter-clockwise degrees applied for display (FFmpeg display-matrix convention): 0/90/180/270
+    duration_s: float
+    pix_fmt: str  # pixel format of the decoded frames, e.g. "yuv420p"
+    codec: str  # decoder name, e.g. "h264"
+
+
+def _reason(err: BaseException) -> str:
+    """FFmpeg's message for an error, without the errno and file name PyAV adds around it."""
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
+
+
+def _is_still_image(format_name: str) -> bool:
+    # FFmpeg's image demuxers are "image2" and "<codec>_pipe" (png_pipe, jpeg_pipe, ...); animated GIF uses "gif".
+    return format_name == "image2" or format_name.endswith("_pipe")
+
+
+def _rotation(frame: av.VideoFrame) -> int:
+    """Counter-clockwise display rotation of a frame, rounded to a multiple of 90 degrees, in [0, 360)."""
+    return (round(frame.rotation / 90) * 90) % 360
+
+
+@contextmanager
+def _open_video(
+    path: str | os.PathLike, max_pixels: int
+) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
+    """Open ``path`` and return its first video stream, or raise :class:`VideoError`; closes the file on exit."""
+    p = Path(path)
+    if not p.exists():
+        raise VideoError(f"{p}: no such file")
+    if p.is_dir():
+        raise VideoError(f"{p}: is a directory, expected a video file")
+    try:
+        container = av.open(str(p), mode="r")
+    except av.FFmpegError as err:
+        if isinstance(err, av.InvalidDataError):
+            raise VideoError(f"{p}: not a video file, or corrupt (FFmpeg: {_reason(err)})") from err
+        raise VideoError(f"{p}: cannot open ({_reason(err)})") from err
+    try:
+        format_name = container.format.name
+        if _is_still_image(format_name):
+            raise VideoError(f"{p}: is a still image ({format_name}), expected a video")
+        if not container.streams.video:
+            found = ", ".join(stream.type for stream in container.streams) or "none"
+            raise VideoError(f"{p}: no video stream (streams found: {found})")
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > max_pixels:
+            raise VideoError(f"{p}: resolution {width}x{height} is above max_pixels={max_pixels}")
+        stream.thread_type = "AUTO"
+        yield container, stream
+    finally:
+        container.close()
+
+
+def _decode(container: av.container.InputContainer, stream: av.VideoStream, path: Path) -> Iterator[av.VideoFrame]:
+    """Decode ``stream`` in output order, skipping packets that fail to decode (see the module docstring)."""
+    n_packets = n_decoded = n_failed = 0
+    last_error: BaseException | None = None
+    try:
+        for packet in container.demux(stream):  # ends with an empty packet that flushes the decoder
+            n_packets += packet.size > 0
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as err:
+                n_failed, last_error = n_failed + 1, err
+                continue
+            for frame in frames:
+                n_decoded += 1
+                yield frame
+    except av.FFmpegError as err:  # the demuxer cannot read further: the rest of the file is lost
+        n_failed, last_error = n_failed + 1, err
+    if n_packets == 0 and last_error is None:
+        raise VideoError(f"{path}: video stream has no frames")
+    if n_decoded == 0:
+        detail = f" ({n_failed} packet(s) failed: {_reason(last_error)})" if last_error is not None else ""
+        raise VideoError(f"{path}: no decodable video frames{detail}")
+    problems = []
+    if last_error is not None:
+        problems.append(f"skipped {n_failed} damaged packet(s) ({_reason(last_error)})")
+    if n_decoded < stream.frames:
+        problems.append(f"decoded {n_decoded} of the {stream.frames} frames the container declares")
+    if problems:
+        warnings.warn(f"{path}: {'; '.join(problems)}", VideoWarning, stacklevel=3)
+
+
+def _count_packets(path: Path) -> int:
+    """Number of non-empty packets in the first video stream, read by demuxing alone (no decoding).
+
+    Stops at a read error, as decoding does, so the count matches what :func:`iter_frames` can reach.
+    """
+    n_packets = 0
+    with av.open(str(path), mode="r") as container:
+        try:
+            for packet in container.demux(container.streams.video[0]):
+                n_packets += packet.size > 0
+        except av.FFmpegError:
+            pass
+    return n_packets
+
+
+def probe_video(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> VideoInfo:
+    """Read a video's metadata without decoding it fully.
+
+    ``n_frames`` is the frame count the container stores (MP4, MOV, AVI); when it stores none (Matroska, WebM, raw
+    streams) the video packets are counted by demuxing, which reads the file but decodes nothing. It can differ from
+    the number of frames that decode (damaged files, MP4 edit lists); :func:`marlin.windows.iter_windows` tolerates
+    that. One frame is decoded to read the rotation and to check that the stream decodes at all.
+    """
+    p = Path(path)
+    with _open_video(p, max_pixels) as (container, stream):
+        frames = _decode(container, stream, p)
+        first = next(frames)  # _decode raises VideoError rather than end empty
+        frames.close()
+        n_frames = stream.frames if stream.frames > 0 else _count_packets(p)
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else 0.0
+        if stream.duration is not None and stream.time_base is not None:
+            duration_s = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration_s = container.duration / av.time_base
+        else:
+            duration_s = n_frames / fps if fps else 0.0
+        rotation = _rotation(first)
+        width, height = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
+        return VideoInfo(
+            path=p,
+            n_frames=n_frames,
+            fps=fps,
+            width=width,
+            height=height,
+            rotation=rotation,
+            duration_s=duration_s,
+            pix_fmt=first.format.name,
+            codec=stream.codec_context.name,
+        )
+
+
+def iter_frames(
+    path: str | os.PathLike,
+    *,
+    start: int = 0,
+    step: int = 1,
+    stop: int | None = None,
+    size: int | tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[np.ndarray]:
+    """Stream the frames ``start, start + step, ...`` (below ``stop``) of a video as ``[H, W, 3]`` uint8 RGB arrays.
+
+    Frames are upright (rotation applied) and counted in decoder output order. ``size`` is the output
+    ``(height, width)`` (an int means square) after rotation, resized with swscale's bilinear filter, which
+    averages when shrinking; by default frames keep the size of the first frame. Frames outside the selection are
+    decoded (inter-frame codecs need them) but not converted, and decoding stops after ``stop``.
+    Arguments are checked at the call; the file is opened, and :class:`VideoError` raised (see the module docstring),
+    when iteration starts.
+    """
+    if start < 0 or step < 1 or (stop is not None and stop < 0):
+        raise ValueError(f"expected start >= 0, step >= 1 and stop >= 0 or None, got {start=}, {step=}, {stop=}")
+    if isinstance(size, int):
+        size = (size, size)
+    if size is not None and (len(size) != 2 or size[0] < 1 or size[1] < 1):
+        raise ValueError(f"size must be a positive int or (height, width), got {size}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    return _iter_frames(Path(path), start, step, stop, size, max_pixels)
+
+
+def _iter_frames(
+    p: Path, start: int, step: int, stop: int | None, size: tuple[int, int] | None, max_pixels: int
+) -> Iterator[np.ndarray]:
+    """The generator behind :func:`iter_frames`."""
+    reformatter = VideoReformatter()  # caches the swscale context across frames
+    with _open_video(p, max_pixels) as (container, stream):
+        for index, frame in enumerate(_decode(container, stream, p)):
+            if stop is not None and index >= stop:
+                return
+            if index < start or (index - start) % step:
+                continue
+            if frame.width * frame.height > max_pixels:
+                raise VideoError(f"{p}: frame {index} is {frame.width}x{frame.height}, above max_pixels={max_pixels}")
+            rotation = _rotation(frame)
+            if size is None:  # keep the first frame's size, so a mid-stream size change cannot break stacking
+                size = (frame.height, frame.width) if rotation in (0, 180) else (frame.width, frame.height)
+            height, width = size if rotation in (0, 180) else size[::-1]  # resize before rotating
+            rgb = reformatter.reformat(
+                frame, width=width, height=height, format="rgb24", interpolation="BILINEAR", threads=1
+            ).to_ndarray()  # [h, w, 3], a view of the frame's buffer, rows possibly padded
+            # threads=1: swscale's default thread pool made conversion several times slower and erratic.
+            if rotation:
+                rgb = np.rot90(rgb, k=rotation // 90)  # counter-clockwise, [H, W, 3]
+            yield np.array(rgb, dtype=np.uint8, order="C")  # an owned, contiguous copy
+
+
+def read_video(
+    path: str | os.PathLike,
+    *,
+    start: int = 0,
+    step: int = 1,
+    stop: int | None = None,
+    size: int | tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Read the selected frames into one ``[T, H, W, 3]`` uint8 RGB array; see :func:`iter_frames`.
+
+    Raises :class:`VideoError` when the selection is empty.
+    """
+    frames = list(iter_frames(path, start=start, step=step, stop=stop, size=size, max_pixels=max_pixels))
+    if not frames:
+        raise VideoError(f"{Path(path)}: no frames selected by start={start}, step={step}, stop={stop}")
+    return np.stack(frames)  # [T, H, W, 3]
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: np.ndarray | Iterable[np.ndarray],
+    *,
+    fps: float | Fraction = 25,
+    codec: str = "libx264",
+    crf: int | None = 18,
+    preset: str | None = "medium",
+    pix_fmt: str = "yuv420p",
+) -> Path:
+    """Encode RGB frames (``[T, H, W, 3]`` uint8, or an iterable of ``[H, W, 3]``) to a video file; return its path.
+
+    The container follows the file extension (``.mp4``, ``.mkv``, ...); MP4/MOV files get their index at the front
+    (``+faststart``) so a truncated copy still plays. ``crf`` and ``preset`` apply to libx264/libx265 only; CRF 18
+    is close to visually lossless. The file is written to a temporary name in the same folder and renamed into place
+    only on success, so readers never see a partial file and a failed write leaves any previous file intact.
+    """
+    path = Path(path)
+    if not path.suffix:
+        raise ValueError(f"{path}: expected a file extension naming the container, e.g. .mp4")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: folder {path.parent} does not exist")
+    rate = Fraction(fps).limit_denominator(1001 * 1000)
+    if rate <= 0:
+        raise ValueError(f"{path}: fps must be positive, got {fps}")
+    try:
+        av.Codec(codec, "w")
+    except Exception as err:  # PyAV raises UnknownCodecError or ValueError depending on the name
+        raise ValueError(f"{path}: this PyAV build has no {codec!r} encoder") from err
+    try:
+        fmt = av.VideoFormat(pix_fmt)
+    except ValueError as err:
+        raise ValueError(f"{path}: unknown pixel format {pix_fmt!r}") from err
+    options = {"movflags": "+faststart"} if path.suffix.lower() in (".mp4", ".mov", ".m4v") else {}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            container = av.open(str(tmp), mode="w", options=options)
+        except ValueError as err:
+            raise ValueError(f"{path}: no container format for the extension {path.suffix!r}") from err
+        with container:
+            stream: av.VideoStream | None = None
+            for index, frame in enumerate(frames):
+                if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3
+                        and frame.shape[2] == 3):
+                    found = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+                    raise ValueError(f"{path}: frame {index} must be a uint8 [H, W, 3] RGB array, got {found}")
+                height, width = frame.shape[:2]
+                if stream is None:
+                    if (fmt.chroma_width(2) == 1 and width % 2) or (fmt.chroma_height(2) == 1 and height % 2):
+                        raise ValueError(f"{path}: {pix_fmt} needs even frame sides, got {width}x{height}; "
+                                         "crop or pad the frames, or pass pix_fmt='yuv444p'")
+                    stream = container.add_stream(codec, rate=rate)
+                    stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+                    if codec in ("libx264", "libx265"):
+                        stream.options = {k: str(v) for k, v in (("crf", crf), ("preset", preset)) if v is not None}
+                elif (height, width) != (stream.height, stream.width):
+                    raise ValueError(f"{path}: frame {index} is {width}x{height}, "
+                                     f"expected {stream.width}x{stream.height} like frame 0")
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            if stream is None:
+                raise ValueError(f"{path}: no frames to write")
+            container.mux(stream.encode(None))  # flush the encoder
+        os.replace(tmp, path)
+    except av.FFmpegError as err:
+        raise VideoError(f"{path}: cannot encode ({_reason(err)})") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
