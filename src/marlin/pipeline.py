@@ -1,0 +1,314 @@
+"""Video in, features out: decode -> (detect -> track -> crop) -> 16-frame windows -> encoder.
+
+`clip_windows` streams the windows of one video (one stream per face track) at flat memory; `encode_windows` runs the
+encoder over them in batches; `extract_video` ties both together for `Marlin.extract_video`. The batch CLI
+(`marlin extract`) reuses the same two halves, running `clip_windows` in worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .video import VideoError, iter_frames, probe_video
+from .windows import iter_windows, window_indices
+
+REDUCTIONS = ("none", "mean", "max")
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage (decode includes colour conversion; detect and crop are timed around their calls)."""
+
+    decode: float = 0.0
+    detect: float = 0.0
+    crop: float = 0.0
+    encode: float = 0.0
+
+    def add(self, other: Timings) -> None:
+        for k in ("decode", "detect", "crop", "encode"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+@dataclass
+class ClipStream:
+    """The windows of one video (or of one face track in it) and what is known about them."""
+
+    path: Path
+    windows: Iterator[np.ndarray]  # each uint8 [T, S, S, 3]
+    n_frames: int  # frames that decoded (crop_face) or that the container declares
+    window_frames: list[list[int]]  # frame indices of every window
+    track: int | None = None  # face-track number with all_faces, else None
+    n_faceless: int = 0  # used frames without a detected face (their box came from the nearest detection)
+    timings: Timings = field(default_factory=Timings)
+    samples: list[np.ndarray] = field(default_factory=list)  # a few crops for previews (first frame of each window)
+
+
+class _TimedDetector:
+    """Wraps a detector to add the time of its calls to a Timings."""
+
+    def __init__(self, detector: Any, timings: Timings) -> None:
+        self.detector, self.timings = detector, timings
+
+    def detect(self, frame: np.ndarray) -> list:
+        t0 = time.perf_counter()
+        try:
+            return self.detector.detect(frame)
+        finally:
+            self.timings.detect += time.perf_counter() - t0
+
+
+def clip_windows(
+    path: str | os.PathLike,
+    *,
+    clip_frames: int = 16,
+    img_size: int = 224,
+    sample_rate: int = 2,
+    stride: int = 16,
+    crop_face: bool = False,
+    detector: Any = None,
+    all_faces: bool = False,
+    resize: bool = False,
+    max_samples: int = 16,
+) -> list[ClipStream]:
+    """Plan the windows of a video; each returned stream decodes lazily when iterated.
+
+    Without `crop_face` the frames must already be `img_size` square face crops (or pass `resize=True` to squash
+    them). With `crop_face`, faces are detected on every frame a window uses, tracked and cropped; a video without any
+    face raises `marlin.face.NoFaceError`. `all_faces` gives one stream per face track.
+    """
+    path = Path(path)
+    if not crop_face:
+        info = probe_video(path)
+        if (info.width, info.height) != (img_size, img_size) and not resize:
+            raise VideoError(
+                f"{path}: frames are {info.width}x{info.height}, expected {img_size}x{img_size} face crops; "
+                f"use crop_face=True (--crop-face) for uncropped video, or resize=True to squash the frames"
+            )
+        timings = Timings()
+        frames = _timed(iter_frames(path, size=img_size if resize else None), timings, "decode")
+        windows = window_indices(info.n_frames, clip_frames, sample_rate, stride)
+        stream = ClipStream(path, iter([]), info.n_frames, windows, timings=timings)
+        stream.windows = _sampled(
+            iter_windows(frames, info.n_frames, clip_frames, sample_rate, stride), stream, max_samples
+        )
+        return [stream]
+
+    from .face.detect import create_detector
+    from .face.video import plan_face_crops
+
+    timings = Timings()
+    own = detector is None or isinstance(detector, str)
+    det = create_detector(detector or "mediapipe") if own else detector
+    try:
+        n_declared = probe_video(path).n_frames
+        # detect on the frames any window could use: every sample_rate-th frame, or all of a short video
+        dense = n_declared <= clip_frames * sample_rate + 1
+
+        def select(i: int) -> bool:
+            return dense or i % sample_rate == 0
+
+        t0 = time.perf_counter()
+        plans = plan_face_crops(path, _TimedDetector(det, timings), select=select, all_faces=all_faces)
+        timings.decode += time.perf_counter() - t0 - timings.detect
+    finally:
+        if own:
+            det.close()
+    streams = []
+    for k, plan in enumerate(plans):
+        first, last = int(plan.frames[0]), int(plan.frames[-1])
+        n = plan.n_frames if not all_faces else last - first + 1
+        windows = [[first + i for i in w] for w in window_indices(n, clip_frames, sample_rate, stride)]
+        s = ClipStream(
+            path,
+            iter([]),
+            plan.n_frames,
+            windows,
+            k if all_faces else None,
+            plan.n_faceless,
+            timings if k == 0 else Timings(),
+        )
+        s.windows = _sampled(_crop_windows(plan, windows, img_size, s.timings), s, max_samples)
+        streams.append(s)
+    return streams
+
+
+def _timed(it: Iterable[np.ndarray], timings: Timings, stage: str) -> Iterator[np.ndarray]:
+    it = iter(it)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            setattr(timings, stage, getattr(timings, stage) + time.perf_counter() - t0)
+        yield item
+
+
+def _sampled(windows: Iterator[np.ndarray], stream: ClipStream, max_samples: int) -> Iterator[np.ndarray]:
+    """Pass windows through, keeping the first frame of the first `max_samples` for previews."""
+    for w in windows:
+        if len(stream.samples) < max_samples:
+            stream.samples.append(w[0].copy())
+        yield w
+
+
+def _crop_windows(plan: Any, windows: list[list[int]], size: int, timings: Timings) -> Iterator[np.ndarray]:
+    """Pass 2 over the file: crop the frames the windows use and assemble the windows in order, at flat memory."""
+    from .face.crop import crop_face
+
+    wanted = {i for w in windows for i in w}
+    last = max(wanted)
+    crops: dict[int, np.ndarray] = {}
+    next_w = 0
+    t_dec = time.perf_counter()
+    for i, frame in enumerate(iter_frames(plan.path, stop=last + 1)):
+        if i in wanted:
+            t0 = time.perf_counter()
+            crops[i] = crop_face(frame, plan.box(i), size=size, **plan.framing)
+            timings.crop += time.perf_counter() - t0
+        while next_w < len(windows) and windows[next_w][-1] <= i:
+            timings.decode += time.perf_counter() - t_dec
+            yield np.stack([crops[j] for j in windows[next_w]])  # [T, S, S, 3]
+            t_dec = time.perf_counter()
+            next_w += 1
+            keep_from = windows[next_w][0] if next_w < len(windows) else last + 1
+            crops = {j: c for j, c in crops.items() if j >= keep_from}
+    timings.decode += time.perf_counter() - t_dec
+    if next_w == 0:  # fewer frames decoded than planned: pad the first window like iter_windows does
+        have = sorted(crops)
+        if not have:
+            raise VideoError(f"{plan.path}: no frame decoded on the second pass")
+        yield np.stack([crops[j if j in crops else have[-1]] for j in windows[0]])
+
+
+def to_clip_tensor(windows: np.ndarray | list[np.ndarray]) -> Tensor:
+    """uint8 [B, T, H, W, 3] windows -> float32 [B, 3, T, H, W] in [0, 1], the encoder's input."""
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(windows) if isinstance(windows, list) else windows))
+    return x.permute(0, 4, 1, 2, 3).float().div_(255)
+
+
+def autocast_for(dtype: str | torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast context for "bf16"/"fp16", nothing for "fp32"/None."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, dtype)  # type: ignore
+    if name in (None, "fp32", "float32"):
+        return contextlib.nullcontext()
+    if name in ("bf16", "bfloat16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if name in ("fp16", "float16"):
+        return torch.autocast(device.type, dtype=torch.float16)
+    raise ValueError(f"dtype must be one of fp32, bf16, fp16, got {dtype!r}")
+
+
+@torch.inference_mode()
+def encode_windows(
+    model: Any,
+    windows: Iterable[np.ndarray],
+    *,
+    batch_size: int = 8,
+    keep_seq: bool = False,
+    dtype: str | None = None,
+    timings: Timings | None = None,
+) -> Tensor:
+    """Run the encoder over a stream of uint8 windows in batches -> [n, D] (or [n, N, D] with keep_seq), float32."""
+    outs, batch = [], []
+
+    def flush() -> None:
+        t0 = time.perf_counter()
+        with autocast_for(dtype, model.device):
+            feats = model.extract_features(to_clip_tensor(batch).to(model.device), keep_seq=keep_seq)
+        outs.append(feats.float().cpu())
+        batch.clear()
+        if timings is not None:
+            timings.encode += time.perf_counter() - t0
+
+    for w in windows:
+        batch.append(w)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not outs:
+        raise ValueError("no windows to encode")
+    return torch.cat(outs)
+
+
+@dataclass
+class VideoFeatures:
+    """Features of one video (or face track) and how they were obtained."""
+
+    path: Path
+    features: Tensor  # [n_windows, D] or [n_windows, N, D]
+    window_frames: list[list[int]]
+    n_frames: int
+    n_faceless: int = 0
+    track: int | None = None
+    timings: Timings = field(default_factory=Timings)
+    samples: list[np.ndarray] = field(default_factory=list)
+
+    def reduce(self, reduction: str = "none") -> Tensor:
+        """ "none" -> all windows; "mean" / "max" -> pooled over windows (official `reduction`)."""
+        if reduction == "none":
+            return self.features
+        if reduction == "mean":
+            return self.features.mean(dim=0)
+        if reduction == "max":
+            return self.features.max(dim=0).values
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def extract_video_tracks(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    crop_face: bool = False,
+    sample_rate: int = 2,
+    stride: int = 16,
+    keep_seq: bool = False,
+    batch_size: int = 8,
+    dtype: str | None = None,
+    detector: Any = None,
+    all_faces: bool = False,
+    resize: bool = False,
+) -> list[VideoFeatures]:
+    """Features for every face track of a video (one entry unless `all_faces`)."""
+    cfg = model.config
+    streams = clip_windows(
+        path,
+        clip_frames=cfg.clip_frames,
+        img_size=cfg.img_size,
+        sample_rate=sample_rate,
+        stride=stride,
+        crop_face=crop_face,
+        detector=detector,
+        all_faces=all_faces,
+        resize=resize,
+    )
+    results = []
+    for s in streams:
+        feats = encode_windows(
+            model, s.windows, batch_size=batch_size, keep_seq=keep_seq, dtype=dtype, timings=s.timings
+        )
+        results.append(
+            VideoFeatures(
+                s.path, feats, s.window_frames[: len(feats)], s.n_frames, s.n_faceless, s.track, s.timings, s.samples
+            )
+        )
+    return results
+
+
+def extract_video(model: Any, path: str | os.PathLike, **kwargs: Any) -> VideoFeatures:
+    """Features of the main face (or the whole frame, without crop_face) of one video; see `extract_video_tracks`."""
+    if kwargs.get("all_faces"):
+        raise ValueError("extract_video returns one face; use extract_video_tracks for all_faces=True")
+    return extract_video_tracks(model, path, **kwargs)[0]
