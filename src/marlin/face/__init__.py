@@ -24,6 +24,15 @@ _EXPORTS = {
     "crop_frames": "crop",
     "square_boxes": "crop",
     "MEDIAPIPE_OFFICIAL_FRAMING": "crop",
+    "FaceParser": "parse",
+    "LAPA_LABELS": "parse",
+    "LAPA_PALETTE": "parse",
+    "overlay_parse": "overlay",
+    "parse_overlay_sheet": "overlay",
+    "save_parse_overlay_sheet": "overlay",
+    "FacePlan": "video",
+    "plan_face_crops": "video",
+    "iter_face_crops": "video",
 }
 
 __all__ = sorted(_EXPORTS)
