@@ -319,3 +319,21 @@ def load(
         )
     model.eval()
     return model.to(map_location)
+
+
+def from_spec(spec: str | os.PathLike, *, full: bool = False, random_init: bool = False) -> Marlin:
+    """A model from a CLI-style spec: a checkpoint path, or a registered name (released weights are downloaded
+    once into the cache). `random_init` builds the named architecture untrained instead (for smoke tests/demos)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return load(path, full=True if full else None) if full else load(path, full=False)
+    name = str(spec)
+    if random_init:
+        return create_model(name, full=full).eval()
+    from .registry import get_entry
+
+    if not get_entry(name).downloadable:
+        raise ValueError(
+            f"{name!r} has no released weights: pass a checkpoint path, or random_init for an untrained model"
+        )
+    return Marlin.from_online(name, full_model=full)

@@ -50,7 +50,8 @@ class ClipStream:
     track: int | None = None  # face-track number with all_faces, else None
     n_faceless: int = 0  # used frames without a detected face (their box came from the nearest detection)
     timings: Timings = field(default_factory=Timings)
-    samples: list[np.ndarray] = field(default_factory=list)  # a few crops for previews (first frame of each window)
+    samples: list[np.ndarray] = field(default_factory=list)  # a few crops spread over the video, for previews
+    sample_frames: list[int] = field(default_factory=list)  # their frame indices
 
 
 class _TimedDetector:
@@ -156,10 +157,15 @@ def _timed(it: Iterable[np.ndarray], timings: Timings, stage: str) -> Iterator[n
 
 
 def _sampled(windows: Iterator[np.ndarray], stream: ClipStream, max_samples: int) -> Iterator[np.ndarray]:
-    """Pass windows through, keeping the first frame of the first `max_samples` for previews."""
-    for w in windows:
-        if len(stream.samples) < max_samples:
-            stream.samples.append(w[0].copy())
+    """Pass windows through, keeping about `max_samples` frames spread over the video for previews."""
+    n = max(len(stream.window_frames), 1)
+    every = -(-n // max_samples)  # sample from every `every`-th window...
+    per_window = max(1, min(max_samples // n, 4))  # ...and this many frames of it, evenly spaced
+    for k, w in enumerate(windows):
+        if k % every == 0 and len(stream.samples) < max_samples:
+            for j in np.linspace(0, len(w) - 1, per_window).round().astype(int):
+                stream.samples.append(w[j].copy())
+                stream.sample_frames.append(stream.window_frames[k][j] if k < len(stream.window_frames) else -1)
         yield w
 
 
@@ -255,6 +261,7 @@ class VideoFeatures:
     track: int | None = None
     timings: Timings = field(default_factory=Timings)
     samples: list[np.ndarray] = field(default_factory=list)
+    sample_frames: list[int] = field(default_factory=list)
 
     def reduce(self, reduction: str = "none") -> Tensor:
         """ "none" -> all windows; "mean" / "max" -> pooled over windows (official `reduction`)."""
