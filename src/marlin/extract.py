@@ -259,7 +259,9 @@ def extract_many(model: Any, inputs: Sequence[Path], out_dir: Path, opts: Extrac
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir / ".marlin-tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of a killed run
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of a killed run: window files...
+    for stale in out_dir.rglob(".*.tmp"):  # ...and half-written outputs under their hidden temporary names
+        stale.unlink(missing_ok=True)
     tmp_dir.mkdir()
     outputs = output_paths(inputs, out_dir)
     results = {p: VideoResult(str(p), str(outputs[p])) for p in inputs}
@@ -342,7 +344,7 @@ def extract_many(model: Any, inputs: Sequence[Path], out_dir: Path, opts: Extrac
         r.seconds = prod.seconds
         if prod.error:
             r.status, r.error = prod.status, prod.error
-            log.warning("%s: %s", prod.path, prod.error)
+            log.warning("%s", prod.error)
             bar.update(1)
             write_index(index_path, list(results.values()))
             return
@@ -410,6 +412,8 @@ def _produce_all(todo: list[Path], tmp_dir: Path, opts: ExtractOptions, clip_fra
 
 def write_combined(path: Path, summary: ExtractSummary, out_dir: Path) -> Path:
     """One `.npz` or `.safetensors` holding every successful output, keyed by its path relative to `out_dir`."""
+    if path.suffix not in (".npz", ".safetensors"):
+        raise ValueError(f"{path}: combined output must end in .npz or .safetensors")
     arrays: dict[str, np.ndarray] = {}
     for r in summary.results:
         if r.status not in ("ok", "skipped"):
@@ -422,13 +426,11 @@ def write_combined(path: Path, summary: ExtractSummary, out_dir: Path) -> Path:
         from safetensors.numpy import save_file
 
         _atomic_save(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp))
-    elif path.suffix == ".npz":
+    else:
 
         def save(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
 
         _atomic_save(path, save)
-    else:
-        raise ValueError(f"{path}: combined output must end in .npz or .safetensors")
     return path

@@ -76,4 +76,4 @@ def print_summary(summary) -> None:  # noqa: ANN001
     )
     print(f"index: {summary.index_path}")
     for r in summary.failed:
-        print(f"  {r.status}: {r.input}: {r.error}", file=sys.stderr)
+        print(f"  {r.status}: {r.error}", file=sys.stderr)

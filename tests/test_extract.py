@@ -1,0 +1,207 @@
+"""Video -> features: the pipeline, `Marlin.extract_video` and the batch `marlin extract` command."""
+
+import csv
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from marlin import Marlin, get_config
+from marlin.cli import main as cli
+from marlin.extract import ExtractOptions, collect_inputs, extract_many, output_paths, write_combined
+from marlin.pipeline import extract_video
+from marlin.windows import n_windows
+from videogen import write_audio_only, write_video
+
+CFG = get_config("marlin_vit_tiny_test")  # 32x32 crops, 4-frame clips
+HAS_FACE = importlib.util.find_spec("mediapipe") is not None
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Marlin(CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, model):
+    return model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def crop_video(path: Path, n: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_video(path, n, CFG.img_size, CFG.img_size)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 20, 40])
+def test_extract_video_window_counts_follow_the_rule(tmp_path, model, n):
+    r = extract_video(model, crop_video(tmp_path / "v.mp4", n), batch_size=3)
+    assert r.features.shape == (n_windows(n, CFG.clip_frames), CFG.encoder_embed_dim)
+    assert len(r.window_frames) == len(r.features)
+
+
+def test_features_equal_a_manual_window_forward(tmp_path, model):
+    from marlin.video import read_video
+    from marlin.windows import window_indices
+
+    path = crop_video(tmp_path / "v.mp4", 30)
+    frames = read_video(path)
+    idx = window_indices(len(frames), CFG.clip_frames)
+    x = torch.from_numpy(frames[np.array(idx)]).permute(0, 4, 1, 2, 3).float() / 255  # [n, 3, T, H, W]
+    ref = model.extract_features(x, keep_seq=False)
+    got = model.extract_video(path)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(model.extract_video(path, reduction="mean"), ref.mean(0))
+    torch.testing.assert_close(model.extract_video(path, reduction="max"), ref.max(0).values)
+    seq = model.extract_video(path, keep_seq=True)
+    assert seq.shape == (len(idx), CFG.num_tokens, CFG.encoder_embed_dim)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        model.extract_video(path, reduction="median")
+
+
+def test_uncropped_video_is_refused_without_crop_face_or_resize(tmp_path, model):
+    path = write_video(tmp_path / "wide.mp4", 10, 48, 64)
+    with pytest.raises(ValueError, match=r"wide.mp4: frames are 64x48, expected 32x32 face crops; use crop_face"):
+        model.extract_video(path)
+    assert model.extract_video(path, resize=True).shape == (1, CFG.encoder_embed_dim)
+
+
+def test_collect_inputs_dirs_globs_manifests(tmp_path):
+    for rel in ("a/x.mp4", "a/b/y.mkv", "c/z.mp4", "a/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "list.csv").write_text("path,label\nc/z.mp4,1\n" + f"{tmp_path / 'a/x.mp4'},0\n")
+    assert collect_inputs([tmp_path / "a"]) == [tmp_path / "a/b/y.mkv", tmp_path / "a/x.mp4"]
+    assert collect_inputs([str(tmp_path / "**/*.mp4")]) == [tmp_path / "a/x.mp4", tmp_path / "c/z.mp4"]
+    assert collect_inputs([tmp_path / "list.csv"]) == [tmp_path / "c/z.mp4", tmp_path / "a/x.mp4"]
+    assert collect_inputs([tmp_path / "a", tmp_path / "a/x.mp4"]) == collect_inputs([tmp_path / "a"])  # deduplicated
+    outs = output_paths(collect_inputs([tmp_path]), tmp_path / "out")
+    assert outs[tmp_path / "a/b/y.mkv"] == tmp_path / "out/a/b/y.npy"
+
+
+def make_bad_inputs(root: Path) -> dict[str, Path]:
+    """One file of every bad-input class; each must fail alone with a one-line reason naming the file."""
+    root.mkdir(parents=True, exist_ok=True)
+    bad = {"not_video": root / "notes.mp4", "empty": root / "empty.mp4", "audio": root / "audio.mp4"}
+    bad["not_video"].write_text("not a video\n")
+    bad["empty"].write_bytes(b"")
+    write_audio_only(bad["audio"])
+    good = crop_video(root / "ok.mp4", 20)
+    data = good.read_bytes()
+    bad["truncated"] = root / "truncated.mp4"
+    bad["truncated"].write_bytes(data[: len(data) // 3])
+    bad["missing"] = root / "missing.mp4"
+    return bad
+
+
+def read_index(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as f:
+        return {Path(r["input"]).name: r for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batch_isolates_failures_and_writes_index(tmp_path, model, workers):
+    src = tmp_path / "in"
+    bad = make_bad_inputs(src)
+    good = [crop_video(src / "sub" / f"g{i}.mp4", n) for i, n in enumerate((5, 20, 40))]
+    inputs = collect_inputs([src]) + [bad["missing"]]
+    summary = extract_many(model, inputs, tmp_path / "out", ExtractOptions(workers=workers, batch_size=3,
+                                                                           progress=False))  # fmt: skip
+    index = read_index(tmp_path / "out" / "index.csv")
+    assert len(index) == len(inputs)  # every input accounted for
+    for g, n in zip(good, (5, 20, 40), strict=True):
+        row = index[g.name]
+        assert row["status"] == "ok" and int(row["windows"]) == n_windows(n, CFG.clip_frames)
+        feats = np.load(tmp_path / "out" / "sub" / f"{g.stem}.npy")
+        torch.testing.assert_close(torch.from_numpy(feats), model.extract_video(g))  # batching across videos
+    for name, path in bad.items():
+        row = index[path.name]
+        assert row["status"] == "failed", name
+        assert path.name in row["error"] and "\n" not in row["error"], row["error"]
+    assert {r.status for r in summary.failed} == {"failed"}
+    assert not (tmp_path / "out" / ".marlin-tmp").exists()
+
+
+def test_cli_exit_code_resume_overwrite_and_combined(tmp_path, model_path):
+    src = tmp_path / "in"
+    for i in range(3):
+        crop_video(src / f"v{i}.mp4", 12)
+    out = tmp_path / "out"
+    args = ["extract", str(src), "-o", str(out), "--model", str(model_path), "--workers", "0", "--no-progress"]
+    assert cli(args + ["--combined", str(tmp_path / "all.npz")]) == 0
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
+    assert len(first) == 3
+    combined = np.load(tmp_path / "all.npz")
+    assert sorted(combined.files) == ["v0", "v1", "v2"]
+    assert cli(args) == 0  # resumed: nothing recomputed
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")} == first
+    assert {r["status"] for r in read_index(out / "index.csv").values()} == {"skipped"}
+    assert cli(args + ["--overwrite"]) == 0
+    assert all(p.stat().st_mtime_ns > first[p.name] for p in out.glob("*.npy"))
+    (src / "broken.mp4").write_text("x")
+    assert cli(args) == 1  # any failure -> non-zero exit
+    with pytest.raises(ValueError, match="must end in .npz or .safetensors"):
+        write_combined(tmp_path / "all.txt", None, out)  # type: ignore[arg-type]
+
+
+def test_kill_minus_9_then_resume_loses_nothing(tmp_path, model_path):
+    src = tmp_path / "in"
+    n_videos = 24
+    for i in range(n_videos):
+        crop_video(src / f"v{i:02d}.mp4", 40)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "marlin.cli", "extract", str(src), "-o", str(out), "--model", str(model_path),
+           "--workers", "0", "--batch-size", "1", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("*.npy"))) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in out.glob("*.npy"))
+    assert 3 <= len(done_before) < n_videos, "the kill should land mid-run"
+    for p in out.glob("*.npy"):  # whatever exists is complete
+        assert np.load(p).shape == (n_windows(40, CFG.clip_frames), CFG.encoder_embed_dim)
+    # a kill can leave hidden temp files (".name.XXXX.tmp"), never a partial file under a real name
+    assert all(p.name.startswith(".") for p in out.rglob("*.tmp"))
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    index = read_index(out / "index.csv")
+    assert len(index) == n_videos
+    skipped = sorted(Path(r["output"]).name for r in index.values() if r["status"] == "skipped")
+    assert skipped == done_before
+    assert all(r["status"] in ("ok", "skipped") for r in index.values())
+    assert len(list(out.glob("*.npy"))) == n_videos and not (out / ".marlin-tmp").exists()
+    assert not list(out.rglob("*.tmp"))  # the resumed run cleaned up after the killed one
+
+
+@pytest.mark.face
+@pytest.mark.skipif(not HAS_FACE, reason="needs the [face] extra")
+def test_crop_face_on_generated_real_face_clip(tmp_path):
+    from marlin.sample import make_sample_clip
+
+    clip = make_sample_clip(tmp_path / "face.mp4", n_frames=40)
+    model = Marlin(CFG.replace(img_size=64)).eval()  # 64 px crops keep it quick
+    r = extract_video(model, clip, crop_face=True)
+    assert r.features.shape == (1, CFG.encoder_embed_dim) and r.n_faceless == 0 and r.n_frames == 40
+    assert r.samples and r.samples[0].shape == (64, 64, 3)
+    # a face-less video gives a clear error and no features, never a corner crop
+    blank = write_video(tmp_path / "blank.mp4", 20, 120, 160, frame_fn=lambda i, h, w: np.full((h, w, 3), 90, "u1"))
+    from marlin.face import NoFaceError
+
+    with pytest.raises(NoFaceError, match="no face detected in any of the"):
+        extract_video(model, blank, crop_face=True)
+    summary = extract_many(
+        model,
+        [clip, blank],
+        tmp_path / "out",
+        ExtractOptions(crop_face=True, workers=0, progress=False, preview_dir=tmp_path / "prev"),
+    )
+    assert [r.status for r in summary.results] == ["ok", "no_face"]
+    assert (tmp_path / "prev" / "face.png").is_file() and not (tmp_path / "out" / "blank.npy").exists()
