@@ -1,0 +1,62 @@
+"""The small CLI commands: info, crop, demo."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from marlin import Marlin
+from marlin.cli import main as cli
+from marlin.video import probe_video, read_video
+from marlin.windows import n_windows
+
+HAS_FACE = importlib.util.find_spec("mediapipe") is not None
+skip_no_face = pytest.mark.skipif(not HAS_FACE, reason="needs the [face] extra")
+
+
+def test_info_lists_models_and_describes_a_checkpoint(tmp_path, capsys):
+    assert cli(["info"]) == 0
+    assert "marlin_vit_base_ytf" in capsys.readouterr().out
+    Marlin("marlin_vit_tiny_test", as_feature_extractor=False).export_official(tmp_path / "t.full.pt")
+    assert cli(["info", str(tmp_path / "t.full.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "format official, variant marlin_vit_tiny_test, full" in out
+
+
+def test_no_command_prints_help(capsys):
+    assert cli([]) == 2
+    assert "extract" in capsys.readouterr().out
+
+
+@pytest.mark.face
+@skip_no_face
+def test_crop_writes_centred_square_videos(tmp_path, capsys):
+    from marlin.sample import make_sample_clip
+
+    (tmp_path / "in").mkdir()
+    make_sample_clip(tmp_path / "in" / "face.mp4", n_frames=30)
+    (tmp_path / "in" / "bad.mp4").write_text("no video")
+    rc = cli(["crop", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--size", "112", "--no-progress"])
+    assert rc == 1  # one input failed
+    info = probe_video(tmp_path / "out" / "face.mp4")
+    assert (info.width, info.height, info.n_frames) == (112, 112, 30)
+    crops = read_video(tmp_path / "out" / "face.mp4").astype(float)
+    # the crop is the face, not the background: skin-toned centre, no flat background colour dominating
+    centre = crops[:, 40:72, 40:72].mean(axis=(0, 1, 2))
+    assert centre[0] > centre[2], centre  # reddish skin, not the bluish backdrop
+    assert "bad.mp4: not a video file" in capsys.readouterr().err
+    assert cli(["crop", str(tmp_path / "in" / "face.mp4"), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "1 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.face
+@skip_no_face
+def test_demo_runs_end_to_end_offline(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli(["demo", "-o", str(out), "--model", "marlin_vit_tiny_test"]) == 0
+    text = capsys.readouterr().out
+    assert "untrained" in text and "report:" in text
+    assert (out / "preview" / "sample_face.png").is_file()
+    feats = np.load(out / "features" / "sample_face.npy")
+    assert feats.shape == (n_windows(75, clip_frames=4), 32) and np.isfinite(feats).all()
+    assert "features:" in (out / "report.txt").read_text()
