@@ -205,3 +205,30 @@ def test_crop_face_on_generated_real_face_clip(tmp_path):
     )
     assert [r.status for r in summary.results] == ["ok", "no_face"]
     assert (tmp_path / "prev" / "face.png").is_file() and not (tmp_path / "out" / "blank.npy").exists()
+
+
+@pytest.mark.face
+@pytest.mark.skipif(not HAS_FACE, reason="needs the [face] extra")
+def test_all_faces_gives_one_feature_file_per_track(tmp_path):
+    from PIL import Image
+
+    from marlin.sample import sample_face_image
+    from marlin.video import write_video as write_rgb
+
+    face = Image.fromarray(sample_face_image()).resize((205, 240))
+    frames = []
+    for t in range(20):  # two people side by side, drifting slightly
+        canvas = Image.new("RGB", (640, 360), (80, 90, 100))
+        canvas.paste(face, (40 + t, 60))
+        canvas.paste(face, (380 - t, 50))
+        frames.append(np.asarray(canvas))
+    (tmp_path / "in").mkdir()
+    clip = write_rgb(tmp_path / "in" / "two.mp4", np.stack(frames))
+    model = Marlin(CFG.replace(img_size=64)).eval()
+    summary = extract_many(model, [clip], tmp_path / "out",
+                           ExtractOptions(crop_face=True, all_faces=True, workers=0, progress=False))  # fmt: skip
+    assert summary.results[0].status == "ok" and summary.results[0].track == "0,1"
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.npy"))
+    assert files == ["two.face0.npy", "two.face1.npy"]
+    a, b = (np.load(tmp_path / "out" / f) for f in files)
+    assert a.shape == b.shape == (1, CFG.encoder_embed_dim)
