@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"threads {args.threads or torch.get_num_threads()}", flush=True)
+    print(
+        f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"threads {args.threads or torch.get_num_threads()}",
+        flush=True,
+    )
     rows = []
     header = f"{'variant':<22}{'batch':>6}  {'mode':<20}{'clips/s':>9}{'s/batch':>9}{'peak RSS MB':>13}{'x ref':>8}"
     print(header, flush=True)
@@ -87,16 +90,29 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batches:
             ref = None
             for mode in args.modes:
-                cmd = [sys.executable, __file__, "--one", variant, str(batch), mode, "--reps", str(args.reps),
-                       "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    variant,
+                    str(batch),
+                    mode,
+                    "--reps",
+                    str(args.reps),
+                    "--warmup",
+                    str(args.warmup),
+                ] + (["--threads", str(args.threads)] if args.threads else [])
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
                 row = json.loads(out)
                 if mode == "naive-fp32":
                     ref = row["clips_per_s"]
                 row["ratio_vs_naive"] = row["clips_per_s"] / ref if ref else float("nan")
                 rows.append(row)
-                print(f"{variant:<22}{batch:>6}  {mode:<20}{row['clips_per_s']:>9.3f}{row['sec_per_batch']:>9.2f}"
-                      f"{row['peak_rss_mb']:>13.0f}{row['ratio_vs_naive']:>8.2f}", flush=True)
+                print(
+                    f"{variant:<22}{batch:>6}  {mode:<20}{row['clips_per_s']:>9.3f}{row['sec_per_batch']:>9.2f}"
+                    f"{row['peak_rss_mb']:>13.0f}{row['ratio_vs_naive']:>8.2f}",
+                    flush=True,
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
