@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .fileio import atomic_write
 from .pipeline import Timings, clip_windows, encode_windows
 
 log = logging.getLogger("marlin")
@@ -193,24 +194,12 @@ def _one_line(e: BaseException) -> str:
 
 
 # ---- main side ------------------------------------------------------------------------------------------------------
-def _atomic_save(path: Path, save: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     def save(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
 
-    _atomic_save(path, save)
+    atomic_write(path, save)
 
 
 def write_index(path: Path, results: Sequence[VideoResult]) -> None:
@@ -221,7 +210,7 @@ def write_index(path: Path, results: Sequence[VideoResult]) -> None:
             for r in results:
                 w.writerow({**asdict(r), "seconds": f"{r.seconds:.3f}"})
 
-    _atomic_save(path, save)
+    atomic_write(path, save)
 
 
 def _track_output(out: Path, track: int | None) -> Path:
@@ -425,12 +414,12 @@ def write_combined(path: Path, summary: ExtractSummary, out_dir: Path) -> Path:
     if path.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
-        _atomic_save(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp))
+        atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp))
     else:
 
         def save(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
 
-        _atomic_save(path, save)
+        atomic_write(path, save)
     return path

@@ -9,12 +9,13 @@ follow the project convention (:mod:`marlin.masking`): True = visible.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .fileio import atomic_write, image_format
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -207,25 +208,13 @@ def save_mask_sheet(path: str | os.PathLike, frames: np.ndarray, visible: np.nda
     """
     from PIL import Image
 
-    path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"save_mask_sheet: expected an image suffix such as .png, found {path.name!r}")
+    fmt = image_format(path, "save_mask_sheet")
     palette = bool(kwargs.pop("palette", False))
     sheet = mask_sheet(frames, visible, **kwargs)  # type: ignore[arg-type]
     if palette:
         sheet = sheet.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sheet.save(f, format=fmt, optimize=True) if fmt == "PNG" else sheet.save(f, format=fmt)
-        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    save_kwargs = {"optimize": True} if fmt == "PNG" else {}
+    return atomic_write(path, lambda tmp: sheet.save(tmp, format=fmt, **save_kwargs))
 
 
 def load_face_clip(
@@ -277,10 +266,3 @@ def load_face_clip(
     last = max(got)
     indices = [min(i, last) for i in wanted]  # pad a short clip with its last frame
     return np.stack([got[i] for i in indices]), indices, do_crop
-
-
-def _file_mode() -> int:
-    """Permissions a plainly created file gets (0666 minus the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from . import checkpoint as ckpt_io
 from .config import MarlinConfig
 from .decoder import MarlinDecoder
 from .encoder import MarlinEncoder
+from .fileio import atomic_write
 from .registry import get_config
 
 log = logging.getLogger("marlin")
@@ -228,10 +228,10 @@ class Marlin(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(directory / ckpt_io.CONFIG_FILE, lambda p: Path(p).write_text(self.config.to_json()))
+        atomic_write(directory / ckpt_io.CONFIG_FILE, lambda p: Path(p).write_text(self.config.to_json()))
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"marlin_config": json.dumps(self.config.to_dict()), "format": "marlin"}
-        _atomic_write(directory / ckpt_io.WEIGHTS_FILE, lambda p: save_file(sd, p, metadata=meta))
+        atomic_write(directory / ckpt_io.WEIGHTS_FILE, lambda p: save_file(sd, p, metadata=meta))
         return directory
 
     def export_official(self, path: str | os.PathLike, full_model: bool | None = None) -> Path:
@@ -241,7 +241,7 @@ class Marlin(nn.Module):
             raise ValueError("cannot export a full model from an encoder-only Marlin")
         sd = {k: v.detach().cpu() for k, v in self.state_dict().items() if full or k.startswith("encoder.")}
         path = Path(path)
-        _atomic_write(path, lambda p: torch.save(sd, p))
+        atomic_write(path, lambda p: torch.save(sd, p))
         return path
 
 
@@ -259,19 +259,6 @@ def _config_from_official_kwargs(config: MarlinConfig | None, kwargs: dict[str, 
         else:
             raise TypeError(f"Marlin() got an unexpected keyword argument {key!r}")
     return (config or MarlinConfig(name="marlin_custom")).replace(**changes)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)` then rename over `path`, so a crash never leaves a partial file under the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def create_model(

@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from .data import CODECS, MANIFEST_FIELDS, STORE_VERSION, FrameWriter, StoreError
+from .fileio import atomic_write_text
 
 log = logging.getLogger("marlin")
 
@@ -520,18 +520,6 @@ class PrepareSummary:
         return [r for r in self.results if r.status in ("failed", "no_face")]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _csv_text(fields: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
     import io
 
@@ -553,7 +541,7 @@ def _check_settings(root: Path, settings: PrepareSettings) -> None:
             changes = ", ".join(f"{k}: store has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
             raise StoreError(f"{path}: store was built with other settings ({changes}); use another --out")
         return
-    _atomic_write_text(path, json.dumps(wanted, indent=1))
+    atomic_write_text(path, json.dumps(wanted, indent=1))
 
 
 class _StoreLock:
@@ -628,7 +616,7 @@ def write_manifest(
         }
         for i, m in metas.items()
     ]
-    _atomic_write_text(root / "manifest.csv", _csv_text(MANIFEST_FIELDS, rows))
+    atomic_write_text(root / "manifest.csv", _csv_text(MANIFEST_FIELDS, rows))
     n_val = sum(s == "val" for s in split.values())
     return len(rows) - n_val, n_val
 
@@ -739,7 +727,7 @@ def prepare_store(
         finally:
             bar.close()
             failed = [asdict(r) for r in results if r.status in ("failed", "no_face")]
-            _atomic_write_text(root / "errors.csv", _csv_text(ERROR_FIELDS, failed))
+            atomic_write_text(root / "errors.csv", _csv_text(ERROR_FIELDS, failed))
             groups = {s.id: s.group for s in sources}
             splits = {s.id: s.split for s in sources}
             n_train, n_val = write_manifest(root, val_fraction=val_fraction, seed=seed, groups=groups, splits=splits)
@@ -748,10 +736,3 @@ def prepare_store(
         counts[r.status] = counts.get(r.status, 0) + 1
     size = sum(f.stat().st_size for f in items.rglob("*") if f.is_file())
     return PrepareSummary(root, results, time.perf_counter() - t0, n_train, n_val, n_train + n_val, size, counts)
-
-
-def _file_mode() -> int:
-    """Permissions a plainly created file gets (0666 minus the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask

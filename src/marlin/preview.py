@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .fileio import atomic_save_image, image_format
 
 __all__ = ["contact_sheet", "save_contact_sheet", "draw_boxes"]
 
@@ -93,21 +94,8 @@ def save_contact_sheet(path: str | os.PathLike[str], frames: np.ndarray | Sequen
     The image goes to a temporary file in the same folder which is then renamed over ``path``, so a reader never sees
     a half-written file. Parent folders are created. Returns the path written.
     """
-    path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"save_contact_sheet: expected an image suffix such as .png or .jpg, got {path.name!r}")
-    sheet = contact_sheet(frames, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sheet.save(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    image_format(path, "save_contact_sheet")  # fail before the work, not after
+    return atomic_save_image(path, contact_sheet(frames, **kwargs), "save_contact_sheet")
 
 
 def draw_boxes(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from marlin.face.parse import LAPA_LABELS, LAPA_PALETTE
+from marlin.fileio import atomic_save_image, image_format
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -134,25 +134,6 @@ def save_parse_overlay_sheet(
 
     The image format follows the suffix (``.png`` recommended). Extra keyword arguments go to the sheet builder.
     """
-    path = Path(path)
-    fmt = _pil_format(path)
+    image_format(path, "save_parse_overlay_sheet")  # fail before the work, not after
     sheet = parse_overlay_sheet(frames, labels, **kwargs)  # type: ignore[arg-type]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            sheet.save(fh, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _pil_format(path: Path) -> str:
-    from PIL import Image
-
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"save_parse_overlay_sheet: expected an image suffix such as .png, got {path.name!r}")
-    return fmt
+    return atomic_save_image(path, sheet, "save_parse_overlay_sheet")

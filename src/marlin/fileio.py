@@ -1,0 +1,59 @@
+"""Atomic file writes: every output marlin writes goes to a hidden temporary file in the target folder first and is
+renamed into place only when complete, so a crash or `kill -9` never leaves a partial file under the real name
+(at worst a hidden `.<name>.*.tmp` that the next run of the same command removes)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _file_mode() -> int:
+    """Permissions a plainly created file gets (0666 minus the umask); mkstemp alone would leave 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call `write(tmp_path)` to produce the file, then rename it over `path` (same folder, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
+def image_format(path: str | os.PathLike, where: str = "save") -> str:
+    """PIL format name for the file suffix, or a one-line ValueError before anything is written."""
+    from PIL import Image
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{where}: expected an image suffix such as .png or .jpg, got {path.name!r}")
+    return fmt
+
+
+def atomic_save_image(path: str | os.PathLike, image: Any, where: str = "save", **save_kwargs: Any) -> Path:
+    """Save a PIL image atomically, in the format its suffix names."""
+    fmt = image_format(path, where)
+    return atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **save_kwargs))
