@@ -168,3 +168,19 @@ def test_create_model_and_public_api():
     assert isinstance(m, marlin.Marlin) and m.decoder is not None
     assert "encoder.norm.weight" in m.no_weight_decay() and "decoder.mask_token" in m.no_weight_decay()
     assert "encoder.blocks.0.attn.qkv.weight" not in m.no_weight_decay()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clip", ["cropped01.mp4", "cropped03.mp4"])
+def test_bf16_autocast_cosine_on_real_face_clips(shared_data, clip):
+    from marlin.pipeline import autocast_for, to_clip_tensor
+    from marlin.video import read_video
+
+    m = Marlin("marlin_vit_small_ytf").eval()
+    x = to_clip_tensor(read_video(shared_data / "marlin_samples" / clip)[None, :16])
+    with torch.inference_mode():
+        ref = m.extract_features(x)
+        with autocast_for("bf16", m.device):
+            low = m.extract_features(x).float()
+    cos = torch.nn.functional.cosine_similarity(low, ref, dim=-1)  # per token
+    assert cos.min() >= 0.999, cos.min()
