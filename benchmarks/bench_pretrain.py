@@ -1,0 +1,154 @@
+"""Pretraining step speed: marlin's single-forward step vs an in-repo reproduction of the official step, one run.
+
+The official iteration (`marlin.train.reference.two_forward_step`) forwards the encoder/decoder once for the critic
+update (and back-propagates the critic loss through them) and once more for the generator update, with the official
+explicit softmax(q k^T) v attention. Ours forwards once with `scaled_dot_product_attention`. A third row, the
+two-forward step with SDPA, separates the algorithmic gain from the attention kernel. All rows start from the same
+weights and use the same batches and masks (fasking on synthetic face clips).
+
+    python benchmarks/bench_pretrain.py                                   # ViT-S, batch 2, CPU
+    python benchmarks/bench_pretrain.py --model marlin_vit_base --batch 4 --reps 5 --bf16
+    python benchmarks/bench_pretrain.py --curve-steps 20                  # + bf16-vs-fp32 loss curve (tiny model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def _batches(cfg, n: int, batch: int) -> list[dict]:
+    from marlin.masking import generate_visible
+    from marlin.train.data import collate_clips
+    from marlin.train.synthetic import SyntheticClips
+
+    data = SyntheticClips(n * batch, cfg.model, seed=cfg.seed)
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        b = collate_clips([data[i * batch + j] for j in range(batch)])
+        m = cfg.model
+        b["visible"] = generate_visible(
+            cfg.mask.strategy, batch, parse=b["parse"], mask_ratio=cfg.mask.ratio, clip_frames=m.clip_frames,
+            tubelet=m.tubelet_size, img_size=m.img_size, patch=m.patch_size, generator=g,
+        )  # fmt: skip
+        out.append(b)
+    return out
+
+
+def _time(fn, batches: list[dict], warmup: int) -> tuple[float, list[dict]]:
+    times, results = [], []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        results.append(fn(b))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), results
+
+
+def bench_speed(args: argparse.Namespace) -> None:
+    from marlin.train import Pretrainer, load_config
+    from marlin.train.reference import two_forward_step
+
+    overrides = [f"batch_size={args.batch}", "optim.warmup_steps=0", "optim.scale_lr=false", "max_steps=1000",
+                 f"out_dir={tempfile.mkdtemp()}", "log.tensorboard=false", "mask.strategy=fasking"]  # fmt: skip
+    cfg = load_config(args.model, overrides)
+    batches = _batches(cfg, args.warmup + args.reps, args.batch)
+    m = cfg.model
+    rows = {}
+
+    def ours(precision: str):
+        trainer = Pretrainer(load_config(args.model, [*overrides, f"precision={precision}"]))
+        trainer.ensure_schedule(1.0)
+
+        def step(b: dict) -> dict:
+            out = trainer.train_step([b])
+            trainer.step += 1
+            return out
+
+        return step
+
+    def official(fused: bool):
+        base = Pretrainer(cfg)  # same seed -> same initial weights as ours
+        model, critic = copy.deepcopy(base.model).set_fused_attention(fused), copy.deepcopy(base.critic)
+        o = cfg.optim
+        g_opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=0.0)
+        d_opt = torch.optim.AdamW(critic.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=0.0)
+
+        def step(b: dict) -> dict:
+            return two_forward_step(
+                model, critic, g_opt, d_opt, b["video"], b["visible"], tubelet=m.tubelet_size, patch=m.patch_size,
+                adv_weight=cfg.loss.adv_weight,
+            )  # fmt: skip
+
+        return step
+
+    modes = {
+        "official (2 forwards, explicit attention)": lambda: official(False),
+        "2 forwards, SDPA": lambda: official(True),
+        "marlin (1 forward, SDPA)": lambda: ours("fp32"),
+    }
+    if args.bf16:
+        modes["marlin (1 forward, SDPA, bf16 autocast)"] = lambda: ours("bf16")
+    print(f"{m.name}, batch {args.batch}, {torch.get_num_threads()} threads, {args.reps} timed steps after "
+          f"{args.warmup} warm-up; device cpu")  # fmt: skip
+    for name, make in modes.items():
+        sec, results = _time(make(), batches, args.warmup)
+        rows[name] = (sec, results)
+        print(f"  {name:<44} {sec:7.2f} s/step  {1 / sec:6.3f} steps/s  rec {results[-1]['loss/rec']:.5f}", flush=True)
+    ref = rows["official (2 forwards, explicit attention)"][0]
+    for name, (sec, _) in rows.items():
+        print(f"  speed-up vs official: {name:<44} {ref / sec:5.2f}x")
+    a = rows["official (2 forwards, explicit attention)"][1]
+    b = rows["marlin (1 forward, SDPA)"][1]
+    diff = max(abs(x["loss/rec"] - y["loss/rec"]) for x, y in zip(a, b, strict=True))
+    print(f"  max |rec loss difference| official vs marlin over {len(a)} steps: {diff:.2e}")
+
+
+def bench_curve(args: argparse.Namespace) -> None:
+    """Loss curve of a short run in fp32 and bf16 autocast (same data, masks and initial weights)."""
+    from marlin.train import Pretrainer, load_config
+
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        cfg = load_config(args.curve_model, [
+            f"precision={precision}", f"max_steps={args.curve_steps}", "batch_size=2", "data.num_workers=0",
+            "mask.strategy=tube", "log.tensorboard=false", "ckpt.export=false", f"out_dir={tempfile.mkdtemp()}",
+            "optim.warmup_steps=2", "optim.lr=2e-2", "data.synthetic_size=16", "log.every=100000",
+        ])  # fmt: skip
+        t0 = time.perf_counter()
+        curves[precision] = [h["loss/rec"] for h in Pretrainer(cfg).fit().history]
+        print(f"  {precision}: {args.curve_steps} steps in {time.perf_counter() - t0:.1f} s")
+    fp32, bf16 = curves["fp32"], curves["bf16"]
+    rel = [abs(a - b) / abs(a) for a, b in zip(fp32, bf16, strict=True)]
+    print(f"{args.curve_model}: rec loss fp32 {fp32[0]:.4f} -> {fp32[-1]:.4f}, bf16 {bf16[0]:.4f} -> {bf16[-1]:.4f}; "
+          f"max relative difference {max(rel):.3%}, mean {statistics.mean(rel):.3%}")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="marlin_vit_small")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--bf16", action="store_true", help="also time our step under bf16 autocast")
+    p.add_argument("--curve-steps", type=int, default=0, help="also compare a short fp32 / bf16 loss curve")
+    p.add_argument("--curve-model", default="marlin_vit_tiny")
+    p.add_argument("--skip-speed", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.skip_speed:
+        bench_speed(args)
+    if args.curve_steps:
+        bench_curve(args)
+
+
+if __name__ == "__main__":
+    main()

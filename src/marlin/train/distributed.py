@@ -1,0 +1,115 @@
+"""Process-group setup for torchrun (single process, multi-process, multi-node) and small collective helpers.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them the run is one process and
+every helper here is a no-op. The backend is NCCL on GPUs and gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "DistInfo",
+    "all_reduce_grads",
+    "all_reduce_mean",
+    "broadcast_module",
+    "derive_seed",
+    "init_distributed",
+    "is_distributed",
+    "shutdown_distributed",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+        return torch.device("cuda", local_rank)
+    return torch.device(preference)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (or reuse an initialised one) and pick this rank's device."""
+    if is_distributed():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        return DistInfo(rank, world, local, _pick_device(device, local))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device, local)
+    if world > 1:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank, world, local, dev)
+
+
+def shutdown_distributed() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """Mean over ranks (in place on a copy); the tensor itself when not distributed."""
+    if not is_distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / dist.get_world_size()
+
+
+def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
+    """Average `.grad` over ranks with one flat all-reduce (for small modules kept outside DDP, e.g. the critic)."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s parameters and buffers to every rank."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+def derive_seed(*keys: int | str) -> int:
+    """A 63-bit seed from a tuple of keys (e.g. seed, step, sample position), independent across keys."""
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

@@ -1,0 +1,145 @@
+"""Checkpoints: exact resume (in process and after kill -9), atomic files, loadable as models, exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import marlin
+from marlin.train import Pretrainer, load_config
+from marlin.train.checkpointing import (
+    find_resume_checkpoint,
+    load_training_checkpoint,
+    prune_checkpoints,
+    save_atomic,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["mask.ratio=0.5", "data.num_workers=0", "log.tensorboard=false", "data.synthetic_size=10", "batch_size=2",
+        "optim.warmup_steps=2", "optim.lr=0.05", "loss.gp_weight=1.0", "mask.strategy=fasking"]  # fmt: skip
+
+
+def _metrics(path: Path) -> dict[int, dict]:
+    """Last record per step (a resumed run re-logs the steps it repeats)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "event" not in rec:
+            out[rec["step"]] = rec
+    return out
+
+
+def _losses(rec: dict) -> dict[str, float]:
+    return {k: v for k, v in rec.items() if k.startswith("loss/") or k == "lr"}
+
+
+def test_resume_in_process_continues_exactly(tmp_path) -> None:
+    full = load_config("marlin_vit_tiny_test", [*ARGS, f"out_dir={tmp_path / 'a'}", "max_steps=4", "ckpt.every=2",
+                                                "ckpt.keep=5", "ckpt.export=false"])  # fmt: skip
+    result = Pretrainer(full).fit()
+    assert result.steps == 4 and (tmp_path / "a/checkpoints/step_2.pt").is_file()
+    resumed_cfg = load_config("marlin_vit_tiny_test", [*ARGS, f"out_dir={tmp_path / 'b'}", "max_steps=4",
+                                                       "ckpt.export=false"])  # fmt: skip
+    (tmp_path / "b/checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "a/checkpoints/step_2.pt", tmp_path / "b/checkpoints/last.pt")
+    trainer = Pretrainer(resumed_cfg)
+    again = trainer.fit(resume="auto")
+    assert [h["step"] for h in again.history] == [3, 4]
+    for got, want in zip(again.history, result.history[2:], strict=True):
+        assert _losses(got) == _losses(want)
+    final = load_training_checkpoint(tmp_path / "a/checkpoints/last.pt")["state_dict"]
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, final[k]), k
+
+
+def test_checkpoint_contents_and_loading_as_a_model(tmp_path) -> None:
+    cfg = load_config("marlin_vit_tiny_test", [*ARGS, f"out_dir={tmp_path}", "max_steps=2", "ckpt.every=1"])
+    trainer = Pretrainer(cfg)
+    result = trainer.fit()
+    ckpt = load_training_checkpoint(result.checkpoint)
+    assert ckpt["step"] == 2 and ckpt["train_config"] == cfg.to_dict()
+    assert ckpt["g_opt"]["state"] and ckpt["d_opt"]["state"] and len(ckpt["rng"]) == 1
+    assert any(k.startswith("discriminator.") for k in ckpt["state_dict"])
+    model = marlin.load(result.checkpoint)  # a training checkpoint is also a model file
+    assert not model.as_feature_extractor and model.config == cfg.model
+    torch.testing.assert_close(model.encoder.norm.weight, trainer.model.encoder.norm.weight)
+    # Exports: official encoder / full layouts and a save_pretrained directory, all loadable.
+    enc = marlin.load(result.exports["encoder_official"])
+    full = marlin.load(result.exports["full_official"])
+    ours = marlin.load(result.exports["marlin"])
+    assert enc.as_feature_extractor and not full.as_feature_extractor and not ours.as_feature_extractor
+    sd = torch.load(result.exports["encoder_official"], weights_only=True)
+    assert all(k.startswith("encoder.") for k in sd)
+    torch.testing.assert_close(ours.decoder.head.weight, trainer.model.decoder.head.weight)
+
+
+def test_atomic_save_keeps_the_previous_file_on_failure(tmp_path) -> None:
+    path = save_atomic({"a": torch.ones(2)}, tmp_path / "last.pt")
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic({"a": Boom()}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
+def test_find_and_prune_checkpoints(tmp_path) -> None:
+    assert find_resume_checkpoint(tmp_path) is None
+    for step in (5, 10, 15):
+        save_atomic({"step": step}, tmp_path / f"step_{step}.pt")
+    assert find_resume_checkpoint(tmp_path).name == "step_15.pt"
+    prune_checkpoints(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_15.pt"]
+    save_atomic({"step": 15}, tmp_path / "last.pt")
+    assert find_resume_checkpoint(tmp_path).name == "last.pt"
+    with pytest.raises(ValueError, match="expected a marlin-pretrain-v1 training checkpoint"):
+        load_training_checkpoint(tmp_path / "last.pt")
+
+
+def _pretrain_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "marlin.cli", "pretrain", "--config", "marlin_vit_tiny_test", "--data", "synthetic",
+            "--out", str(out), "--max-steps", "40", *ARGS, "ckpt.every=4", "ckpt.export=false", *extra]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run(_pretrain_cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=120)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    want = _metrics(tmp_path / "ref/metrics.jsonl")
+    assert sorted(want) == list(range(1, 41))
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_pretrain_cmd(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # kill once it is past the second checkpoint
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(_metrics(metrics))
+    start = load_training_checkpoint(run_dir / "checkpoints/last.pt")["step"]
+    assert 4 <= start <= killed_at < 40, (start, killed_at)  # interrupted mid-run, resumable
+
+    resumed = subprocess.run(_pretrain_cmd(run_dir, "--resume"), env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {run_dir / 'checkpoints/last.pt'} at step {start}" in resumed.stderr
+    got = _metrics(metrics)
+    assert sorted(got) == list(range(1, 41))
+    for step in range(start + 1, 41):
+        assert _losses(got[step]) == _losses(want[step]), step

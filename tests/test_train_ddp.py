@@ -1,0 +1,63 @@
+"""DDP: a 2-process torchrun job (gloo, CPU) gives the losses of one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+# Adam eps 1e-6: see test_train_step.test_accumulation_equals_one_large_batch (the critic's output bias has an
+# exactly-zero gradient whose round-off Adam would otherwise amplify into the logged adversarial loss).
+ARGS = ["--config", "marlin_vit_tiny_test", "--data", "synthetic", "--max-steps", "5", "mask.ratio=0.5",
+        "mask.strategy=fasking", "data.num_workers=0", "data.synthetic_size=12", "optim.warmup_steps=2",
+        "optim.lr=0.1", "optim.eps=1e-6", "loss.gp_weight=1.0", "loss.adv_weight=0.1", "log.tensorboard=false",
+        "ckpt.export=false", "log.every=1"]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(out: Path) -> list[dict[str, float]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k.startswith("loss/") or k == "lr"} for r in records]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not found beside the interpreter")
+def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    single = [
+        sys.executable,
+        "-m",
+        "marlin.cli",
+        "pretrain",
+        *ARGS,
+        "--out",
+        str(tmp_path / "one"),
+        "--batch-size",
+        "4",
+    ]
+    ddp = [str(TORCHRUN), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "marlin.cli", "pretrain", *ARGS,
+           "--out", str(tmp_path / "two"), "--batch-size", "2"]  # fmt: skip
+    for cmd in (single, ddp):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 5
+    assert "global batch 4 = 2 x 1 accum x 2 ranks" in proc.stderr
+    for step, (a, b) in enumerate(zip(one, two, strict=True), start=1):
+        assert a.keys() == b.keys() == {"loss/rec", "loss/adv", "loss/gen", "loss/critic", "loss/gp", "lr"}
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (step, key, a[key], b[key])
+    assert one[0]["loss/rec"] != one[-1]["loss/rec"]  # the weights did change over the 5 steps
