@@ -345,3 +345,16 @@ def test_prepare_crops_and_parses_a_real_face(tmp_path):
     assert np.bincount(centre.ravel(), minlength=11).argmax() == 1
     item = PretrainDataset(tmp_path / "s", clip_frames=8, img_size=112, seed=0)[0]
     assert item["video"].shape == (3, 8, 112, 112) and item["parse"].shape == (8, 112, 112)
+
+
+def test_preview_writes_one_sheet_per_prepared_item(tmp_path, videos):
+    from PIL import Image
+
+    out, prev = tmp_path / "store", tmp_path / "prev"
+    rc = main(["prepare", str(videos), "--out", str(out), "--size", "64", "--no-crop-face", "--no-parse",
+               "--workers", "0", "--no-progress", "--preview", str(prev)])  # fmt: skip
+    assert rc == 0
+    ids = sorted(r["id"] for r in read_manifest(out))
+    assert sorted(p.stem for p in prev.glob("*.png")) == ids
+    sheet = np.asarray(Image.open(prev / f"{ids[0]}.png").convert("RGB"))
+    assert sheet.shape[1] > 4 * 64  # several frames side by side

@@ -50,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="crop storage: jpeg (~13 KB a 224 px frame) or raw uint8 (150 KB, no decoding)")  # fmt: skip
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--detector", choices=("mediapipe", "haar"), default="mediapipe")
+    p.add_argument(
+        "--preview",
+        type=Path,
+        metavar="DIR",
+        help="write one PNG per item prepared in this run: crops with the face parse overlaid",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes (0: in this process; default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -89,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
           f"{summary.bytes / 2**20:.1f} MiB; manifest {args.out / 'manifest.csv'}")  # fmt: skip
     for r in summary.failed:
         print(f"  {r.status}: {r.error if r.source in r.error else f'{r.source}: {r.error}'}", file=sys.stderr)
+    if args.preview is not None:
+        from marlin.data import write_store_previews
+
+        ids = [r.id for r in summary.results if r.status == "ok"]
+        written = write_store_previews(args.out, args.preview, ids=ids)
+        print(f"previews: {len(written)} PNGs in {args.preview}")
     if summary.failed:
         print(f"{len(summary.failed)} failed (see {args.out / 'errors.csv'}); rerun to retry them", file=sys.stderr)
     return 1 if summary.failed else 0
