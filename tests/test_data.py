@@ -242,3 +242,32 @@ def test_dataloader_workers_collate_batches(tmp_path):
     # seeded starts do not depend on which worker reads the item
     inline = [ds[i]["video"] for i in range(6)]
     torch.testing.assert_close(torch.cat([b["video"] for b in batches]), torch.stack(inline))
+
+
+def test_pretrain_reads_a_prepared_store(tmp_path):
+    """`marlin pretrain --data STORE` trains on the store's train split, with its parse maps for fasking."""
+    from marlin.cli import main
+    from marlin.train.config import PretrainConfig
+    from marlin.train.data import build_dataset
+
+    store = make_store(tmp_path / "store", {"a": 12, "b": 20}, parse=True)
+    cfg = PretrainConfig()
+    cfg.model = cfg.model.replace(
+        img_size=SIZE,
+        clip_frames=4,
+        encoder_embed_dim=32,
+        encoder_depth=1,
+        encoder_num_heads=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=1,
+    )
+    ds = build_dataset(cfg, str(store))
+    assert isinstance(ds, PretrainDataset) and len(ds) == 2
+    item = ds[0]
+    assert item["video"].shape == (3, 4, SIZE, SIZE) and item["parse"].shape == (4, SIZE, SIZE)
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--config", "marlin_vit_tiny_test", "--data", str(store), "--out", str(out),
+               "--max-steps", "2", "--batch-size", "2", "--workers", "0",
+               "mask.strategy=fasking", "mask.ratio=0.5"])  # fmt: skip
+    assert rc == 0 and (out / "checkpoints" / "last.pt").is_file()

@@ -48,7 +48,7 @@ __all__ = [
 class DataConfig:
     """Where clips come from and how they are sampled."""
 
-    source: str = "synthetic"  # "synthetic", or a directory / glob of video files (see marlin.train.data)
+    source: str = "synthetic"  # a `marlin prepare` store, "synthetic", or a directory / glob of video files
     temporal_sample_rate: int = 2  # frames between the sampled frames of a clip (official: 2)
     window_stride: int = 16  # frames between the starts of consecutive windows cut from one video file
     num_workers: int = 2  # DataLoader worker processes per rank

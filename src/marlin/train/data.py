@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import glob
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from .distributed import derive_seed
 from .synthetic import SyntheticClips
 
 __all__ = [
-    "DATASET_BUILDERS",
     "StreamBatchSampler",
     "VIDEO_EXTENSIONS",
     "VideoFolderClips",
@@ -167,19 +166,15 @@ def expand_video_sources(source: str) -> list[Path]:
     return files
 
 
-# Builders tried in order before the built-in sources: each takes (source, cfg) and returns a Dataset, or None when
-# the source is not its kind. The prepared-store dataset (`marlin prepare`) registers itself here.
-DATASET_BUILDERS: list[Callable[[str, PretrainConfig], Dataset | None]] = []
-
-
 def build_dataset(cfg: PretrainConfig, source: str | None = None, *, cache: bool | None = None) -> Dataset:
-    """The dataset named by `source` (default `cfg.data.source`): a registered builder's, "synthetic", or videos."""
+    """The dataset named by `source` (default `cfg.data.source`): a `marlin prepare` store (its train split, with
+    parse maps for face-guided masking), "synthetic", or video files (a directory / glob / comma list)."""
     cache = cfg.data.cache if cache is None else cache
     source = source or cfg.data.source
-    for builder in DATASET_BUILDERS:
-        dataset = builder(source, cfg)
-        if dataset is not None:
-            return dataset
+    if (Path(source) / "store.json").is_file():
+        from ..data import PretrainDataset
+
+        return PretrainDataset.from_config(source, cfg.model, stride=cfg.data.temporal_sample_rate, seed=cfg.seed)
     m = cfg.model
     if source == "synthetic":
         return SyntheticClips(cfg.data.synthetic_size, m, seed=cfg.seed)
