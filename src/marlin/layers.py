@@ -87,7 +87,7 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
 
-class _Linear(nn.Module):
+class WrappedLinear(nn.Module):
     """`nn.Linear` wrapped one level deep, so parameter names read `layers.{i}.linear.*` as in the checkpoints."""
 
     def __init__(self, d_in: int, d_out: int) -> None:
@@ -103,7 +103,7 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([_Linear(dim, hidden), _Linear(hidden, dim)])
+        self.layers = nn.ModuleList([WrappedLinear(dim, hidden), WrappedLinear(hidden, dim)])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers[1](F.gelu(self.layers[0](x)))

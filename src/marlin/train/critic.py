@@ -5,19 +5,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..config import MarlinConfig
+from ..layers import WrappedLinear
 
 __all__ = ["PatchCritic"]
-
-
-class _Linear(nn.Module):
-    """`nn.Linear` one level deep so parameter names read `layers.{i}.linear.*`, as the official `discriminator.*`."""
-
-    def __init__(self, d_in: int, d_out: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(d_in, d_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear(x)
 
 
 class PatchCritic(nn.Module):
@@ -30,7 +20,7 @@ class PatchCritic(nn.Module):
 
     def __init__(self, patch_dim: int, hidden: int, negative_slope: float = 0.01) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([_Linear(patch_dim, hidden), _Linear(hidden, 1)])
+        self.layers = nn.ModuleList([WrappedLinear(patch_dim, hidden), WrappedLinear(hidden, 1)])
         self.act = nn.LeakyReLU(negative_slope)
 
     @classmethod
