@@ -313,7 +313,7 @@ def from_spec(spec: str | os.PathLike, *, full: bool = False, random_init: bool 
     once into the cache). `random_init` builds the named architecture untrained instead (for smoke tests/demos)."""
     path = Path(spec).expanduser()
     if path.exists():
-        return load(path, full=True if full else None) if full else load(path, full=False)
+        return load(path, full=full)
     name = str(spec)
     if random_init:
         return create_model(name, full=full).eval()
