@@ -221,7 +221,7 @@ def test_splits_and_size_checks(tmp_path):
     assert len(PretrainDataset(root, "train", clip_frames=4)) == 2
     assert len(PretrainDataset(root, "val", clip_frames=4)) == 1
     assert len(PretrainDataset(root, None, clip_frames=4)) == 3
-    with pytest.raises(StoreError, match="crops are 32 px, expected img_size=224"):
+    with pytest.raises(StoreError, match="crops are 32 px, smaller than img_size=224"):
         PretrainDataset(root, img_size=224)
     with pytest.raises(ValueError, match="mode must be"):
         PretrainDataset(root, mode="test")
@@ -230,6 +230,18 @@ def test_splits_and_size_checks(tmp_path):
 def test_from_config_uses_clip_frames_and_img_size(tmp_path, tiny_config):
     ds = PretrainDataset.from_config(make_store(tmp_path, {"a": 10}), tiny_config.replace(img_size=SIZE), seed=0)
     assert ds[0]["video"].shape == (3, tiny_config.clip_frames, SIZE, SIZE)
+
+
+def test_larger_store_is_downscaled_on_read(tmp_path):
+    root = make_store(tmp_path, {"a": 10})
+    full = PretrainDataset(root, clip_frames=4, mode="eval")[0]
+    half = PretrainDataset(root, clip_frames=4, mode="eval", img_size=SIZE // 2)[0]
+    assert half["video"].shape == (3, 4, SIZE // 2, SIZE // 2)
+    # area downscaling = mean of each 2x2 block; parse maps keep class ids (nearest)
+    expect = full["video"].reshape(3, 4, SIZE // 2, 2, SIZE // 2, 2).mean(dim=(3, 5))
+    torch.testing.assert_close(half["video"], expect)
+    assert half["parse"].dtype == torch.uint8 and half["parse"].shape == (4, SIZE // 2, SIZE // 2)
+    assert set(half["parse"].unique().tolist()) <= set(full["parse"].unique().tolist())
 
 
 def test_dataloader_workers_collate_batches(tmp_path):
@@ -271,3 +283,21 @@ def test_pretrain_reads_a_prepared_store(tmp_path):
                "--max-steps", "2", "--batch-size", "2", "--workers", "0",
                "mask.strategy=fasking", "mask.ratio=0.5"])  # fmt: skip
     assert rc == 0 and (out / "checkpoints" / "last.pt").is_file()
+
+
+def test_pretraining_reads_several_stores_as_one(tmp_path):
+    from marlin.train.config import load_config
+    from marlin.train.data import StoreUnion, build_dataset
+
+    a = make_store(tmp_path / "a", {"x": 10, "y": 10})
+    b = make_store(tmp_path / "b", {"z": 12})
+    cfg = load_config("marlin_vit_tiny_test", [f"model.img_size={SIZE // 2}", "model.patch_size=4", "mask.ratio=0.5",
+                                              "data.temporal_sample_rate=1"])  # fmt: skip
+    ds = build_dataset(cfg, f"{a},{b}")
+    assert isinstance(ds, StoreUnion) and len(ds) == 3 and ds.has_parse
+    item = ds[2]  # the first item of the second store
+    assert item["index"] == 2 and item["video"].shape == (3, cfg.model.clip_frames, SIZE // 2, SIZE // 2)
+    assert item["parse"].shape == (cfg.model.clip_frames, SIZE // 2, SIZE // 2)
+    assert not build_dataset(cfg, f"{a},{make_store(tmp_path / 'c', {'w': 10}, parse=False)}").has_parse
+    with pytest.raises(ValueError, match="mix of `marlin prepare` stores and video files"):
+        build_dataset(cfg, f"{a},{tmp_path / 'v.mp4'}")

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 __all__ = [
@@ -351,7 +352,8 @@ class PretrainDataset(Dataset):
         mode: ``"train"`` (random start) or ``"eval"`` (centred start).
         parse: return parse maps (default: when the store has them). True on a store without them raises.
         seed: see above.
-        img_size: expected crop side (``MarlinConfig.img_size``); a store of another size is refused.
+        img_size: crop side to return (``MarlinConfig.img_size``); a larger store is downscaled on read (area for
+            pixels, nearest for parse maps, so a 224 px store also serves a 112 px model); a smaller one is refused.
     """
 
     def __init__(
@@ -373,11 +375,12 @@ class PretrainDataset(Dataset):
             raise ValueError(f"PretrainDataset: split must be 'train', 'val' or None, found {split!r}")
         if clip_frames < 1 or stride < 1:
             raise ValueError(f"PretrainDataset: clip_frames and stride must be >= 1, found {clip_frames}, {stride}")
-        if img_size is not None and img_size != self.store.size:
+        if img_size is not None and img_size > self.store.size:
             raise StoreError(
-                f"{self.store.root / 'store.json'}: crops are {self.store.size} px, "
-                f"expected img_size={img_size}; prepare the store with --size {img_size}"
+                f"{self.store.root / 'store.json'}: crops are {self.store.size} px, smaller than "
+                f"img_size={img_size}; prepare the store with --size {img_size}"
             )
+        self.img_size = self.store.size if img_size is None else int(img_size)
         if parse and not self.store.has_parse:
             raise StoreError(
                 f"{self.store.root / 'store.json'}: store has no parse maps (built with --no-parse), "
@@ -449,9 +452,16 @@ class PretrainDataset(Dataset):
         video = torch.from_numpy(self.store.read_video(item, frames))  # [T, H, W, 3] uint8
         # Transpose the uint8 frames first (4x less memory traffic than transposing floats), then convert.
         x = video.permute(3, 0, 1, 2).contiguous().float().div_(255.0)  # [3, T, H, W] in [0, 1]
+        small = self.img_size != x.shape[-1]
+        if small:
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="area")  # [3, T, S, S]
         out: dict[str, Any] = {"video": x}
         if self.parse:
-            out["parse"] = torch.from_numpy(self.store.read_parse(item, frames))  # [T, H, W] uint8
+            parse = torch.from_numpy(self.store.read_parse(item, frames))  # [T, H, W] uint8
+            if small:
+                parse = F.interpolate(parse[None].float(), size=(self.img_size, self.img_size), mode="nearest")[0]
+                parse = parse.to(torch.uint8)  # [T, S, S]
+            out["parse"] = parse
         out["index"] = index
         return out
 

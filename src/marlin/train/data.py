@@ -24,13 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from .config import PretrainConfig
 from .distributed import derive_seed
 from .synthetic import SyntheticClips
 
 __all__ = [
+    "StoreUnion",
     "StreamBatchSampler",
     "VIDEO_EXTENSIONS",
     "VideoFolderClips",
@@ -171,10 +172,20 @@ def build_dataset(cfg: PretrainConfig, source: str | None = None, *, cache: bool
     parse maps for face-guided masking), "synthetic", or video files (a directory / glob / comma list)."""
     cache = cfg.data.cache if cache is None else cache
     source = source or cfg.data.source
-    if (Path(source) / "store.json").is_file():
+    parts = [s.strip() for s in source.split(",") if s.strip()]
+    stores = [p for p in parts if (Path(p).expanduser() / "store.json").is_file()]
+    if stores:
+        if len(stores) != len(parts):
+            raise ValueError(f"{source}: mix of `marlin prepare` stores and video files; use one kind per run")
         from ..data import PretrainDataset
 
-        return PretrainDataset.from_config(source, cfg.model, stride=cfg.data.temporal_sample_rate, seed=cfg.seed)
+        sets = [
+            PretrainDataset.from_config(
+                Path(p).expanduser(), cfg.model, stride=cfg.data.temporal_sample_rate, seed=cfg.seed
+            )
+            for p in stores
+        ]
+        return sets[0] if len(sets) == 1 else StoreUnion(sets)
     m = cfg.model
     if source == "synthetic":
         return SyntheticClips(cfg.data.synthetic_size, m, seed=cfg.seed)
@@ -186,6 +197,27 @@ def build_dataset(cfg: PretrainConfig, source: str | None = None, *, cache: bool
         window_stride=cfg.data.window_stride,
         cache=cache,
     )
+
+
+class StoreUnion(ConcatDataset):
+    """Several `marlin prepare` stores read as one dataset (e.g. GRID + talking heads); parse maps if all have them."""
+
+    def __init__(self, datasets: Sequence[Dataset]) -> None:
+        super().__init__(datasets)
+        self.has_parse = all(getattr(d, "has_parse", False) for d in datasets)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(super().__getitem__(index))
+        if "index" in item:
+            item["index"] = index  # position in the union, not in the member store
+        if not self.has_parse:
+            item.pop("parse", None)
+        return item
+
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.datasets:
+            if hasattr(d, "set_epoch"):
+                d.set_epoch(epoch)
 
 
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Tensor | None]:
