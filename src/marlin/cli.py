@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("marlin.commands.prepare", "build a training-ready store of face crops and parse maps"),
     "pretrain": ("marlin.commands.pretrain", "adversarial masked-autoencoder pretraining (torchrun-ready)"),
     "reconstruct": ("marlin.commands.reconstruct", "show what a full model reconstructs from a masked video"),
+    "probe": ("marlin.commands.probe", "linear-probe features against labels (k-fold / fixed split, low-data)"),
     "info": ("marlin.commands.info", "list registered models, or describe a checkpoint file"),
 }
 

@@ -1,0 +1,117 @@
+"""`marlin probe`: a linear probe of video features against labels; k-fold or fixed split, results JSON + pictures.
+
+    marlin probe --features feats/ --labels manifest.csv --label emotion --group-col speaker --out probe/
+    marlin probe --features feats/ --labels CelebV-HQ/ --label appearance --split fixed --train-fractions 0.01,0.1,1
+    marlin probe --model marlin_vit_base_ytf --labels grid_s1/ --label color --reduce concat --out probe/
+
+Features come from `marlin extract` (a folder with index.csv, a combined .npz / .safetensors, or an aligned .npy), or
+are extracted on the fly with --model into OUT/features (resumable). Labels: a CSV manifest (path + label columns),
+a CelebV-HQ root (celebvhq_info.json; label appearance | action) or a GRID speaker folder (label = word slot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"train fractions must be in (0, 1], got {text!r}")
+    return vals
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from marlin.commands.extract import add_model_arguments
+
+    p.add_argument("--labels", required=True, help="CSV manifest, CelebV-HQ root or GRID speaker folder")
+    p.add_argument("--label", action="append", default=[], metavar="NAME",
+                   help="label column (repeat for multilabel / multi-output regression); CelebV-HQ: appearance | "
+                        "action; GRID: command | color | preposition | letter | digit | adverb")  # fmt: skip
+    p.add_argument("--task", choices=("multiclass", "binary", "multilabel", "regression"),
+                   help="default: inferred from the label values")  # fmt: skip
+    p.add_argument("--path-col", default="path", help="CSV column with the video path (default: %(default)s)")
+    p.add_argument("--group-col", help="CSV column whose groups (e.g. identity) never straddle folds / splits")
+    p.add_argument("--split-col", help="CSV column holding train / val / test (a fixed split)")
+    src = p.add_argument_group("features")
+    src.add_argument("--features", type=Path, help="`marlin extract` folder, combined .npz/.safetensors, or .npy "
+                     "(without it, features are extracted with --model)")  # fmt: skip
+    add_model_arguments(src)
+    src.add_argument("--crop-face", action="store_true", help="with --model: detect and crop faces first")
+    src.add_argument("--reduce", choices=("mean", "max", "concat"), default="mean",
+                     help="over a video's windows: mean, max, or concat (time-kept; equal window counts)")  # fmt: skip
+    ev = p.add_argument_group("protocol")
+    ev.add_argument(
+        "--split",
+        choices=("kfold", "fixed"),
+        default="kfold",
+        help="k-fold CV (default) or one train/val/test split (the dataset's, or --split-fractions)",
+    )
+    ev.add_argument("--folds", type=int, default=5)
+    ev.add_argument("--split-fractions", type=_fractions, default=(0.7, 0.1, 0.2), metavar="TR,VA,TE")
+    ev.add_argument("--train-fractions", type=_fractions, default=(1.0,), metavar="F,F,...",
+                    help="low-data regime: fit on these fractions of each training part (default 1)")  # fmt: skip
+    ev.add_argument("--pca", type=int, help="PCA dimensions learnt on each training part")
+    ev.add_argument("--no-standardize", action="store_true", help="skip per-feature standardisation")
+    ev.add_argument("--l2", type=float, help="fixed L2 strength (default: chosen by inner CV on training data)")
+    ev.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--out", required=True, type=Path, help="output folder (results.json, pictures)")
+    p.add_argument("--no-plot", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from marlin.evaluate.features import FeatureError, load_features
+    from marlin.evaluate.manifest import ManifestError, read_labels
+    from marlin.evaluate.probe import ProbeConfig, run_probe, write_probe
+    from marlin.evaluate.splits import SplitError
+
+    try:
+        labels = read_labels(args.labels, args.label, task=args.task, path_col=args.path_col,
+                             group_col=args.group_col, split_col=args.split_col)  # fmt: skip
+        feats_src = args.features if args.features is not None else _extract(args, labels)
+        x = load_features(feats_src, labels, args.reduce)
+        cfg = ProbeConfig(
+            folds=args.folds if args.split == "kfold" else None, split=args.split_fractions,
+            train_fractions=args.train_fractions, pca=args.pca, standardize=not args.no_standardize, l2=args.l2,
+            seed=args.seed, extra={"features": str(feats_src), "labels": str(args.labels), "reduce": args.reduce},
+        )  # fmt: skip
+        results = run_probe(x, labels, cfg)
+    except (ManifestError, FeatureError, SplitError, ValueError) as e:
+        print(f"marlin probe: {e}", file=sys.stderr)
+        return 2
+    paths = write_probe(results, args.out, plot=not args.no_plot)
+    print(f"{labels.label}: {len(labels)} videos, {x.shape[1]} features, {results['protocol']}")
+    for frac, entry in results["by_fraction"].items():
+        shown = {k: v for k, v in entry["metrics"].items() if not k.startswith("n_")}
+        print(
+            f"  train fraction {frac}: " + ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in shown.items())
+        )
+    print("wrote " + ", ".join(str(p) for p in paths))
+    if args.verbose:
+        print(json.dumps(results["by_fraction"], indent=1, default=str)[:4000])
+    return 0
+
+
+def _extract(args: argparse.Namespace, labels) -> Path:  # noqa: ANN001
+    """Extract features for the labelled videos into OUT/features (resumable) and return that folder."""
+    from marlin.commands.extract import print_summary
+    from marlin.extract import ExtractOptions, extract_many
+    from marlin.model import from_spec
+
+    missing = [p for p in labels.paths if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} labelled videos do not exist, e.g. {missing[0]}")
+    out = args.out / "features"
+    model = from_spec(args.model, random_init=args.random_init).eval()
+    summary = extract_many(model, [Path(p) for p in labels.paths], out, ExtractOptions(crop_face=args.crop_face))
+    print_summary(summary)
+    if summary.failed:
+        raise ValueError(f"feature extraction failed for {len(summary.failed)} videos (see {summary.index_path})")
+    return out

@@ -1,0 +1,229 @@
+"""Linear probing protocol: k-fold or fixed split, group-aware, low-data train fractions, metrics, JSON + pictures.
+
+Nothing is chosen on test data: standardisation, PCA and the L2 strength are learnt on each training part (the L2
+strength by an inner k-fold on it), then the probe is refit on the whole training part and scored once on its test
+part.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..fileio import atomic_write_text
+from .linear import DEFAULT_L2_GRID, LinearProbe, select_l2
+from .manifest import LabelSet
+from .metrics import binary_auc, compute_metrics, confusion_matrix, primary_metric
+from .splits import kfold, split_indices, subsample
+
+__all__ = ["ProbeConfig", "plot_probe", "run_probe", "write_probe"]
+
+log = logging.getLogger("marlin")
+
+
+@dataclass
+class ProbeConfig:
+    folds: int | None = 5  # k-fold cross-validation; None: the fixed train / val / test split
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # used when folds is None and the data has no split
+    train_fractions: tuple[float, ...] = (1.0,)  # low-data regime: fractions of each training part
+    pca: int | None = None  # PCA dimensions learnt on the training part (None: none)
+    standardize: bool = True  # zero mean / unit variance per feature, from the training part
+    l2: float | None = None  # fixed L2 strength; None: choose from l2_grid by inner CV on the training part
+    l2_grid: tuple[float, ...] = DEFAULT_L2_GRID
+    inner_folds: int = 3
+    max_iter: int = 200  # L-BFGS iterations per fit
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the results
+
+
+def _summary(values: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    keys = values[0].keys() if values else []
+    out = {}
+    for k in keys:
+        v = [d[k] for d in values if not math.isnan(d[k])]
+        out[k] = {"mean": float(np.mean(v)) if v else math.nan, "std": float(np.std(v)) if v else math.nan}
+    return out
+
+
+def _parts(labels: LabelSet, cfg: ProbeConfig) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(train, val, test) index triples: k folds (val empty; the inner CV works inside train) or one fixed split."""
+    n = len(labels)
+    if cfg.folds is not None:
+        return [
+            (tr, np.empty(0, np.int64), te)
+            for tr, te in kfold(n, cfg.folds, y=labels.stratify_labels(), groups=labels.groups, seed=cfg.seed)
+        ]
+    if labels.splits is not None:
+        s = np.asarray(labels.splits)
+        parts = {k: np.flatnonzero(s == k) for k in ("train", "val", "test")}
+    else:
+        parts = split_indices(n, cfg.split, y=labels.stratify_labels(), groups=labels.groups, seed=cfg.seed)
+    if len(parts["train"]) == 0 or len(parts["test"]) == 0:
+        raise ValueError(f"the split leaves {len(parts['train'])} training and {len(parts['test'])} test videos")
+    return [(parts["train"], parts["val"], parts["test"])]
+
+
+def run_probe(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig | None = None) -> dict[str, Any]:
+    """Probe features `x` ``[N, F]`` against `labels`; returns a JSON-ready result dict (see :func:`write_probe`).
+
+    With a fixed split that has a validation part, the L2 strength is chosen on it (train -> val) instead of by
+    inner CV, then the probe is refit on train and scored on test.
+    """
+    cfg = cfg or ProbeConfig()
+    x = np.asarray(x, dtype=np.float32)
+    if len(x) != len(labels):
+        raise ValueError(f"{len(x)} feature rows for {len(labels)} labelled videos")
+    if not np.isfinite(x).all():
+        raise ValueError("features contain NaN or inf")
+    task, k = labels.task, labels.num_outputs
+    y = labels.targets
+    strat = labels.stratify_labels()
+    kw = {"pca": cfg.pca, "standardize": cfg.standardize, "max_iter": cfg.max_iter}
+    t0 = time.perf_counter()
+    parts = _parts(labels, cfg)
+    results: dict[str, Any] = {
+        "task": task, "label": labels.label, "n": len(labels), "features": int(x.shape[1]), "names": labels.names,
+        "protocol": f"{cfg.folds}-fold" if cfg.folds is not None else "split", "config": asdict(cfg),
+        "by_fraction": {},
+    }  # fmt: skip
+    for frac in cfg.train_fractions:
+        fold_metrics, chosen = [], []
+        scores_all = np.zeros((len(labels), *((k,) if task != "binary" else ())), dtype=np.float64)
+        tested = np.zeros(len(labels), dtype=bool)
+        for i, (tr, va, te) in enumerate(parts):
+            tr = subsample(tr, frac, y=strat, seed=cfg.seed + i)
+            if cfg.l2 is not None:
+                l2 = cfg.l2
+            elif len(va):
+                table = {}
+                for cand in cfg.l2_grid:
+                    p = LinearProbe(task, k, l2=cand, **kw).fit(x[tr], y[tr])
+                    table[cand] = compute_metrics(task, y[va], p.scores(x[va]))[primary_metric(task)]
+                l2 = max(table, key=lambda c: (-math.inf if math.isnan(table[c]) else table[c], c))
+            else:
+                l2, _ = select_l2(x[tr], y[tr], task, k, grid=cfg.l2_grid, folds=cfg.inner_folds, seed=cfg.seed,
+                                  **kw)  # fmt: skip
+            probe = LinearProbe(task, k, l2=l2, **kw).fit(x[tr], y[tr])
+            s = probe.scores(x[te])
+            scores_all[te], tested[te] = s, True
+            m = compute_metrics(task, y[te], s)
+            m.update(n_train=float(len(tr)), n_test=float(len(te)))
+            fold_metrics.append(m)
+            chosen.append(l2)
+        entry: dict[str, Any] = {"metrics": _summary(fold_metrics), "folds": fold_metrics, "l2": chosen}
+        entry["pooled"] = compute_metrics(task, y[tested], scores_all[tested])  # all test predictions together
+        if task in ("multiclass", "binary"):
+            pred = scores_all[tested].argmax(1) if task == "multiclass" else (scores_all[tested] > 0).astype(int)
+            entry["confusion"] = confusion_matrix(y[tested], pred, len(labels.names)).tolist()
+        elif task == "multilabel":
+            st, yt = scores_all[tested], y[tested]
+            entry["per_label"] = {
+                name: {"auc": binary_auc(yt[:, j], st[:, j]), "accuracy": float(((st[:, j] > 0) == (yt[:, j] > 0.5))
+                       .mean()), "positives": float(yt[:, j].mean())}
+                for j, name in enumerate(labels.names)
+            }  # fmt: skip
+        else:
+            entry["predictions"] = {"target": y[tested].tolist(), "predicted": scores_all[tested].tolist()}
+        results["by_fraction"][f"{frac:g}"] = entry
+        log.info(
+            "probe %s, train fraction %g: %s",
+            labels.label,
+            frac,
+            ", ".join(f"{k} {v['mean']:.3f}" for k, v in entry["metrics"].items() if not k.startswith("n_")),
+        )
+    results["seconds"] = time.perf_counter() - t0
+    return results
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def write_probe(results: dict[str, Any], out_dir: str | os.PathLike, *, plot: bool = True) -> list[Path]:
+    """``results.json`` (NaN -> null) and, when matplotlib is available, a picture per train fraction."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json"]
+    atomic_write_text(paths[0], json.dumps(_json_safe(results), indent=1) + "\n")
+    if plot:
+        paths += plot_probe(results, out)
+    return paths
+
+
+def plot_probe(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Confusion matrix (classification), per-label AUC bars (multilabel) or predicted-vs-true scatter (regression)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no probe pictures (pip install matplotlib)")
+        return []
+    written = []
+    names: Sequence[str] = results["names"]
+    for frac, entry in results["by_fraction"].items():
+        title = f"{results['label']} ({results['task']}, {results['protocol']}, train fraction {frac})"
+        if "confusion" in entry:
+            cm = np.asarray(entry["confusion"], dtype=np.float64)
+            norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+            side = max(4.0, 0.35 * len(names) + 2)
+            fig, ax = plt.subplots(figsize=(side + 1, side))
+            im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            if len(names) <= 12:
+                for i in range(len(names)):
+                    for j in range(len(names)):
+                        ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                                color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+            fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+            acc = entry["metrics"]["accuracy"]["mean"]
+            ax.set_title(f"{title}\naccuracy {acc:.3f}", fontsize=9)
+        elif "per_label" in entry:
+            per = entry["per_label"]
+            fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(per) + 2), 4))
+            aucs = [np.nan if v["auc"] is None else v["auc"] for v in per.values()]
+            ax.bar(range(len(per)), aucs, color="tab:blue")
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set_xticks(range(len(per)), list(per), rotation=90, fontsize=7)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("AUC")
+            ax.set_title(title, fontsize=9)
+        else:
+            pr = entry["predictions"]
+            t, p = np.asarray(pr["target"]).reshape(-1), np.asarray(pr["predicted"]).reshape(-1)
+            fig, ax = plt.subplots(figsize=(4.5, 4.5))
+            ax.scatter(t, p, s=8, alpha=0.6)
+            lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
+            ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+            ax.set_xlabel("target")
+            ax.set_ylabel("predicted")
+            ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"probe_{results['label'].replace(',', '+')}_frac{frac}.png"
+        tmp = path.with_name(path.name + ".part")
+        fig.savefig(tmp, dpi=110, format="png")  # write then rename: never a half-written picture
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
