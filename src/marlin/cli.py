@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("marlin.commands.pretrain", "adversarial masked-autoencoder pretraining (torchrun-ready)"),
     "reconstruct": ("marlin.commands.reconstruct", "show what a full model reconstructs from a masked video"),
     "probe": ("marlin.commands.probe", "linear-probe features against labels (k-fold / fixed split, low-data)"),
+    "finetune": ("marlin.commands.finetune", "fine-tune an encoder + linear head on labelled videos (torchrun-ready)"),
     "info": ("marlin.commands.info", "list registered models, or describe a checkpoint file"),
 }
 
