@@ -239,8 +239,9 @@ def _corner_marker(index: int, height: int, width: int) -> np.ndarray:
     return frame
 
 
-@pytest.mark.parametrize(("rotation", "corner"), [(0, "top-left"), (90, "bottom-left"), (180, "bottom-right"),
-                                                  (270, "top-right")])
+@pytest.mark.parametrize(
+    ("rotation", "corner"), [(0, "top-left"), (90, "bottom-left"), (180, "bottom-right"), (270, "top-right")]
+)
 def test_display_rotation_is_applied(tmp_path: Path, rotation: int, corner: str) -> None:
     """A display matrix rotating 90 degrees counter-clockwise moves the stored top-left corner to the bottom-left."""
     path = write_video(tmp_path / f"rot{rotation}.mp4", 3, 64, 96, rotation=rotation, frame_fn=_corner_marker)

@@ -57,8 +57,9 @@ def test_window_contents_at_boundaries() -> None:
     assert window_indices(65) == [list(range(0, 32, 2)), list(range(32, 64, 2))]
 
 
-@pytest.mark.parametrize(("clip_frames", "sample_rate", "stride"), [(16, 2, 16), (16, 1, 16), (16, 2, 8), (8, 3, 4),
-                                                                     (16, 4, 16), (4, 2, 1)])
+@pytest.mark.parametrize(
+    ("clip_frames", "sample_rate", "stride"), [(16, 2, 16), (16, 1, 16), (16, 2, 8), (8, 3, 4), (16, 4, 16), (4, 2, 1)]
+)
 def test_sliding_windows_match_the_official_loop(clip_frames: int, sample_rate: int, stride: int) -> None:
     for n in range(clip_frames * sample_rate + 1, 400):
         expected = _official_sliding(n, clip_frames, sample_rate, stride)
@@ -76,8 +77,13 @@ def test_every_length_gives_at_least_one_full_window() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(n_frames=0), dict(n_frames=-3), dict(n_frames=10, clip_frames=0), dict(n_frames=10, sample_rate=0),
-     dict(n_frames=10, stride=0)],
+    [
+        dict(n_frames=0),
+        dict(n_frames=-3),
+        dict(n_frames=10, clip_frames=0),
+        dict(n_frames=10, sample_rate=0),
+        dict(n_frames=10, stride=0),
+    ],
 )
 def test_invalid_arguments(kwargs) -> None:
     with pytest.raises(ValueError, match=">= 1"):

@@ -326,22 +326,30 @@ def write_video(
         with container:
             stream: av.VideoStream | None = None
             for index, frame in enumerate(frames):
-                if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3
-                        and frame.shape[2] == 3):
+                if not (
+                    isinstance(frame, np.ndarray)
+                    and frame.dtype == np.uint8
+                    and frame.ndim == 3
+                    and frame.shape[2] == 3
+                ):
                     found = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
                     raise ValueError(f"{path}: frame {index} must be a uint8 [H, W, 3] RGB array, got {found}")
                 height, width = frame.shape[:2]
                 if stream is None:
                     if (fmt.chroma_width(2) == 1 and width % 2) or (fmt.chroma_height(2) == 1 and height % 2):
-                        raise ValueError(f"{path}: {pix_fmt} needs even frame sides, got {width}x{height}; "
-                                         "crop or pad the frames, or pass pix_fmt='yuv444p'")
+                        raise ValueError(
+                            f"{path}: {pix_fmt} needs even frame sides, got {width}x{height}; "
+                            "crop or pad the frames, or pass pix_fmt='yuv444p'"
+                        )
                     stream = container.add_stream(codec, rate=rate)
                     stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
                     if codec in ("libx264", "libx265"):
                         stream.options = {k: str(v) for k, v in (("crf", crf), ("preset", preset)) if v is not None}
                 elif (height, width) != (stream.height, stream.width):
-                    raise ValueError(f"{path}: frame {index} is {width}x{height}, "
-                                     f"expected {stream.width}x{stream.height} like frame 0")
+                    raise ValueError(
+                        f"{path}: frame {index} is {width}x{height}, "
+                        f"expected {stream.width}x{stream.height} like frame 0"
+                    )
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
             if stream is None:
                 raise ValueError(f"{path}: no frames to write")
