@@ -94,6 +94,18 @@ def test_custom_architecture_is_inferred_from_shapes(tmp_path, clip):
     assert infer_config(Marlin("marlin_vit_small_ytf").state_dict()).name == "marlin_vit_small_ytf"
 
 
+def test_official_layout_geometry_prefers_16_frame_clips(tmp_path, caplog):
+    """An official .pt has no config: 392 tokens are a 16-frame clip of 112 px crops (7 x 7 x 8), not 4 frames of
+    224 px — the file a 112 px training run exports must load with the geometry it was trained with."""
+    cfg = get_config("marlin_vit_tiny").replace(name="tiny112", img_size=112, encoder_depth=1, decoder_depth=1)
+    Marlin(cfg).export_official(tmp_path / "t.encoder.pt")
+    with caplog.at_level("WARNING", logger="marlin"):
+        m = load(tmp_path / "t.encoder.pt")
+    assert (m.config.img_size, m.config.clip_frames) == (112, 16)
+    assert "inferred img_size=112, clip_frames=16 from 392 tokens" in caplog.text
+    assert m.extract_features(torch.rand(1, 3, 16, 112, 112), keep_seq=True).shape == (1, 392, 192)
+
+
 # ---- errors: one line, naming the file, what was expected and what was found ---------------------------------------
 def one_line(exc: pytest.ExceptionInfo) -> str:
     msg = str(exc.value)

@@ -16,6 +16,7 @@ executed.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from torch import Tensor
 
 from .config import MarlinConfig
 from .registry import get_config, list_models
+
+log = logging.getLogger("marlin")
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -202,10 +205,15 @@ def infer_config(sd: dict[str, Tensor], path: str = "<state dict>") -> MarlinCon
         return sorted(candidates, key=lambda c: (not c.name.endswith("_ytf"), c.name))[0]
     base = get_config("marlin_vit_base_ytf")
     dec_dim = d.get("decoder_embed_dim", base.decoder_embed_dim)
-    n_spatial = (base.img_size // d["patch_size"]) ** 2
-    frames = d.get("num_tokens", base.num_tokens) // n_spatial * d["tubelet_size"]
+    img_size, frames = _infer_geometry(d.get("num_tokens", base.num_tokens), d["patch_size"], d["tubelet_size"])
+    log.warning(
+        "%s: no config in the file; inferred img_size=%d, clip_frames=%d from %d tokens (a marlin run's "
+        "save_pretrained directory or .safetensors carries its config and needs no guess)",
+        path, img_size, frames, d.get("num_tokens", base.num_tokens),
+    )  # fmt: skip
     return MarlinConfig(
         name="marlin_custom",
+        img_size=img_size,
         patch_size=d["patch_size"],
         tubelet_size=d["tubelet_size"],
         clip_frames=frames,
@@ -216,6 +224,18 @@ def infer_config(sd: dict[str, Tensor], path: str = "<state dict>") -> MarlinCon
         decoder_depth=d.get("decoder_depth", base.decoder_depth),
         decoder_num_heads=max(1, dec_dim // 64),
     )
+
+
+def _infer_geometry(num_tokens: int, patch: int, tubelet: int) -> tuple[int, int]:
+    """(img_size, clip_frames) for a token count: MARLIN clips are 16 frames, so try 16 frames first and take the
+    square crop that fits; else 224 px crops and as many frames as the tokens need."""
+    steps = 16 // tubelet
+    if num_tokens % steps == 0:
+        side = round((num_tokens // steps) ** 0.5)
+        if side * side * steps == num_tokens:
+            return side * patch, 16
+    n_spatial = (224 // patch) ** 2
+    return 224, max(1, num_tokens // n_spatial) * tubelet
 
 
 def check_compatible(sd: dict[str, Tensor], expected: dict[str, Tensor], path: str, name: str) -> None:
