@@ -19,7 +19,7 @@ from .splits import kfold
 
 __all__ = ["DEFAULT_L2_GRID", "LinearProbe", "select_l2"]
 
-DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # 1e-6: almost unregularised, for PCA-reduced inputs
 
 
 class LinearProbe:
