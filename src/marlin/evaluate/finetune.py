@@ -235,16 +235,9 @@ class FinetuneModel(nn.Module):
 def load_finetuned(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FinetuneModel:
     """Read a ``best.pt`` written by :func:`finetune` (weights only, no code execution) into an eval-mode model;
     the file's other entries (epoch, validation metrics, run config) are in ``model.meta``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValueError(f"{path}: not a readable checkpoint ({str(e).strip().splitlines()[0][:160]})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FINETUNE_FORMAT:
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: expected a {FINETUNE_FORMAT} checkpoint (from marlin finetune), found {found!r}")
+    from ..train.checkpointing import load_tagged_checkpoint
+
+    obj = load_tagged_checkpoint(path, FINETUNE_FORMAT, "checkpoint (from marlin finetune)")
     config = MarlinConfig.from_dict(obj["config"])
     model = FinetuneModel(config, obj["task"], obj["names"], int(obj["num_outputs"]), label=obj.get("label", "label"),
                           stride=int(obj.get("stride", 2)), test_clips=int(obj.get("test_clips", 4)))  # fmt: skip

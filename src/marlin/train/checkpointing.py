@@ -33,6 +33,7 @@ __all__ = [
     "copy_atomic",
     "export_checkpoint",
     "find_resume_checkpoint",
+    "load_tagged_checkpoint",
     "load_training_checkpoint",
     "prune_checkpoints",
     "restore_rng",
@@ -75,19 +76,25 @@ def copy_atomic(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint (weights only: no code execution); one-line errors name the file."""
+def load_tagged_checkpoint(path: str | Path, fmt: str, what: str = "checkpoint") -> dict[str, Any]:
+    """Read a dict checkpoint whose ``"format"`` entry must be `fmt` (weights only: no code execution); one-line
+    errors name the file and say what was expected (`what`, e.g. "training checkpoint")."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValueError(f"{path}: not a readable training checkpoint ({str(e).splitlines()[0][:160]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a readable {what} ({str(e).strip().splitlines()[0][:160]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: expected a {CHECKPOINT_FORMAT} training checkpoint, found {found!r}")
+        raise ValueError(f"{path}: expected a {fmt} {what}, found {found!r}")
     return ckpt
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint (weights only: no code execution); one-line errors name the file."""
+    return load_tagged_checkpoint(path, CHECKPOINT_FORMAT, "training checkpoint")
 
 
 def find_resume_checkpoint(ckpt_dir: str | Path) -> Path | None:
