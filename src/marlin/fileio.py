@@ -57,3 +57,19 @@ def atomic_save_image(path: str | os.PathLike, image: Any, where: str = "save", 
     """Save a PIL image atomically, in the format its suffix names."""
     fmt = image_format(path, where)
     return atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **save_kwargs))
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy that ``json.dumps`` accepts and other tools can read: numpy scalars to Python numbers, NaN / inf to
+    None (JSON has no NaN), paths to strings, tuples to lists."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "shape", None) == ():  # numpy / torch scalar
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

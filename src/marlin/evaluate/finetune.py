@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import MarlinConfig
 from ..encoder import MarlinEncoder
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import atomic_write, atomic_write_text, json_safe
 from .manifest import SPLITS, LabelSet, read_labels
 from .metrics import compute_metrics, primary_metric
 from .splits import SplitError, split_indices, subsample
@@ -586,22 +586,6 @@ class FinetuneResult:
     results: Path | None = None
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: numpy scalars to Python numbers, NaN / inf to None."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def _check_videos(labels: LabelSet, index: np.ndarray, source: str) -> None:
     """Fail before training, in one line naming the first missing file, when listed videos are absent."""
     missing = [labels.paths[i] for i in index if not labels.paths[i].is_file()]
@@ -809,8 +793,8 @@ def finetune(
                 best_score, best_epoch, best_val, stale = score, epoch + 1, val, 0
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 if dist.is_main and out is not None:
-                    state = model.checkpoint(epoch=epoch + 1, val_metrics=_clean(val), selection_metric=selection,
-                                             finetune_config=_clean(cfg.to_dict()))  # fmt: skip
+                    state = model.checkpoint(epoch=epoch + 1, val_metrics=json_safe(val), selection_metric=selection,
+                                             finetune_config=json_safe(cfg.to_dict()))  # fmt: skip
                     atomic_write(out / BEST_FILE, lambda p, s=state: torch.save(s, p))
             else:
                 stale += 1
@@ -861,7 +845,7 @@ def finetune(
                     "checkpoint": str(out / BEST_FILE),
                     "config": cfg.to_dict(),
                 }
-                result.results = atomic_write_text(out / RESULTS_FILE, json.dumps(_clean(doc), indent=2) + "\n")
+                result.results = atomic_write_text(out / RESULTS_FILE, json.dumps(json_safe(doc), indent=2) + "\n")
                 result.checkpoint = out / BEST_FILE
         return result
     finally:

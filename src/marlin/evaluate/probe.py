@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, json_safe
 from .linear import DEFAULT_L2_GRID, LinearProbe, select_l2
 from .manifest import LabelSet
 from .metrics import binary_auc, compute_metrics, confusion_matrix, primary_metric
@@ -144,24 +144,12 @@ def run_probe(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig | None = None) -
     return results
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
 def write_probe(results: dict[str, Any], out_dir: str | os.PathLike, *, plot: bool = True) -> list[Path]:
     """``results.json`` (NaN -> null) and, when matplotlib is available, a picture per train fraction."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json"]
-    atomic_write_text(paths[0], json.dumps(_json_safe(results), indent=1) + "\n")
+    atomic_write_text(paths[0], json.dumps(json_safe(results), indent=1) + "\n")
     if plot:
         paths += plot_probe(results, out)
     return paths
