@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from test_data import make_store
+
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 # Adam eps 1e-6: see test_train_step.test_accumulation_equals_one_large_batch (the critic's output bias has an
@@ -27,28 +29,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _losses(out: Path) -> list[dict[str, float]]:
+def _records(out: Path, keep) -> list[dict[str, float]]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k.startswith("loss/") or k == "lr"} for r in records]
+    picked = [{k: v for k, v in r.items() if keep(k)} for r in records]
+    return [r for r in picked if r]
+
+
+def _losses(out: Path) -> list[dict[str, float]]:
+    return _records(out, lambda k: k.startswith("loss/") or k == "lr")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not found beside the interpreter")
 def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    # Held-out error on 3 clips: rank 0 evaluates two, rank 1 one; the all-reduced means must equal one process's.
+    val = make_store(tmp_path / "val", {"a": 12, "b": 20, "c": 9})
+    args = [*ARGS, "--val-data", str(val), "val.every=3"]
     single = [
         sys.executable,
         "-m",
         "marlin.cli",
         "pretrain",
-        *ARGS,
+        *args,
         "--out",
         str(tmp_path / "one"),
         "--batch-size",
         "4",
     ]
     ddp = [str(TORCHRUN), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "marlin.cli", "pretrain", *ARGS,
+           "--master_port", str(_free_port()), "-m", "marlin.cli", "pretrain", *args,
            "--out", str(tmp_path / "two"), "--batch-size", "2"]  # fmt: skip
     for cmd in (single, ddp):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -61,3 +71,9 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(tmp_
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (step, key, a[key], b[key])
     assert one[0]["loss/rec"] != one[-1]["loss/rec"]  # the weights did change over the 5 steps
+    held_one, held_two = (_records(tmp_path / d, lambda k: k.startswith("val/")) for d in ("one", "two"))
+    assert len(held_one) == len(held_two) == 2  # steps 3 and 5
+    for a, b in zip(held_one, held_two, strict=True):
+        assert a["val/clips"] == b["val/clips"] == 3
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a[key], b[key])

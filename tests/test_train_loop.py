@@ -73,6 +73,15 @@ def test_pretrain_command(tmp_path, capsys) -> None:
     assert torch.load(out / "checkpoints/last.pt", weights_only=True)["step"] == 2
     assert main(["pretrain", "--config", "marlin_vit_tiny_test", "optim.nope=1"]) == 2
     assert "unknown key 'optim.nope'" in capsys.readouterr().err
+    # Overrides may sit between options (argparse alone takes only the first run of positionals).
+    assert main(["pretrain", "batch_size=3", "--data", "synthetic", "seed=7", "--print-config", "val.every=9"]) == 0
+    printed = capsys.readouterr().out
+    assert "batch_size: 3" in printed and "seed: 7" in printed and "every: 9" in printed
+    with pytest.raises(SystemExit):
+        main(["pretrain", "seed=7", "--print-config", "notanoverride"])
+    assert "unrecognized arguments: notanoverride" in capsys.readouterr().err
+    assert main(["pretrain", "--config", "marlin_vit_tiny_test", "optim.nope=1"]) == 2
+    assert "unknown key 'optim.nope'" in capsys.readouterr().err
     assert main(["pretrain", "--export-from", str(out / "checkpoints/last.pt"), "--out", str(tmp_path / "e")]) == 0
     assert (tmp_path / "e/export/marlin_vit_tiny_test/model.safetensors").is_file()
 

@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-4")
     p.add_argument("--config", help="native or official YAML file, or a registered model name (default ViT-B)")
     p.add_argument("--data", help="'synthetic', or video directories / globs / files, comma-separated")
+    p.add_argument(
+        "--val-data",
+        help="held-out clips for the reconstruction error: 'auto' (the val split of the "
+        "--data stores), 'none', a store or videos",
+    )
     p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, images, exports)")
     p.add_argument("--resume", nargs="?", const="auto", help="continue from a checkpoint ('auto' or no value: "
                    "OUT/checkpoints/last.pt when present)")  # fmt: skip
@@ -43,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
     pairs = [
-        ("data.source", args.data), ("out_dir", args.out), ("init", args.init), ("max_steps", args.max_steps),
+        ("data.source", args.data), ("val.source", args.val_data), ("out_dir", args.out), ("init", args.init),
+        ("max_steps", args.max_steps),
         ("epochs", args.epochs), ("batch_size", args.batch_size), ("accum_steps", args.accum),
         ("precision", args.precision), ("device", args.device), ("data.num_workers", args.workers),
         ("seed", args.seed), ("grad_checkpointing", True if args.grad_checkpointing else None),

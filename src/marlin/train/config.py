@@ -39,6 +39,7 @@ __all__ = [
     "MaskConfig",
     "OptimConfig",
     "PretrainConfig",
+    "ValConfig",
     "apply_overrides",
     "load_config",
 ]
@@ -104,6 +105,15 @@ class LogConfig:
     max_nonfinite: int = 5  # stop after this many consecutive steps with a NaN/inf loss
 
 
+@dataclass
+class ValConfig:
+    """Held-out reconstruction error while pretraining (see marlin.train.validate): learning vs memorising."""
+
+    source: str | None = "auto"  # "auto" = the val split of the training store(s); a store / videos; "none" = off
+    every: int = 500  # steps between evaluations (one more at the end of the run)
+    max_clips: int = 64  # held-out clips evaluated, spread evenly over the held-out set (one centred window each)
+
+
 def _default_model() -> MarlinConfig:
     return get_config("marlin_vit_base")
 
@@ -129,6 +139,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    val: ValConfig = field(default_factory=ValConfig)
 
     def __post_init__(self) -> None:
         checks = [
@@ -145,6 +156,7 @@ class PretrainConfig:
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, found {self.max_steps}"),
             (self.epochs > 0, f"epochs must be > 0, found {self.epochs}"),
             (self.ckpt.every >= 1 and self.log.every >= 1, "ckpt.every and log.every must be >= 1"),
+            (self.val.every >= 1 and self.val.max_clips >= 1, "val.every and val.max_clips must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

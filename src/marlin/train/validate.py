@@ -1,0 +1,164 @@
+"""Held-out reconstruction error during pretraining.
+
+The training loss alone cannot tell learning faces from memorising clips; the hidden-patch error on clips the run
+never trains on can. Every `val.every` steps (and at the end) the trainer evaluates a fixed set of held-out clips —
+one centred window each, masked with the run's strategy by a generator seeded from the clip's position, so every
+evaluation sees the same pixels and masks — and logs, next to the error, what trivial predictors score:
+
+- raw-pixel targets: ``val/mse`` (= the training objective) against ``val/clip_mean_mse`` (every hidden pixel
+  predicted as the clip's per-channel mean colour) and ``val/visible_mean_mse`` (the mean of the visible pixels);
+- normalised targets: ``val/rec`` against ``val/patch_mean_rec``, the error of predicting each hidden patch's own
+  mean (about 1 by construction), a stronger baseline that uses the answer's mean.
+
+Clips are split over ranks and the sums all-reduced, so a torchrun job logs the same numbers as one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..masking import generate_visible
+from .config import PretrainConfig
+from .distributed import derive_seed, is_distributed
+
+__all__ = ["build_val_dataset", "val_indices", "validate"]
+
+log = logging.getLogger("marlin")
+
+FACE_STRATEGIES = ("fasking", "fasking_opp")
+
+
+def _is_store(path: str) -> bool:
+    return (Path(path).expanduser() / "store.json").is_file()
+
+
+def build_val_dataset(cfg: PretrainConfig) -> Dataset | None:
+    """The held-out clips named by `cfg.val.source`, or None when validation is off or there is nothing to hold out.
+
+    ``"auto"``: the ``val`` split of the training store(s) (`marlin prepare` holds out whole identities); none for
+    video folders or synthetic data. A store path (comma-separated for several): all of its items. A directory /
+    glob / list of videos: windows cut as for training.
+    """
+    from ..data import PretrainDataset
+    from .data import StoreUnion, VideoFolderClips, expand_video_sources
+
+    source = (cfg.val.source or "none").strip()
+    if source.lower() == "none":
+        return None
+    m = cfg.model
+    auto = source.lower() == "auto"
+    parts = [s.strip() for s in (cfg.data.source if auto else source).split(",") if s.strip()]
+    if all(_is_store(p) for p in parts):
+        sets = []
+        for p in parts:
+            ds = PretrainDataset.from_config(
+                Path(p).expanduser(), m, split=None, stride=cfg.data.temporal_sample_rate, mode="eval"
+            )
+            ds.items = [it for it in ds.items if it.split == "val"] if auto else ds.items
+            if ds.items:
+                sets.append(ds)
+        if not sets:
+            return None
+        return sets[0] if len(sets) == 1 else StoreUnion(sets)
+    if auto:  # synthetic data or plain videos: no split to hold out
+        return None
+    return VideoFolderClips(
+        expand_video_sources(source),
+        clip_frames=m.clip_frames,
+        sample_rate=cfg.data.temporal_sample_rate,
+        img_size=m.img_size,
+        window_stride=cfg.data.window_stride,
+    )
+
+
+def val_indices(n: int, max_clips: int) -> list[int]:
+    """At most `max_clips` indices spread evenly over ``range(n)`` (all of them when n <= max_clips)."""
+    if n <= max_clips:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (max_clips - 1)) for i in range(max_clips)}) if max_clips > 1 else [0]
+
+
+def _clip_metrics(video: Tensor, visible: Tensor, pred: Tensor, cfg: PretrainConfig) -> dict[str, float]:
+    """Per-clip error of `pred` and of the trivial predictors (see the module docstring)."""
+    from ..losses import masked_targets
+    from ..reconstruct import masked_patch_mse
+
+    m = cfg.model
+    if not cfg.loss.norm_target:
+        return masked_patch_mse(video, visible, pred, m)
+    target = masked_targets(video[None], visible[None], m.tubelet_size, m.patch_size, normalize=True)[0]
+    return {
+        "rec": torch.mean((pred.float() - target) ** 2).item(),  # [N_hidden, P]
+        "patch_mean_rec": torch.mean(target**2).item(),
+    }
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    dataset: Dataset,
+    indices: Sequence[int],
+    cfg: PretrainConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    autocast: Any = None,
+) -> dict[str, float]:
+    """Mean held-out metrics over `indices` of `dataset` (this rank takes ``indices[rank::world_size]``).
+
+    Returns ``{"val/<name>": value, "val/clips": n}``; keys as in the module docstring. Face strategies fall back to
+    tube masking on data without parse maps.
+    """
+    import contextlib
+
+    m = cfg.model
+    device = next(model.parameters()).device
+    mine = list(indices)[rank::world_size]
+    strategy = cfg.mask.strategy
+    sums: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(mine), cfg.batch_size):
+            chunk = mine[start : start + cfg.batch_size]
+            items = [dataset[i] for i in chunk]
+            video = torch.stack([it["video"] for it in items])  # [b, 3, T, H, W]
+            rows = []
+            for it, i in zip(items, chunk, strict=True):
+                parse = it.get("parse")
+                s = strategy if (strategy not in FACE_STRATEGIES or parse is not None) else "tube"
+                rows.append(
+                    generate_visible(
+                        s, 1, parse=parse[None] if s in FACE_STRATEGIES else None, mask_ratio=cfg.mask.ratio,
+                        clip_frames=m.clip_frames, tubelet=m.tubelet_size, img_size=m.img_size, patch=m.patch_size,
+                        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "val", i)),
+                    )
+                )  # fmt: skip
+            visible = torch.cat(rows)  # [b, N]
+            with autocast if autocast is not None else contextlib.nullcontext():
+                pred = model(video.to(device), visible.to(device))  # [b, N_hidden, P]
+            pred = pred.float().cpu()
+            for j in range(video.shape[0]):
+                for k, v in _clip_metrics(video[j], visible[j], pred[j], cfg).items():
+                    sums[k] = sums.get(k, 0.0) + v
+    finally:
+        model.train(was_training)
+    names = ["patch_mean_rec", "rec"] if cfg.loss.norm_target else ["clip_mean_mse", "mse", "visible_mean_mse"]
+    totals = torch.tensor([sums.get(n, 0.0) for n in names] + [float(len(mine))], dtype=torch.float64)
+    if is_distributed():
+        totals = totals.to(device)
+        torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
+        totals = totals.cpu()
+    count = totals[-1].item()
+    if count == 0:
+        return {}
+    out = {f"val/{n}": (totals[i] / count).item() for i, n in enumerate(names)}
+    out["val/clips"] = count
+    return out
