@@ -100,6 +100,30 @@ def test_sdpa_matches_naive_attention(tiny_config):
     assert (fused - naive).abs().max() < 1e-4
 
 
+def test_visible_only_embedding_equals_the_conv_then_select():
+    cfg = get_config("marlin_vit_tiny").replace(encoder_depth=1)  # full 224 x 16 geometry, 1568 tokens
+    model = Marlin(cfg)
+    enc = model.encoder
+    x = torch.rand(2, 3, 16, 224, 224, requires_grad=True)
+    visible = torch.zeros(2, cfg.num_tokens, dtype=torch.bool)
+    visible[0, torch.randperm(cfg.num_tokens)[:157]] = True
+    visible[1, torch.randperm(cfg.num_tokens)[:157]] = True
+    ref = enc.embed(x)[visible].view(2, 157, -1)
+    ours = enc.embed_visible(x, visible)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    w = enc.patch_embedding.projection.weight
+    g_ref = torch.autograd.grad(ref.square().sum(), (w, x))
+    g_ours = torch.autograd.grad(ours.square().sum(), (w, x))
+    for a, b in zip(g_ours, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert g_ours[1][:, :, :2].abs().sum() > 0  # the clip gets gradients through the visible patches
+    # forward(x, visible) uses it; set_fused_attention(False) restores the official conv-then-select
+    with torch.no_grad():
+        fused = enc(x, visible)
+        assert enc.fused and not model.set_fused_attention(False).encoder.fused
+        torch.testing.assert_close(enc(x, visible), fused, rtol=1e-4, atol=1e-4)
+
+
 def test_full_model_reconstructs_masked_tokens(tiny_config):
     m = Marlin(tiny_config, as_feature_extractor=False).eval()
     b, n = 2, tiny_config.num_tokens

@@ -169,7 +169,8 @@ class Marlin(nn.Module):
 
     # ---- options --------------------------------------------------------------------------------------------------
     def set_fused_attention(self, fused: bool = True) -> Marlin:
-        """Switch between SDPA (default) and the explicit softmax(q k^T) v reference attention."""
+        """Switch between marlin's kernels (default: SDPA attention, visible-only patch embedding when masking) and
+        the official computations (explicit softmax(q k^T) v, Conv3d over every patch), kept as a reference."""
         for m in self.modules():
             if hasattr(m, "fused"):
                 m.fused = fused
