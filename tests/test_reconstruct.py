@@ -109,6 +109,30 @@ def test_reconstruct_command(tmp_path, capsys) -> None:
     assert "full model requested but the file holds only an encoder" in capsys.readouterr().err
 
 
+@pytest.mark.face
+def test_crop_face_reconstructs_the_tracked_face_of_raw_footage(tmp_path, capsys) -> None:
+    pytest.importorskip("mediapipe")
+    from marlin.sample import make_sample_clip
+
+    video = make_sample_clip(tmp_path / "portrait.mp4", n_frames=40)  # a portrait panning over a 640 x 480 backdrop
+    model = Marlin("marlin_vit_tiny_test", as_feature_extractor=False)
+
+    def backdrop_share(clip: torch.Tensor) -> float:  # pixels of the bluish-grey backdrop (r < g < b, dull)
+        r, g, b = (clip[c] * 255 for c in range(3))
+        return float(((r < g) & (g < b) & (b < 120)).float().mean())
+
+    plain = reconstruct_video(model, video, strategy="tube", mask_ratio=0.5)
+    face = reconstruct_video(model, video, strategy="tube", mask_ratio=0.5, crop_face="mediapipe")
+    assert face.gt.shape == plain.gt.shape == (3, 4, 32, 32)
+    assert backdrop_share(plain.gt) > 0.15 and backdrop_share(face.gt) < backdrop_share(plain.gt) / 4  # 0.23, 0.01
+    ckpt = model.export_official(tmp_path / "tiny.full.pt")
+    argv = ["reconstruct", str(video), "--model", str(ckpt), "--mask-ratio", "0.5", "--out", str(tmp_path / "r.png")]
+    assert main([*argv, "--crop-face"]) == 0 and (tmp_path / "r.png").is_file()
+    _write_video(tmp_path / "noface.mp4")
+    assert main([*argv[:1], str(tmp_path / "noface.mp4"), *argv[2:], "--crop-face"]) == 2
+    assert "no face" in capsys.readouterr().err.lower()
+
+
 @pytest.mark.slow
 @pytest.mark.face
 def test_fasking_reconstruction_of_a_real_face_crop(shared_data, tmp_path) -> None:

@@ -242,6 +242,18 @@ def _parse_frames(frames: np.ndarray) -> np.ndarray | None:
         return None
 
 
+def _face_clip(path: str | os.PathLike, indices: Sequence[int], size: int, detector: str) -> Tensor:
+    """Face crops of frames `indices`: uint8 ``[3, T, size, size]`` (boxes tracked and smoothed over those frames)."""
+    from .face.detect import create_detector
+    from .face.video import iter_face_crops, plan_face_crops
+
+    wanted = set(indices)
+    with create_detector(detector) as det:
+        plan = plan_face_crops(path, det, select=lambda i: i in wanted)[0]  # raises NoFaceError without a face
+    crops = dict(iter_face_crops(plan, wanted, size=size))  # frame index -> [S, S, 3]
+    return torch.from_numpy(np.stack([crops[i] for i in indices])).permute(3, 0, 1, 2).contiguous()
+
+
 def reconstruct_video(
     model: torch.nn.Module,
     path: str | os.PathLike,
@@ -252,22 +264,28 @@ def reconstruct_video(
     sample_rate: int = 2,
     seed: int = 0,
     norm_target: bool = False,
+    crop_face: str | None = None,
 ) -> Reconstruction:
-    """Read one clip of a (face-cropped) video, mask it with `strategy`, and reconstruct it with a full model.
+    """Read one clip of a video, mask it with `strategy`, and reconstruct it with a full model.
 
-    The clip is `clip_frames` frames `sample_rate` apart from frame `start`, centre-cropped square and resized to
-    the model's size (a video shorter than that repeats its last frame). Face strategies parse the frames with
-    `marlin.face.parse.FaceParser`; without mediapipe they fall back to tube masking with a warning.
+    The clip is `clip_frames` frames `sample_rate` apart from frame `start` (a video shorter than that repeats its
+    last frame). Frames are centre-cropped square and resized to the model's size, or, with `crop_face` (a detector
+    name: "mediapipe" or "haar"), cropped around the tracked face as `marlin crop` / `marlin extract` do. Face
+    strategies parse the frames with `marlin.face.parse.FaceParser`; without mediapipe they fall back to tube masking
+    with a warning.
     """
     from .masking import generate_visible
     from .train.data import count_frames, read_clip
 
     config: MarlinConfig = model.config
-    indices = [start + k * sample_rate for k in range(config.clip_frames)]
     n = count_frames(path)
     if start >= n:
         raise ValueError(f"{path}: start frame {start} is past the end ({n} frames)")
-    clip = read_clip(path, indices, config.img_size)  # [3, T, S, S] uint8
+    indices = [min(start + k * sample_rate, n - 1) for k in range(config.clip_frames)]
+    if crop_face:
+        clip = _face_clip(path, indices, config.img_size, crop_face)
+    else:
+        clip = read_clip(path, indices, config.img_size)  # [3, T, S, S] uint8
     video = clip.float() / 255.0
     parse = None
     if strategy in ("fasking", "fasking_opp"):

@@ -3,8 +3,11 @@
     marlin reconstruct face.mp4 --model marlin_vit_base_ytf.full.pt --strategy fasking --out recon.png
     marlin reconstruct face.mp4 --model runs/s1/checkpoints/last.pt --strategy tube --out recon.mp4
 
-VIDEO should be a face crop (e.g. from `marlin crop`); frames are centre-cropped square and resized to the model's
-size. Prints the hidden-patch MSE and that of predicting the clip's mean colour.
+VIDEO is a face crop (e.g. from `marlin crop`), whose frames are centre-cropped square and resized to the model's
+size, or any footage with `--crop-face` (the face is detected, tracked and cropped as `marlin extract` does). Prints
+the hidden-patch MSE and that of predicting the clip's mean colour.
+
+    marlin reconstruct interview.mp4 --crop-face --model run/export/marlin_vit_small --out recon.png
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from marlin.masking import STRATEGIES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("video", help="a (face-cropped) video file")
+    p.add_argument("video", help="a face-cropped video file, or any video with --crop-face")
+    p.add_argument("--crop-face", nargs="?", const="mediapipe", choices=("mediapipe", "haar"),
+                   help="detect and crop the face first (detector: mediapipe, the default, or haar)")  # fmt: skip
     p.add_argument("--model", required=True, help="a full checkpoint: official .full.pt, marlin run or directory")
     p.add_argument("--out", required=True, help="output .png (frame grid) or .mp4 / .mkv (all frames side by side)")
     p.add_argument("--strategy", default="fasking", choices=STRATEGIES, help="masking strategy (default fasking)")
@@ -53,11 +58,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = reconstruct_video(
             model, args.video, strategy=args.strategy, mask_ratio=args.mask_ratio, start=args.start,
-            sample_rate=args.sample_rate, seed=args.seed, norm_target=norm_target,
+            sample_rate=args.sample_rate, seed=args.seed, norm_target=norm_target, crop_face=args.crop_face,
         )  # fmt: skip
         path = result.save(args.out)
     except (ValueError, FileNotFoundError) as e:
         print(f"marlin reconstruct: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # --crop-face without the face extra
+        print(f"marlin reconstruct: {e} (pip install 'marlin[face]')", file=sys.stderr)
         return 2
     n_hidden = int((~result.visible).sum())
     print(f"{path}: {result.strategy} masking, {n_hidden}/{result.visible.numel()} tokens hidden")
