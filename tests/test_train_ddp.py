@@ -77,3 +77,38 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(tmp_
         assert a["val/clips"] == b["val/clips"] == 3
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a[key], b[key])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not found beside the interpreter")
+def test_two_nodes_through_the_c10d_rendezvous_equal_one_process(tmp_path) -> None:
+    """Multi-node as torchrun runs it: one launcher per node meeting at a c10d rendezvous (here both on 127.0.0.1)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    single = [
+        sys.executable,
+        "-m",
+        "marlin.cli",
+        "pretrain",
+        *ARGS,
+        "--out",
+        str(tmp_path / "one"),
+        "--batch-size",
+        "4",
+    ]
+    proc = subprocess.run(single, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    endpoint = f"127.0.0.1:{_free_port()}"
+    node = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+            endpoint, "--rdzv_id", "marlin-test", "-m", "marlin.cli", "pretrain", *ARGS, "--out",
+            str(tmp_path / "nodes"), "--batch-size", "2"]  # fmt: skip
+    launchers = [subprocess.Popen(node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in launchers]
+    for p, (_, err) in zip(launchers, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert any("global batch 4 = 2 x 1 accum x 2 ranks" in err for _, err in outputs)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "nodes")
+    assert len(one) == len(two) == 5
+    for step, (a, b) in enumerate(zip(one, two, strict=True), start=1):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (step, key, a[key], b[key])
