@@ -74,7 +74,7 @@ def stage_evaluate(args: argparse.Namespace, stores: dict[str, Path]) -> dict:
     from marlin.data import ClipStore
     from marlin.model import from_spec
     from marlin.train import load_config
-    from marlin.train.validate import build_val_dataset, val_indices, validate
+    from marlin.train.validate import build_val_sets, val_indices, validate
 
     run = args.work / "run"
     model_dir = run / "export" / "marlin_vit_tiny_112"
@@ -82,7 +82,7 @@ def stage_evaluate(args: argparse.Namespace, stores: dict[str, Path]) -> dict:
     results: dict = {"steps": args.steps, "held_out": {}}
     for name, store in stores.items():
         cfg = load_config(str(run / "config.yaml"), [f"val.source={store}", "batch_size=8"])
-        data = build_val_dataset(cfg)
+        (data,) = build_val_sets(cfg).values()
         data.items = [it for it in data.items if it.split == "val"]  # the held-out part only
         res = validate(model, data, val_indices(len(data), 1000), cfg)
         results["held_out"][name] = res

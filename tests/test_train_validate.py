@@ -13,7 +13,7 @@ from marlin import Marlin
 from marlin.losses import masked_targets
 from marlin.train import Pretrainer, load_config
 from marlin.train.synthetic import SyntheticClips
-from marlin.train.validate import build_val_dataset, val_indices, validate
+from marlin.train.validate import build_val_sets, val_indices, validate
 from test_data import make_store
 
 ARGS = ["mask.ratio=0.5", "data.num_workers=0", "batch_size=2", "ckpt.export=false", "optim.warmup_steps=1",
@@ -82,15 +82,18 @@ def test_val_indices_spread_evenly() -> None:
 
 def test_val_source_auto_explicit_and_none(tmp_path) -> None:
     store = make_store(tmp_path / "s", {"a": 20, "b": 20, "c": 20}, splits={"b": "val"})
+    other = make_store(tmp_path / "o", {"x": 20, "y": 20}, splits={"x": "val", "y": "val"})
     base = [*ARGS, f"data.source={store}"]
-    auto = build_val_dataset(load_config("marlin_vit_tiny_test", base))
-    assert [it.id for it in auto.items] == ["b"] and auto.mode == "eval"
-    explicit = build_val_dataset(load_config("marlin_vit_tiny_test", [*base, f"val.source={store}"]))
-    assert [it.id for it in explicit.items] == ["a", "b", "c"]
-    assert build_val_dataset(load_config("marlin_vit_tiny_test", [*base, "val.source=none"])) is None
-    assert build_val_dataset(load_config("marlin_vit_tiny_test", [*ARGS, "data.source=synthetic"])) is None
+    auto = build_val_sets(load_config("marlin_vit_tiny_test", base))
+    assert list(auto) == ["s"] and [it.id for it in auto["s"].items] == ["b"] and auto["s"].mode == "eval"
+    both = build_val_sets(load_config("marlin_vit_tiny_test", [*ARGS, f"data.source={store},{other}"]))
+    assert {k: [it.id for it in v.items] for k, v in both.items()} == {"s": ["b"], "o": ["x", "y"]}
+    explicit = build_val_sets(load_config("marlin_vit_tiny_test", [*base, f"val.source={store}"]))
+    assert [it.id for it in explicit["s"].items] == ["a", "b", "c"]
+    assert build_val_sets(load_config("marlin_vit_tiny_test", [*base, "val.source=none"])) == {}
+    assert build_val_sets(load_config("marlin_vit_tiny_test", [*ARGS, "data.source=synthetic"])) == {}
     no_val = make_store(tmp_path / "t", {"a": 20})
-    assert build_val_dataset(load_config("marlin_vit_tiny_test", [*ARGS, f"data.source={no_val}"])) is None
+    assert build_val_sets(load_config("marlin_vit_tiny_test", [*ARGS, f"data.source={no_val}"])) == {}
 
 
 def test_fit_logs_the_heldout_error(tmp_path, caplog) -> None:
@@ -107,5 +110,18 @@ def test_fit_logs_the_heldout_error(tmp_path, caplog) -> None:
     logged = [r for r in records if "val/mse" in r]
     assert [r["step"] for r in logged] == [2, 4, 5] and logged[-1]["val/mse"] == result.val[-1]["val/mse"]
     lines = [r.message for r in caplog.records if r.message.startswith("held-out step")]
-    assert len(lines) == 3 and "hidden-patch MSE" in lines[0] and "clip's mean colour" in lines[0]
-    assert any("held-out reconstruction error every 2 steps on 1 of 1 clips" in r.message for r in caplog.records)
+    assert len(lines) == 3 and lines[0].startswith("held-out step 2, s: hidden-patch MSE")
+    assert "clip's mean colour" in lines[0]
+    assert any("every 2 steps on 1 of 1 clips of s" in r.message for r in caplog.records)
+
+
+def test_several_held_out_sets_are_scored_apart(tmp_path) -> None:
+    grid = make_store(tmp_path / "grid", {"a": 20, "b": 20}, splits={"b": "val"})
+    heads = make_store(tmp_path / "heads", {"x": 20, "y": 30}, splits={"y": "val"})
+    cfg = load_config("marlin_vit_tiny_test", [*ARGS, f"data.source={grid},{heads}", f"out_dir={tmp_path / 'run'}",
+                                               "max_steps=2", "val.every=2", "mask.strategy=tube"])  # fmt: skip
+    result = Pretrainer(cfg).fit()
+    (last,) = result.val
+    assert last["val/grid/clips"] == last["val/heads/clips"] == 1
+    assert {"val/grid/mse", "val/heads/mse", "val/grid/clip_mean_mse"} <= set(last) and "val/mse" not in last
+    assert last["val/grid/clip_mean_mse"] != last["val/heads/clip_mean_mse"]  # different clips (20 vs 30 frames)

@@ -48,7 +48,7 @@ from .distributed import (
 )
 from .monitor import Monitor, format_duration
 from .schedule import CosineSchedule, build_schedule, set_lr
-from .validate import build_val_dataset, val_indices, validate
+from .validate import build_val_sets, val_indices, validate
 
 __all__ = ["NonFiniteLossError", "Pretrainer", "TrainResult", "make_visible", "train"]
 
@@ -448,8 +448,7 @@ class Pretrainer:
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
-        val_set = build_val_dataset(c)
-        val_idx = val_indices(len(val_set), c.val.max_clips) if val_set is not None else []
+        val_sets = {name: (ds, val_indices(len(ds), c.val.max_clips)) for name, ds in build_val_sets(c).items()}
         monitor = Monitor(self.out_dir, enabled=self.dist.is_main, tensorboard=c.log.tensorboard)
         if self.dist.is_main:
             (self.out_dir / "config.yaml").write_text(c.to_yaml())
@@ -460,11 +459,11 @@ class Pretrainer:
                 c.batch_size, c.accum_steps, self.world_size, schedule.base_lr, schedule.min_lr,
                 schedule.warmup_steps, self.device,
             )  # fmt: skip
-            if val_set is None:
+            if not val_sets:
                 log.info("no held-out clips (val.source=%s): held-out reconstruction error not measured", c.val.source)
-            else:
-                log.info("held-out reconstruction error every %d steps on %d of %d clips (val.source=%s)",
-                         c.val.every, len(val_idx), len(val_set), c.val.source)  # fmt: skip
+            for name, (ds, idx) in val_sets.items():
+                log.info("held-out reconstruction error every %d steps on %d of %d clips of %s (val.source=%s)",
+                         c.val.every, len(idx), len(ds), name, c.val.source)  # fmt: skip
         result = TrainResult(steps=self.step)
         samples_per_step = c.global_batch(self.world_size)
         it = iter(loader)
@@ -490,8 +489,8 @@ class Pretrainer:
                 self.step = step_done
                 if step_done % c.log.every == 0 or step_done == total:
                     monitor.progress(step_done, total, metrics, samples_per_step)
-                if val_set is not None and (step_done % c.val.every == 0 or step_done == total):
-                    result.val.append(self._validate(monitor, step_done, val_set, val_idx))
+                if val_sets and (step_done % c.val.every == 0 or step_done == total):
+                    result.val.append(self._validate(monitor, step_done, val_sets))
                 if step_done % c.ckpt.every == 0 or step_done == total:
                     path = self.save(ckpt_dir / ckio.LAST)
                     if self.dist.is_main and c.ckpt.keep > 0:
@@ -512,22 +511,27 @@ class Pretrainer:
         result.steps = self.step
         return result
 
-    def _validate(self, monitor: Monitor, step: int, dataset: Dataset, indices: list[int]) -> dict[str, float]:
-        t0 = time.perf_counter()
-        values = validate(
-            self.model, dataset, indices, self.cfg, rank=self.dist.rank, world_size=self.world_size,
-            autocast=self._autocast(),
-        )  # fmt: skip
+    def _validate(self, monitor: Monitor, step: int, sets: dict[str, tuple[Dataset, list[int]]]) -> dict[str, float]:
+        """Score every held-out set; keys ``val/<metric>`` for one set, ``val/<set>/<metric>`` for several."""
+        values: dict[str, float] = {}
+        for name, (dataset, indices) in sets.items():
+            t0 = time.perf_counter()
+            prefix = "val/" if len(sets) == 1 else f"val/{name}/"
+            v = validate(
+                self.model, dataset, indices, self.cfg, rank=self.dist.rank, world_size=self.world_size,
+                autocast=self._autocast(), prefix=prefix,
+            )  # fmt: skip
+            values.update(v)
+            if self.dist.is_main and v:
+                if self.cfg.loss.norm_target:
+                    text = f"rec {v[prefix + 'rec']:.4g} (each patch's own mean: {v[prefix + 'patch_mean_rec']:.4g})"
+                else:
+                    text = (f"hidden-patch MSE {v[prefix + 'mse']:.4g} (predicting the clip's mean colour "
+                            f"{v[prefix + 'clip_mean_mse']:.4g}, the visible patches' mean "
+                            f"{v[prefix + 'visible_mean_mse']:.4g})")  # fmt: skip
+                log.info("held-out step %d, %s: %s on %d clips in %.1fs", step, name, text, int(v[prefix + "clips"]),
+                         time.perf_counter() - t0)  # fmt: skip
         monitor.scalars(step, values)
-        if self.dist.is_main and values:
-            if self.cfg.loss.norm_target:
-                text = f"rec {values['val/rec']:.4g} (each patch's own mean: {values['val/patch_mean_rec']:.4g})"
-            else:
-                text = (f"hidden-patch MSE {values['val/mse']:.4g} (predicting the clip's mean colour "
-                        f"{values['val/clip_mean_mse']:.4g}, the visible patches' mean "
-                        f"{values['val/visible_mean_mse']:.4g})")  # fmt: skip
-            log.info("held-out step %d: %s on %d clips in %.1fs", step, text, int(values["val/clips"]),
-                     time.perf_counter() - t0)  # fmt: skip
         return {"step": step, **values}
 
     @torch.no_grad()

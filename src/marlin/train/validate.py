@@ -28,7 +28,7 @@ from ..masking import generate_visible
 from .config import PretrainConfig
 from .distributed import derive_seed, is_distributed
 
-__all__ = ["build_val_dataset", "val_indices", "validate"]
+__all__ = ["build_val_sets", "val_indices", "validate"]
 
 log = logging.getLogger("marlin")
 
@@ -39,43 +39,45 @@ def _is_store(path: str) -> bool:
     return (Path(path).expanduser() / "store.json").is_file()
 
 
-def build_val_dataset(cfg: PretrainConfig) -> Dataset | None:
-    """The held-out clips named by `cfg.val.source`, or None when validation is off or there is nothing to hold out.
+def build_val_sets(cfg: PretrainConfig) -> dict[str, Dataset]:
+    """The held-out sets named by `cfg.val.source`, by name; empty when validation is off or nothing is held out.
 
-    ``"auto"``: the ``val`` split of the training store(s) (`marlin prepare` holds out whole identities); none for
-    video folders or synthetic data. A store path (comma-separated for several): all of its items. A directory /
-    glob / list of videos: windows cut as for training.
+    ``"auto"``: the ``val`` split of each training store (`marlin prepare` holds out whole identities), one set per
+    store that has one, named after the store's folder; none for video folders or synthetic data. Store paths
+    (comma-separated): all of their items, one set each. A directory / glob / list of videos: one set ("videos"),
+    windows cut as for training. Each set is scored apart, so a mix of easy and hard held-out data stays visible.
     """
     from ..data import PretrainDataset
-    from .data import StoreUnion, VideoFolderClips, expand_video_sources
+    from .data import VideoFolderClips, expand_video_sources
 
     source = (cfg.val.source or "none").strip()
     if source.lower() == "none":
-        return None
+        return {}
     m = cfg.model
     auto = source.lower() == "auto"
     parts = [s.strip() for s in (cfg.data.source if auto else source).split(",") if s.strip()]
     if all(_is_store(p) for p in parts):
-        sets = []
+        sets: dict[str, Dataset] = {}
         for p in parts:
-            ds = PretrainDataset.from_config(
-                Path(p).expanduser(), m, split=None, stride=cfg.data.temporal_sample_rate, mode="eval"
-            )
+            path = Path(p).expanduser()
+            ds = PretrainDataset.from_config(path, m, split=None, stride=cfg.data.temporal_sample_rate, mode="eval")
             ds.items = [it for it in ds.items if it.split == "val"] if auto else ds.items
             if ds.items:
-                sets.append(ds)
-        if not sets:
-            return None
-        return sets[0] if len(sets) == 1 else StoreUnion(sets)
+                name, k = path.resolve().name, 2
+                while name in sets:  # two stores with the same folder name
+                    name, k = f"{path.resolve().name}_{k}", k + 1
+                sets[name] = ds
+        return sets
     if auto:  # synthetic data or plain videos: no split to hold out
-        return None
-    return VideoFolderClips(
+        return {}
+    videos = VideoFolderClips(
         expand_video_sources(source),
         clip_frames=m.clip_frames,
         sample_rate=cfg.data.temporal_sample_rate,
         img_size=m.img_size,
         window_stride=cfg.data.window_stride,
     )
+    return {"videos": videos}
 
 
 def val_indices(n: int, max_clips: int) -> list[int]:
@@ -110,11 +112,12 @@ def validate(
     rank: int = 0,
     world_size: int = 1,
     autocast: Any = None,
+    prefix: str = "val/",
 ) -> dict[str, float]:
     """Mean held-out metrics over `indices` of `dataset` (this rank takes ``indices[rank::world_size]``).
 
-    Returns ``{"val/<name>": value, "val/clips": n}``; keys as in the module docstring. Face strategies fall back to
-    tube masking on data without parse maps.
+    Returns ``{"<prefix><name>": value, "<prefix>clips": n}``; names as in the module docstring. Face strategies fall
+    back to tube masking on data without parse maps.
     """
     import contextlib
 
@@ -159,6 +162,6 @@ def validate(
     count = totals[-1].item()
     if count == 0:
         return {}
-    out = {f"val/{n}": (totals[i] / count).item() for i, n in enumerate(names)}
-    out["val/clips"] = count
+    out = {f"{prefix}{n}": (totals[i] / count).item() for i, n in enumerate(names)}
+    out[f"{prefix}clips"] = count
     return out
