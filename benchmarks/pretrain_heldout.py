@@ -93,6 +93,11 @@ def stage_evaluate(args: argparse.Namespace, stores: dict[str, Path]) -> dict:
                          "fasking", "--start", "20", "--out", str(png))  # fmt: skip
         p = subprocess.run(cmd, capture_output=True, text=True)
         results["held_out"][name]["picture"] = str(png) if p.returncode == 0 else f"failed: {p.stderr[-300:]}"
+    pictures = [
+        (HELD_OUT[n], Path(r["picture"])) for n, r in results["held_out"].items() if Path(r["picture"]).is_file()
+    ]
+    if pictures:
+        results["figure"] = str(_stack(pictures, args.work / "reconstructions.jpg", args.steps))
     print(f"\n{args.steps} steps; hidden-patch MSE on held-out clips (fasking, 90% hidden):\n")
     print("| held out | clips | model | clip-mean colour | visible-mean colour |\n|---|---|---|---|---|")
     for name, r in results["held_out"].items():
@@ -100,6 +105,23 @@ def stage_evaluate(args: argparse.Namespace, stores: dict[str, Path]) -> dict:
               f"{r['val/visible_mean_mse']:.4f} |")  # fmt: skip
     (args.work / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _stack(pictures: list[tuple[str, Path]], out: Path, steps: int) -> Path:
+    """The reconstruction grids one above the other, each under a caption, as one JPEG (for the README)."""
+    from PIL import Image, ImageDraw
+
+    images = [Image.open(p).convert("RGB") for _, p in pictures]
+    caption_h = 18
+    width = max(im.width for im in images)
+    canvas = Image.new("RGB", (width, sum(im.height + caption_h for im in images)), (255, 255, 255))
+    draw, y = ImageDraw.Draw(canvas), 0
+    for (caption, _), im in zip(pictures, images, strict=True):
+        draw.text((4, y + 3), f"{caption}: tiny MARLIN after {steps} CPU steps, fasking 90%", fill=(0, 0, 0))
+        canvas.paste(im, (0, y + caption_h))
+        y += im.height + caption_h
+    canvas.save(out, quality=85)
+    return out
 
 
 def _raw_video(args: argparse.Namespace, name: str, item_id: str) -> Path:
