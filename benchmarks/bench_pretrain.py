@@ -43,14 +43,18 @@ def _batches(cfg, n: int, batch: int) -> list[dict]:
     return out
 
 
-def _time(fn, batches: list[dict], warmup: int) -> tuple[float, list[dict]]:
-    times, results = [], []
+def _time_interleaved(fns: dict, batches: list[dict], warmup: int) -> dict[str, tuple[float, list[dict]]]:
+    """Median seconds per step of each function, taking turns step by step so load drift on a shared machine hits
+    every row alike; also every step's returned metrics."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    results: dict[str, list[dict]] = {name: [] for name in fns}
     for i, b in enumerate(batches):
-        t0 = time.perf_counter()
-        results.append(fn(b))
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), results
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            results[name].append(fn(b))
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(times[name]), results[name]) for name in fns}
 
 
 def bench_speed(args: argparse.Namespace) -> None:
@@ -63,7 +67,6 @@ def bench_speed(args: argparse.Namespace) -> None:
     cfg = load_config(args.model, overrides)
     batches = _batches(cfg, args.warmup + args.reps, args.batch)
     m = cfg.model
-    rows = {}
 
     def ours(precision: str, explicit_attention: bool = False):
         trainer = Pretrainer(load_config(args.model, [*overrides, f"precision={precision}"]))
@@ -103,10 +106,9 @@ def bench_speed(args: argparse.Namespace) -> None:
     if args.bf16:
         modes["marlin (1 forward, SDPA, bf16 autocast)"] = lambda: ours("bf16")
     print(f"{m.name}, batch {args.batch}, {torch.get_num_threads()} threads, {args.reps} timed steps after "
-          f"{args.warmup} warm-up; device cpu")  # fmt: skip
-    for name, make in modes.items():
-        sec, results = _time(make(), batches, args.warmup)
-        rows[name] = (sec, results)
+          f"{args.warmup} warm-up, rows taking turns; device cpu")  # fmt: skip
+    rows = _time_interleaved({name: make() for name, make in modes.items()}, batches, args.warmup)
+    for name, (sec, results) in rows.items():
         print(f"  {name:<44} {sec:7.2f} s/step  {1 / sec:6.3f} steps/s  rec {results[-1]['loss/rec']:.5f}", flush=True)
     ref = rows["official (2 forwards, explicit attention)"][0]
     for name, (sec, _) in rows.items():
