@@ -125,3 +125,25 @@ def test_several_held_out_sets_are_scored_apart(tmp_path) -> None:
     assert last["val/grid/clips"] == last["val/heads/clips"] == 1
     assert {"val/grid/mse", "val/heads/mse", "val/grid/clip_mean_mse"} <= set(last) and "val/mse" not in last
     assert last["val/grid/clip_mean_mse"] != last["val/heads/clip_mean_mse"]  # different clips (20 vs 30 frames)
+
+
+def test_a_failing_held_out_set_does_not_end_the_run(tmp_path, caplog, monkeypatch) -> None:
+    store = make_store(tmp_path / "s", {"a": 20, "b": 20}, splits={"b": "val"})
+    cfg = load_config("marlin_vit_tiny_test", [*ARGS, f"data.source={store}", f"out_dir={tmp_path / 'run'}",
+                                               "max_steps=4", "val.every=2", "mask.strategy=tube"])  # fmt: skip
+
+    from marlin.data import ClipStore
+
+    real = ClipStore.read_video
+
+    def read_video(self, item, frames):  # the held-out item "b" is corrupt
+        if item.id == "b":
+            raise OSError(f"{item.id}: truncated JPEG stream")
+        return real(self, item, frames)
+
+    monkeypatch.setattr(ClipStore, "read_video", read_video)
+    with caplog.at_level(logging.WARNING, logger="marlin"):
+        result = Pretrainer(cfg).fit()
+    assert result.steps == 4 and result.val == [] and result.checkpoint.is_file()
+    (warning,) = [r.message for r in caplog.records if "held-out evaluation" in r.message]
+    assert warning.startswith("held-out evaluation at step 2 failed (OSError: b: truncated JPEG stream)")

@@ -490,7 +490,14 @@ class Pretrainer:
                 if step_done % c.log.every == 0 or step_done == total:
                     monitor.progress(step_done, total, metrics, samples_per_step)
                 if val_sets and (step_done % c.val.every == 0 or step_done == total):
-                    result.val.append(self._validate(monitor, step_done, val_sets))
+                    try:
+                        result.val.append(self._validate(monitor, step_done, val_sets))
+                    except Exception as e:  # a held-out clip that cannot be read must not end a long run
+                        if self.world_size > 1:
+                            raise  # the other ranks wait in its all-reduce: stop all of them
+                        log.warning("held-out evaluation at step %d failed (%s: %s); training goes on without it",
+                                    step_done, type(e).__name__, e)  # fmt: skip
+                        val_sets = {}
                 if step_done % c.ckpt.every == 0 or step_done == total:
                     path = self.save(ckpt_dir / ckio.LAST)
                     if self.dist.is_main and c.ckpt.keep > 0:
