@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from marlin import Marlin
@@ -109,6 +111,10 @@ def test_fit_logs_the_heldout_error(tmp_path, caplog) -> None:
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "val/mse" in r]
     assert [r["step"] for r in logged] == [2, 4, 5] and logged[-1]["val/mse"] == result.val[-1]["val/mse"]
+    images = sorted(p.name for p in (tmp_path / "run/images").glob("heldout_*.png"))
+    assert images == [f"heldout_s_step_000000{k}.png" for k in (2, 4, 5)]  # the held-out clip, at each evaluation
+    grid = np.asarray(Image.open(tmp_path / "run/images" / images[0]))
+    assert grid.shape == (3 * 32 + 2 * 2, 2 * 32 + 2, 3) and (grid[34:66] == 128).any()  # masked row: grey patches
     lines = [r.message for r in caplog.records if r.message.startswith("held-out step")]
     assert len(lines) == 3 and lines[0].startswith("held-out step 2, s: hidden-patch MSE")
     assert "clip's mean colour" in lines[0]

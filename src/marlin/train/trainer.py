@@ -48,7 +48,7 @@ from .distributed import (
 )
 from .monitor import Monitor, format_duration
 from .schedule import CosineSchedule, build_schedule, set_lr
-from .validate import build_val_sets, val_indices, validate
+from .validate import build_val_sets, heldout_image, val_indices, validate
 
 __all__ = ["NonFiniteLossError", "Pretrainer", "TrainResult", "make_visible", "train"]
 
@@ -538,6 +538,9 @@ class Pretrainer:
                             f"{v[prefix + 'visible_mean_mse']:.4g})")  # fmt: skip
                 log.info("held-out step %d, %s: %s on %d clips in %.1fs", step, name, text, int(v[prefix + "clips"]),
                          time.perf_counter() - t0)  # fmt: skip
+            if self.dist.is_main and self.cfg.log.image_every and indices:
+                image = heldout_image(self.model, dataset, indices[0], self.cfg, autocast=self._autocast())
+                monitor.image(step, f"heldout_{name}", image)
         monitor.scalars(step, values)
         return {"step": step, **values}
 

@@ -15,10 +15,11 @@ Clips are split over ranks and the sums all-reduced, so a torchrun job logs the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,10 @@ from ..masking import generate_visible
 from .config import PretrainConfig
 from .distributed import derive_seed, is_distributed
 
-__all__ = ["build_val_sets", "val_indices", "validate"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["build_val_sets", "heldout_image", "val_indices", "validate"]
 
 log = logging.getLogger("marlin")
 
@@ -102,6 +106,41 @@ def _clip_metrics(video: Tensor, visible: Tensor, pred: Tensor, cfg: PretrainCon
     }
 
 
+def _clip_mask(item: dict[str, Any], index: int, cfg: PretrainConfig) -> Tensor:
+    """The fixed mask ``[1, N]`` of held-out clip `index`: the run's strategy (tube without parse maps), seeded by
+    the clip's position so every evaluation, on any number of ranks, hides the same patches."""
+    m, parse = cfg.model, item.get("parse")
+    face = cfg.mask.strategy in FACE_STRATEGIES
+    strategy = cfg.mask.strategy if (not face or parse is not None) else "tube"
+    return generate_visible(
+        strategy, 1, parse=parse[None] if face and parse is not None else None, mask_ratio=cfg.mask.ratio,
+        clip_frames=m.clip_frames, tubelet=m.tubelet_size, img_size=m.img_size, patch=m.patch_size,
+        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "val", index)),
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def heldout_image(
+    model: nn.Module, dataset: Dataset, index: int, cfg: PretrainConfig, *, autocast: Any = None
+) -> np.ndarray:
+    """Ground truth | masked input | reconstruction of held-out clip `index` (its evaluation mask), ``[H, W, 3]``
+    uint8: what the model makes of a clip it never trained on."""
+    from ..reconstruct import reconstruction_views, render_grid
+
+    item = dataset[index]
+    visible = _clip_mask(item, index, cfg)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast if autocast is not None else contextlib.nullcontext():
+            pred = model(item["video"][None].to(device), visible.to(device)).float().cpu()  # [1, N_hidden, P]
+    finally:
+        model.train(was_training)
+    views = reconstruction_views(item["video"], visible[0], pred[0], cfg.model, norm_target=cfg.loss.norm_target)
+    return render_grid(*views, labels=False)
+
+
 @torch.no_grad()
 def validate(
     model: nn.Module,
@@ -119,12 +158,8 @@ def validate(
     Returns ``{"<prefix><name>": value, "<prefix>clips": n}``; names as in the module docstring. Face strategies fall
     back to tube masking on data without parse maps.
     """
-    import contextlib
-
-    m = cfg.model
     device = next(model.parameters()).device
     mine = list(indices)[rank::world_size]
-    strategy = cfg.mask.strategy
     sums: dict[str, float] = {}
     was_training = model.training
     model.eval()
@@ -133,18 +168,7 @@ def validate(
             chunk = mine[start : start + cfg.batch_size]
             items = [dataset[i] for i in chunk]
             video = torch.stack([it["video"] for it in items])  # [b, 3, T, H, W]
-            rows = []
-            for it, i in zip(items, chunk, strict=True):
-                parse = it.get("parse")
-                s = strategy if (strategy not in FACE_STRATEGIES or parse is not None) else "tube"
-                rows.append(
-                    generate_visible(
-                        s, 1, parse=parse[None] if s in FACE_STRATEGIES else None, mask_ratio=cfg.mask.ratio,
-                        clip_frames=m.clip_frames, tubelet=m.tubelet_size, img_size=m.img_size, patch=m.patch_size,
-                        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "val", i)),
-                    )
-                )  # fmt: skip
-            visible = torch.cat(rows)  # [b, N]
+            visible = torch.cat([_clip_mask(it, i, cfg) for it, i in zip(items, chunk, strict=True)])  # [b, N]
             with autocast if autocast is not None else contextlib.nullcontext():
                 pred = model(video.to(device), visible.to(device))  # [b, N_hidden, P]
             pred = pred.float().cpu()
