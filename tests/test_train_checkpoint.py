@@ -143,3 +143,43 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path) -> None:
     assert sorted(got) == list(range(1, 41))
     for step in range(start + 1, 41):
         assert _losses(got[step]) == _losses(want[step]), step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "group", "workers"), [(signal.SIGTERM, False, 0), (signal.SIGINT, True, 1)],
+                         ids=["sigterm", "ctrl-c-with-loader-workers"])  # fmt: skip
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path, sig, group, workers) -> None:
+    """SIGTERM (a scheduler's warning) or Ctrl-C (SIGINT to the whole process group, DataLoader workers included):
+    the run finishes its step, saves last.pt although no periodic checkpoint is due, and exits with 128 + signal."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run(_pretrain_cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=120)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    want = _metrics(tmp_path / "ref/metrics.jsonl")
+
+    run_dir = tmp_path / "run"
+    cmd = _pretrain_cmd(run_dir, "ckpt.every=1000", f"data.num_workers={workers}", "ckpt.export=true")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group)  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+        time.sleep(0.005)
+    if group:
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: every process of the group
+    else:
+        os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    stopped_at = max(_metrics(metrics))
+    assert 6 <= stopped_at < 40
+    assert load_training_checkpoint(run_dir / "checkpoints/last.pt")["step"] == stopped_at  # no step lost
+    assert f"stopped by {signal.Signals(sig).name} at step {stopped_at}/40" in err
+    assert not (run_dir / "export").exists()  # an unfinished run exports nothing
+
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (run_dir / "export/marlin_vit_tiny_test.full.pt").is_file()
+    got = _metrics(metrics)
+    assert sorted(got) == list(range(1, 41))
+    for step in range(stopped_at + 1, 41):
+        assert _losses(got[step]) == _losses(want[step]), step

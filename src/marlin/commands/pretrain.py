@@ -74,10 +74,12 @@ def run(args: argparse.Namespace) -> int:
         from marlin.train.trainer import NonFiniteLossError, train
 
         try:
-            train(cfg, resume=args.resume)
+            result = train(cfg, resume=args.resume)
         except NonFiniteLossError as e:
             print(f"marlin pretrain: {e}", file=sys.stderr)
             return 3
+        if result.stopped_by:  # SIGINT / SIGTERM: checkpoint saved; exit as the shell reports a signal
+            return 128 + result.stopped_by
     except (ValueError, FileNotFoundError) as e:
         print(f"marlin pretrain: {e}", file=sys.stderr)
         return 2

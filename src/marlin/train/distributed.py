@@ -7,16 +7,23 @@ every helper here is a no-op. The backend is NCCL on GPUs and gloo on CPUs.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import signal
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+log = logging.getLogger("marlin")
+
 __all__ = [
     "DistInfo",
+    "GracefulStop",
     "all_reduce_grads",
     "all_reduce_mean",
     "broadcast_module",
@@ -113,3 +120,43 @@ def derive_seed(*keys: int | str) -> int:
     """A 63-bit seed from a tuple of keys (e.g. seed, step, sample position), independent across keys."""
     digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class GracefulStop:
+    """SIGINT / SIGTERM ask the training loop to stop after the current step, with a checkpoint; a second Ctrl-C
+    stops at once (KeyboardInterrupt).
+
+    Batch schedulers (SLURM, Kubernetes) send SIGTERM before killing a job, and torchrun forwards it to every rank:
+    the loop then saves ``last.pt`` and returns instead of losing the steps since the last periodic checkpoint.
+    Handlers are only installed from the main thread; outside it this is a no-op.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0  # the first signal received, 0 = none
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+        log.warning("%s received: stopping after this step and saving a checkpoint (Ctrl-C again to stop now)",
+                    signal.Signals(signum).name)  # fmt: skip
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal any rank received (collective under torchrun, so every rank stops at the same step)."""
+        if not is_distributed():
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from .critic import PatchCritic
 from .data import StreamBatchSampler, build_dataset, collate_clips, global_positions
 from .distributed import (
     DistInfo,
+    GracefulStop,
     all_reduce_grads,
     broadcast_module,
     derive_seed,
@@ -68,6 +70,7 @@ class TrainResult:
     val: list[dict[str, float]] = field(default_factory=list)  # held-out metrics, one entry per evaluation
     checkpoint: Path | None = None
     exports: dict[str, Path] = field(default_factory=dict)
+    stopped_by: int = 0  # signal (SIGINT / SIGTERM) that stopped the run early, checkpoint saved; 0 = ran to the end
 
 
 def make_visible(
@@ -468,44 +471,68 @@ class Pretrainer:
         samples_per_step = c.global_batch(self.world_size)
         it = iter(loader)
         t0 = time.perf_counter()
-        try:
-            while self.step < total:
-                micro = [next(it) for _ in range(c.accum_steps)]
-                t_step = time.perf_counter()
-                metrics = self.train_step(micro)
-                metrics["samples_per_s"] = samples_per_step / max(time.perf_counter() - t_step, 1e-9)
-                step_done = self.step + 1
-                result.history.append({"step": step_done, **metrics})
-                monitor.scalars(step_done, metrics)
-                if metrics.get("skipped"):
-                    monitor.event(step_done, "non-finite loss, step skipped", streak=self.nonfinite_streak)
-                    if self.nonfinite_streak >= c.log.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{self.nonfinite_streak} consecutive steps with a non-finite loss (up to step "
-                            f"{step_done}); lower optim.lr or check the data"
-                        )
-                if c.log.image_every and step_done % c.log.image_every == 0 and self.dist.is_main:
-                    self._log_image(monitor, step_done, micro[0])
-                self.step = step_done
-                if step_done % c.log.every == 0 or step_done == total:
-                    monitor.progress(step_done, total, metrics, samples_per_step)
-                if val_sets and (step_done % c.val.every == 0 or step_done == total):
+        saved_at = None
+        with GracefulStop() as stop:
+            try:
+                while self.step < total:
                     try:
-                        result.val.append(self._validate(monitor, step_done, val_sets))
-                    except Exception as e:  # a held-out clip that cannot be read must not end a long run
-                        if self.world_size > 1:
-                            raise  # the other ranks wait in its all-reduce: stop all of them
-                        log.warning("held-out evaluation at step %d failed (%s: %s); training goes on without it",
-                                    step_done, type(e).__name__, e)  # fmt: skip
-                        val_sets = {}
-                if step_done % c.ckpt.every == 0 or step_done == total:
-                    path = self.save(ckpt_dir / ckio.LAST)
-                    if self.dist.is_main and c.ckpt.keep > 0:
-                        ckio.copy_atomic(path, ckpt_dir / f"step_{step_done}.pt")
-                        ckio.prune_checkpoints(ckpt_dir, c.ckpt.keep)
-                    result.checkpoint = ckpt_dir / ckio.LAST
-        finally:
-            monitor.close()
+                        micro = [next(it) for _ in range(c.accum_steps)]
+                    except Exception:  # DataLoader workers hit by the same Ctrl-C (RuntimeError, OSError, ...)
+                        if not stop.signum or self.world_size > 1:
+                            raise
+                        result.stopped_by = stop.signum
+                        break
+                    t_step = time.perf_counter()
+                    metrics = self.train_step(micro)
+                    metrics["samples_per_s"] = samples_per_step / max(time.perf_counter() - t_step, 1e-9)
+                    step_done = self.step + 1
+                    result.history.append({"step": step_done, **metrics})
+                    monitor.scalars(step_done, metrics)
+                    if metrics.get("skipped"):
+                        monitor.event(step_done, "non-finite loss, step skipped", streak=self.nonfinite_streak)
+                        if self.nonfinite_streak >= c.log.max_nonfinite:
+                            raise NonFiniteLossError(
+                                f"{self.nonfinite_streak} consecutive steps with a non-finite loss (up to step "
+                                f"{step_done}); lower optim.lr or check the data"
+                            )
+                    if c.log.image_every and step_done % c.log.image_every == 0 and self.dist.is_main:
+                        self._log_image(monitor, step_done, micro[0])
+                    self.step = step_done
+                    if step_done % c.log.every == 0 or step_done == total:
+                        monitor.progress(step_done, total, metrics, samples_per_step)
+                    if val_sets and (step_done % c.val.every == 0 or step_done == total):
+                        try:
+                            result.val.append(self._validate(monitor, step_done, val_sets))
+                        except Exception as e:  # a held-out clip that cannot be read must not end a long run
+                            if self.world_size > 1:
+                                raise  # the other ranks wait in its all-reduce: stop all of them
+                            log.warning("held-out evaluation at step %d failed (%s: %s); training goes on without it",
+                                        step_done, type(e).__name__, e)  # fmt: skip
+                            val_sets = {}
+                    if step_done % c.ckpt.every == 0 or step_done == total:
+                        path = self.save(ckpt_dir / ckio.LAST)
+                        if self.dist.is_main and c.ckpt.keep > 0:
+                            ckio.copy_atomic(path, ckpt_dir / f"step_{step_done}.pt")
+                            ckio.prune_checkpoints(ckpt_dir, c.ckpt.keep)
+                        result.checkpoint, saved_at = ckpt_dir / ckio.LAST, step_done
+                    result.stopped_by = stop.agreed(self.device)
+                    if result.stopped_by:
+                        break
+                if self.step >= total:
+                    result.stopped_by = 0  # a signal during the last step: the run is complete anyway
+                if result.stopped_by:
+                    if saved_at != self.step:
+                        self.save(ckpt_dir / ckio.LAST)
+                        result.checkpoint = ckpt_dir / ckio.LAST
+                    if self.dist.is_main:
+                        name = signal.Signals(result.stopped_by).name
+                        log.warning("stopped by %s at step %d/%d; %s holds it: continue with --resume", name,
+                                    self.step, total, result.checkpoint)  # fmt: skip
+            finally:
+                monitor.close()
+        result.steps = self.step
+        if result.stopped_by:
+            return result
         if self.dist.is_main:
             log.info(
                 "done: %d steps in %s",
