@@ -112,3 +112,30 @@ def test_two_nodes_through_the_c10d_rendezvous_equal_one_process(tmp_path) -> No
     for step, (a, b) in enumerate(zip(one, two, strict=True), start=1):
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (step, key, a[key], b[key])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not found beside the interpreter")
+def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path) -> None:
+    import signal
+    import time
+
+    from marlin.train.checkpointing import load_training_checkpoint
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two"
+    args = [a for a in ARGS if a not in ("--max-steps", "5")]
+    cmd = [str(TORCHRUN), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+           str(_free_port()), "-m", "marlin.cli", "pretrain", *args, "--max-steps", "500", "ckpt.every=1000",
+           "--out", str(out), "--batch-size", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler does; torchrun forwards it to both ranks
+    _, err = proc.communicate(timeout=120)
+    stopped_at = len(_losses(out))
+    assert 4 <= stopped_at < 500, err[-3000:]
+    assert load_training_checkpoint(out / "checkpoints/last.pt")["step"] == stopped_at, err[-3000:]
+    assert f"stopped by SIGTERM at step {stopped_at}/500" in err
