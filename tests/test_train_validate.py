@@ -96,6 +96,9 @@ def test_val_source_auto_explicit_and_none(tmp_path) -> None:
     assert build_val_sets(load_config("marlin_vit_tiny_test", [*ARGS, "data.source=synthetic"])) == {}
     no_val = make_store(tmp_path / "t", {"a": 20})
     assert build_val_sets(load_config("marlin_vit_tiny_test", [*ARGS, f"data.source={no_val}"])) == {}
+    twins = [make_store(tmp_path / d / "store", {"a": 20, "b": 20}, splits={"b": "val"}) for d in ("p", "q")]
+    named = build_val_sets(load_config("marlin_vit_tiny_test", [*ARGS, f"data.source={twins[0]},{twins[1]}"]))
+    assert list(named) == ["store", "store_2"]  # same folder name, two sets
 
 
 def test_fit_logs_the_heldout_error(tmp_path, caplog) -> None:

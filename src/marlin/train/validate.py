@@ -67,9 +67,10 @@ def build_val_sets(cfg: PretrainConfig) -> dict[str, Dataset]:
             ds = PretrainDataset.from_config(path, m, split=None, stride=cfg.data.temporal_sample_rate, mode="eval")
             ds.items = [it for it in ds.items if it.split == "val"] if auto else ds.items
             if ds.items:
-                name, k = path.resolve().name, 2
+                base = path.name or path.resolve().name  # the folder name as given ("." -> its real name)
+                name, k = base, 2
                 while name in sets:  # two stores with the same folder name
-                    name, k = f"{path.resolve().name}_{k}", k + 1
+                    name, k = f"{base}_{k}", k + 1
                 sets[name] = ds
         return sets
     if auto:  # synthetic data or plain videos: no split to hold out
