@@ -52,6 +52,7 @@ from torch import Tensor
 __all__ = [
     "COMPONENT_REGIONS",
     "FACE_LABELS",
+    "FACE_STRATEGIES",
     "NUM_LABELS",
     "REGION_LABELS",
     "STRATEGIES",
@@ -67,6 +68,7 @@ __all__ = [
 ]
 
 STRATEGIES: tuple[str, ...] = ("fasking", "fasking_opp", "random", "tube", "frame")
+FACE_STRATEGIES: tuple[str, ...] = ("fasking", "fasking_opp")  # the ones that need parse maps
 
 NUM_LABELS = 11  # LaPa classes 0..10
 FACE_LABELS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9)  # skin and facial components; a frame needs one of them
@@ -240,7 +242,7 @@ def face_guided_visible(
     Returns:
         ``[B, T // tubelet, H // patch, W // patch]`` bool, True = visible.
     """
-    if order not in ("fasking", "fasking_opp"):
+    if order not in FACE_STRATEGIES:
         raise ValueError(f"order must be 'fasking' or 'fasking_opp', found {order!r}")
     if parse.ndim != 4:
         raise ValueError(f"parse must be [B, T, H, W], found shape {tuple(parse.shape)}")
@@ -379,7 +381,7 @@ def generate_visible(
     else:
         dev = parse.device if parse is not None else torch.device("cpu")
 
-    if strategy in ("fasking", "fasking_opp"):
+    if strategy in FACE_STRATEGIES:
         expected = (batch_size, clip_frames, img_size, img_size)
         if parse is None:
             raise ValueError(f"strategy {strategy!r} needs parse maps of shape {expected}, found None")

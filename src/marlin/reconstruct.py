@@ -274,7 +274,7 @@ def reconstruct_video(
     strategies parse the frames with `marlin.face.parse.FaceParser`; without mediapipe they fall back to tube masking
     with a warning.
     """
-    from .masking import generate_visible
+    from .masking import FACE_STRATEGIES, generate_visible
     from .train.data import count_frames, read_clip
 
     config: MarlinConfig = model.config
@@ -288,7 +288,7 @@ def reconstruct_video(
         clip = read_clip(path, indices, config.img_size)  # [3, T, S, S] uint8
     video = clip.float() / 255.0
     parse = None
-    if strategy in ("fasking", "fasking_opp"):
+    if strategy in FACE_STRATEGIES:
         labels = _parse_frames(clip.permute(1, 2, 3, 0).contiguous().numpy())  # [T, S, S, 3] -> [T, S, S]
         if labels is None:
             strategy = "tube"

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from ..losses import critic_loss, generator_adv_loss, gradient_penalty, masked_targets, reconstruction_loss
-from ..masking import generate_visible
+from ..masking import FACE_STRATEGIES, generate_visible
 from ..model import Marlin
 from . import checkpointing as ckio
 from .config import PretrainConfig
@@ -55,8 +55,6 @@ from .validate import build_val_sets, heldout_image, val_indices, validate
 __all__ = ["NonFiniteLossError", "Pretrainer", "TrainResult", "make_visible", "train"]
 
 log = logging.getLogger("marlin")
-
-FACE_STRATEGIES = ("fasking", "fasking_opp")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -542,7 +540,6 @@ class Pretrainer:
             if c.ckpt.export:
                 result.exports = self.export(self.out_dir / "export")
                 log.info("exported %s", ", ".join(str(p) for p in result.exports.values()))
-        result.steps = self.step
         return result
 
     def _validate(self, monitor: Monitor, step: int, sets: dict[str, tuple[Dataset, list[int]]]) -> dict[str, float]:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..masking import generate_visible
+from ..masking import FACE_STRATEGIES, generate_visible
 from .config import PretrainConfig
 from .distributed import derive_seed, is_distributed
 
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["build_val_sets", "heldout_image", "val_indices", "validate"]
 
 log = logging.getLogger("marlin")
-
-FACE_STRATEGIES = ("fasking", "fasking_opp")
 
 
 def _is_store(path: str) -> bool:
