@@ -597,6 +597,9 @@ def train(cfg: PretrainConfig, *, dataset: Dataset | None = None, resume: str | 
     dist_info = init_distributed(cfg.device)
     try:
         trainer = Pretrainer(cfg, dataset=dataset, dist_info=dist_info)
-        return trainer.fit(resume=resume)
+        result = trainer.fit(resume=resume)
+        if is_distributed():  # rank 0 may still be exporting: leave together, or a rank that exits first can tear
+            torch.distributed.barrier()  # down what another still needs (seen with torchrun's c10d rendezvous)
+        return result
     finally:
         shutdown_distributed()
