@@ -116,7 +116,10 @@ def test_two_nodes_through_the_c10d_rendezvous_equal_one_process(tmp_path) -> No
 
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not found beside the interpreter")
-def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path) -> None:
+@pytest.mark.parametrize("how", ["sigterm-to-torchrun", "ctrl-c-to-the-process-group"])
+def test_a_signal_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, how) -> None:
+    """SIGTERM to torchrun (a scheduler; torchrun forwards it), or Ctrl-C in its terminal (SIGINT reaches torchrun,
+    both ranks and their DataLoader workers at once, and torchrun forwards it again)."""
     import signal
     import time
 
@@ -127,15 +130,21 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoint
     args = [a for a in ARGS if a not in ("--max-steps", "5")]
     cmd = [str(TORCHRUN), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
            str(_free_port()), "-m", "marlin.cli", "pretrain", *args, "--max-steps", "500", "ckpt.every=1000",
-           "--out", str(out), "--batch-size", "2"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           "data.num_workers=1", "--out", str(out), "--batch-size", "2"]  # fmt: skip
+    group = how.startswith("ctrl-c")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group)  # fmt: skip
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)  # what a scheduler does; torchrun forwards it to both ranks
-    _, err = proc.communicate(timeout=120)
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)  # torchrun's own exit status on a signal is torchrun's business
     stopped_at = len(_losses(out))
     assert 4 <= stopped_at < 500, err[-3000:]
     assert load_training_checkpoint(out / "checkpoints/last.pt")["step"] == stopped_at, err[-3000:]
-    assert f"stopped by SIGTERM at step {stopped_at}/500" in err
+    name = "SIGINT" if group else "SIGTERM"
+    assert f"stopped by {name} at step {stopped_at}/500" in err, err[-3000:]

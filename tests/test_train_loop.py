@@ -111,3 +111,21 @@ def test_init_from_a_videomae_checkpoint(tmp_path) -> None:
                                                               f"init={tmp_path / 'videomae.pth'}"]))  # fmt: skip
     for k, v in donor.state_dict().items():
         assert torch.equal(trainer.model.state_dict()[k], v), k
+
+
+def test_graceful_stop_first_signal_asks_a_second_ctrl_c_forces() -> None:
+    import signal
+
+    from marlin.train.distributed import GracefulStop
+
+    before = signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        assert signal.getsignal(signal.SIGINT) == stop._handle
+        stop._handle(signal.SIGTERM, None)
+        assert stop.signum == signal.SIGTERM and stop.agreed(torch.device("cpu")) == signal.SIGTERM
+        stop._handle(signal.SIGINT, None)  # the same Ctrl-C delivered twice (terminal + torchrun): ignored
+        assert stop.signum == signal.SIGTERM
+        stop._first_at -= GracefulStop.REPEAT_AFTER_S + 0.1  # a later, deliberate second Ctrl-C: stop now
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) == before  # handlers restored

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -131,8 +132,11 @@ class GracefulStop:
     Handlers are only installed from the main thread; outside it this is a no-op.
     """
 
+    REPEAT_AFTER_S = 1.0  # a second SIGINT sooner than this is the same Ctrl-C delivered twice (terminal + torchrun)
+
     def __init__(self) -> None:
         self.signum = 0  # the first signal received, 0 = none
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulStop:
@@ -147,11 +151,20 @@ class GracefulStop:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = self.signum or signum
+        if self.signum:
+            if signum == signal.SIGINT and time.monotonic() - self._first_at > self.REPEAT_AFTER_S:
+                raise KeyboardInterrupt
+            return
+        self.signum, self._first_at = signum, time.monotonic()
         log.warning("%s received: stopping after this step and saving a checkpoint (Ctrl-C again to stop now)",
                     signal.Signals(signum).name)  # fmt: skip
+
+    @staticmethod
+    def ignore_in_worker(worker_id: int = 0) -> None:
+        """DataLoader `worker_init_fn`: workers ignore SIGINT / SIGTERM (a terminal's Ctrl-C or a scheduler signals
+        the whole process group) and are shut down by their loader once the main process has saved and returned."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def agreed(self, device: torch.device) -> int:
         """The signal any rank received (collective under torchrun, so every rank stops at the same step)."""

@@ -448,6 +448,7 @@ class Pretrainer:
             num_workers=c.data.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            worker_init_fn=GracefulStop.ignore_in_worker,  # a Ctrl-C to the process group stops the loop, not them
         )
         val_sets = {name: (ds, val_indices(len(ds), c.val.max_clips)) for name, ds in build_val_sets(c).items()}
         monitor = Monitor(self.out_dir, enabled=self.dist.is_main, tensorboard=c.log.tensorboard)
