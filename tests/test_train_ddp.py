@@ -35,6 +35,11 @@ def _records(out: Path, keep) -> list[dict[str, float]]:
     return [r for r in picked if r]
 
 
+def _single_process_cmd(args: list[str], out: Path) -> list[str]:
+    """The reference: one process with the global batch (4) that the torchrun jobs split over two ranks."""
+    return [sys.executable, "-m", "marlin.cli", "pretrain", *args, "--out", str(out), "--batch-size", "4"]
+
+
 def _losses(out: Path) -> list[dict[str, float]]:
     return _records(out, lambda k: k.startswith("loss/") or k == "lr")
 
@@ -46,17 +51,7 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(tmp_
     # Held-out error on 3 clips: rank 0 evaluates two, rank 1 one; the all-reduced means must equal one process's.
     val = make_store(tmp_path / "val", {"a": 12, "b": 20, "c": 9})
     args = [*ARGS, "--val-data", str(val), "val.every=3"]
-    single = [
-        sys.executable,
-        "-m",
-        "marlin.cli",
-        "pretrain",
-        *args,
-        "--out",
-        str(tmp_path / "one"),
-        "--batch-size",
-        "4",
-    ]
+    single = _single_process_cmd(args, tmp_path / "one")
     ddp = [str(TORCHRUN), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "marlin.cli", "pretrain", *args,
            "--out", str(tmp_path / "two"), "--batch-size", "2"]  # fmt: skip
@@ -84,18 +79,8 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(tmp_
 def test_two_nodes_through_the_c10d_rendezvous_equal_one_process(tmp_path) -> None:
     """Multi-node as torchrun runs it: one launcher per node meeting at a c10d rendezvous (here both on 127.0.0.1)."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    single = [
-        sys.executable,
-        "-m",
-        "marlin.cli",
-        "pretrain",
-        *ARGS,
-        "--out",
-        str(tmp_path / "one"),
-        "--batch-size",
-        "4",
-    ]
-    proc = subprocess.run(single, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(_single_process_cmd(ARGS, tmp_path / "one"), env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     endpoint = f"127.0.0.1:{_free_port()}"
     node = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
