@@ -108,6 +108,13 @@ def test_find_and_prune_checkpoints(tmp_path) -> None:
         load_training_checkpoint(tmp_path / "last.pt")
 
 
+def wait_for_lines(path: Path, n: int, timeout: float) -> None:
+    """Poll until the file `path` has at least `n` lines (a run in another process got that far) or `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (path.exists() and len(path.read_text().splitlines()) >= n):
+        time.sleep(0.005)
+
+
 def _pretrain_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "marlin.cli", "pretrain", "--config", "marlin_vit_tiny_test", "--data", "synthetic",
             "--out", str(out), "--max-steps", "40", *ARGS, "ckpt.every=4", "ckpt.export=false", *extra]  # fmt: skip
@@ -124,11 +131,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_pretrain_cmd(run_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # kill once it is past the second checkpoint
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
-            break
-        time.sleep(0.005)
+    wait_for_lines(metrics, 10, timeout=60)  # kill once it is past the second checkpoint
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
@@ -161,9 +164,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=group)  # fmt: skip
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
-        time.sleep(0.005)
+    wait_for_lines(metrics, 6, timeout=60)
     if group:
         os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: every process of the group
     else:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from test_data import make_store
+from test_train_checkpoint import wait_for_lines
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -106,7 +107,6 @@ def test_a_signal_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoin
     """SIGTERM to torchrun (a scheduler; torchrun forwards it), or Ctrl-C in its terminal (SIGINT reaches torchrun,
     both ranks and their DataLoader workers at once, and torchrun forwards it again)."""
     import signal
-    import time
 
     from marlin.train.checkpointing import load_training_checkpoint
 
@@ -119,10 +119,7 @@ def test_a_signal_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoin
     group = how.startswith("ctrl-c")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=group)  # fmt: skip
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
-        time.sleep(0.01)
+    wait_for_lines(out / "metrics.jsonl", 4, timeout=120)
     if group:
         os.killpg(proc.pid, signal.SIGINT)
     else:
