@@ -28,8 +28,8 @@ def synthetic_store(root: Path, n_items: int, n_frames: int = 64, size: int = 22
     """A store of smooth moving gradients with block parse maps, written with the real writers."""
     import numpy as np
 
-    from marlin.data import STORE_VERSION, FrameWriter
-    from marlin.prepare import PrepareSettings, write_manifest
+    from marlin.data.prepare import PrepareSettings, write_manifest
+    from marlin.data.store import STORE_VERSION, FrameWriter
 
     settings = PrepareSettings(size=size, crop_face=False)
     (root / "items").mkdir(parents=True)
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     from torch.utils.data import DataLoader
 
     from marlin import Marlin, get_config
-    from marlin.data import PretrainDataset
-    from marlin.masking import generate_visible
+    from marlin.data.store import PretrainDataset
+    from marlin.mae.masking import generate_visible
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,13 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from marlin import create_model
-    from marlin.extract import ExtractOptions, extract_many
-    from marlin.video import probe_video
+    from marlin.video.extract import ExtractOptions, extract_many
+    from marlin.video.io import probe_video
 
     videos = args.videos or sorted(DEFAULT_DATA.glob("video0*.mp4"))
     tmp = tempfile.TemporaryDirectory()
     if not videos:
-        from marlin.sample import make_sample_clip
+        from marlin.viz.sample import make_sample_clip
 
         print(f"{DEFAULT_DATA} not found: using the generated sample clip")
         videos = [make_sample_clip(Path(tmp.name) / "sample.mp4")]

@@ -25,9 +25,9 @@ import torch
 
 
 def _batches(cfg, n: int, batch: int) -> list[dict]:
-    from marlin.masking import generate_visible
-    from marlin.train.data import collate_clips
-    from marlin.train.synthetic import SyntheticClips
+    from marlin.data.datasets import collate_clips
+    from marlin.data.synthetic import SyntheticClips
+    from marlin.mae.masking import generate_visible
 
     data = SyntheticClips(n * batch, cfg.model, seed=cfg.seed)
     out = []
@@ -58,7 +58,7 @@ def _time_interleaved(fns: dict, batches: list[dict], warmup: int) -> dict[str, 
 
 
 def bench_speed(args: argparse.Namespace) -> None:
-    from marlin.layers import Attention
+    from marlin.models.layers import Attention
     from marlin.train import Pretrainer, load_config
     from marlin.train.reference import two_forward_step
 

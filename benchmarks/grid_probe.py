@@ -223,8 +223,8 @@ def stage_features(args: argparse.Namespace, stores: dict[str, Path]) -> None:
     import numpy as np
     import torch
 
-    from marlin.data import ClipStore
-    from marlin.model import create_model, from_spec
+    from marlin.data.store import ClipStore
+    from marlin.models.model import create_model, from_spec
     from marlin.train.config import load_config
 
     torch.set_num_threads(args.threads)

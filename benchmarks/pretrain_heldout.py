@@ -71,8 +71,8 @@ def stage_pretrain(args: argparse.Namespace, stores: dict[str, Path]) -> None:
 
 
 def stage_evaluate(args: argparse.Namespace, stores: dict[str, Path]) -> dict:
-    from marlin.data import ClipStore
-    from marlin.model import from_spec
+    from marlin.data.store import ClipStore
+    from marlin.models.model import from_spec
     from marlin.train import load_config
     from marlin.train.validate import build_val_sets, val_indices, validate
 

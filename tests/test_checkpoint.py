@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import marlin
 from marlin import CheckpointError, Marlin, get_config, load, read_checkpoint
-from marlin.checkpoint import infer_config
+from marlin.models.checkpoint import infer_config
 
 NAME = "marlin_vit_tiny_test"
 

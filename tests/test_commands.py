@@ -7,8 +7,8 @@ import pytest
 
 from marlin import Marlin
 from marlin.cli import main as cli
-from marlin.video import probe_video, read_video
-from marlin.windows import n_windows
+from marlin.video.io import probe_video, read_video
+from marlin.video.windows import n_windows
 
 HAS_FACE = importlib.util.find_spec("mediapipe") is not None
 skip_no_face = pytest.mark.skipif(not HAS_FACE, reason="needs the [face] extra")
@@ -31,7 +31,7 @@ def test_no_command_prints_help(capsys):
 @pytest.mark.face
 @skip_no_face
 def test_crop_writes_centred_square_videos(tmp_path, capsys):
-    from marlin.sample import make_sample_clip
+    from marlin.viz.sample import make_sample_clip
 
     (tmp_path / "in").mkdir()
     make_sample_clip(tmp_path / "in" / "face.mp4", n_frames=30)

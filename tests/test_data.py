@@ -1,4 +1,4 @@
-"""Tests for marlin.data: the frame-stream format, the store reader, and PretrainDataset's clip sampling."""
+"""Tests for marlin.data.store: the frame-stream format, the store reader, and PretrainDataset's clip sampling."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from marlin.data import (
+from marlin.data.prepare import PrepareSettings, write_manifest
+from marlin.data.store import (
     STORE_VERSION,
     ClipStore,
     FrameWriter,
@@ -17,7 +18,6 @@ from marlin.data import (
     clip_indices,
     read_stream,
 )
-from marlin.prepare import PrepareSettings, write_manifest
 
 SIZE = 32
 
@@ -259,8 +259,8 @@ def test_dataloader_workers_collate_batches(tmp_path):
 def test_pretrain_reads_a_prepared_store(tmp_path):
     """`marlin pretrain --data STORE` trains on the store's train split, with its parse maps for fasking."""
     from marlin.cli import main
+    from marlin.data.datasets import build_dataset
     from marlin.train.config import PretrainConfig
-    from marlin.train.data import build_dataset
 
     store = make_store(tmp_path / "store", {"a": 12, "b": 20}, parse=True)
     cfg = PretrainConfig()
@@ -286,8 +286,8 @@ def test_pretrain_reads_a_prepared_store(tmp_path):
 
 
 def test_pretraining_reads_several_stores_as_one(tmp_path):
+    from marlin.data.datasets import StoreUnion, build_dataset
     from marlin.train.config import load_config
-    from marlin.train.data import StoreUnion, build_dataset
 
     a = make_store(tmp_path / "a", {"x": 10, "y": 10})
     b = make_store(tmp_path / "b", {"z": 12})

@@ -368,7 +368,7 @@ def test_cli_probe_reads_grid_words_from_real_lip_pixels(shared_data, tmp_path, 
     """All 1000 GRID s1 clips: time-kept grey pixels of a fixed mouth window, one .npy per video, a CSV manifest, then
     `marlin probe`: the command word (4 classes) must be read well above chance."""
     from marlin.cli import main
-    from marlin.video import read_video
+    from marlin.video.io import read_video
 
     grid = shared_data / "grid_s1"
     with open(grid / "labels.csv", newline="") as f:

@@ -34,8 +34,8 @@ from marlin.evaluate.finetune import (
     train_clip_indices,
 )
 from marlin.evaluate.manifest import LabelSet, read_labels
-from marlin.registry import get_config
-from marlin.train.distributed import DistInfo
+from marlin.models.registry import get_config
+from marlin.utils.distributed import DistInfo
 from videogen import frame_index, write_video
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ import torch
 
 from marlin import Marlin, get_config
 from marlin.cli import main as cli
-from marlin.extract import ExtractOptions, collect_inputs, extract_many, output_paths, write_combined
-from marlin.pipeline import extract_video
-from marlin.windows import n_windows
+from marlin.video.extract import ExtractOptions, collect_inputs, extract_many, output_paths, write_combined
+from marlin.video.pipeline import extract_video
+from marlin.video.windows import n_windows
 from videogen import write_audio_only, write_video
 
 CFG = get_config("marlin_vit_tiny_test")  # 32x32 crops, 4-frame clips
@@ -48,8 +48,8 @@ def test_extract_video_window_counts_follow_the_rule(tmp_path, model, n):
 
 
 def test_features_equal_a_manual_window_forward(tmp_path, model):
-    from marlin.video import read_video
-    from marlin.windows import window_indices
+    from marlin.video.io import read_video
+    from marlin.video.windows import window_indices
 
     path = crop_video(tmp_path / "v.mp4", 30)
     frames = read_video(path)
@@ -184,7 +184,7 @@ def test_kill_minus_9_then_resume_loses_nothing(tmp_path, model_path):
 @pytest.mark.face
 @pytest.mark.skipif(not HAS_FACE, reason="needs the [face] extra")
 def test_crop_face_on_generated_real_face_clip(tmp_path):
-    from marlin.sample import make_sample_clip
+    from marlin.viz.sample import make_sample_clip
 
     clip = make_sample_clip(tmp_path / "face.mp4", n_frames=40)
     model = Marlin(CFG.replace(img_size=64)).eval()  # 64 px crops keep it quick
@@ -212,8 +212,8 @@ def test_crop_face_on_generated_real_face_clip(tmp_path):
 def test_all_faces_gives_one_feature_file_per_track(tmp_path):
     from PIL import Image
 
-    from marlin.sample import sample_face_image
-    from marlin.video import write_video as write_rgb
+    from marlin.video.io import write_video as write_rgb
+    from marlin.viz.sample import sample_face_image
 
     face = Image.fromarray(sample_face_image()).resize((205, 240))
     frames = []

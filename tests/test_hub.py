@@ -8,7 +8,8 @@ import threading
 import pytest
 import torch
 
-from marlin import Marlin, get_config, hub, registry
+from marlin import Marlin, get_config
+from marlin.models import hub, registry
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from marlin import get_config
-from marlin.losses import critic_loss, generator_adv_loss, gradient_penalty, masked_targets, reconstruction_loss
-from marlin.patches import normalize_patches, patchify
-from marlin.train.critic import PatchCritic
+from marlin.mae.critic import PatchCritic
+from marlin.mae.losses import critic_loss, generator_adv_loss, gradient_penalty, masked_targets, reconstruction_loss
+from marlin.mae.patches import normalize_patches, patchify
 
 
 def test_reconstruction_loss_is_mse_in_float32() -> None:

@@ -1,4 +1,4 @@
-"""Tests for marlin.masking: face-guided and baseline visibility masks (True = visible)."""
+"""Tests for marlin.mae.masking: face-guided and baseline visibility masks (True = visible)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from marlin import masking
-from marlin.masking import (
+from marlin.mae import masking
+from marlin.mae.masking import (
     REGION_LABELS,
     STRATEGIES,
     face_guided_visible,

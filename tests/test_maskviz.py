@@ -1,4 +1,4 @@
-"""Tests for marlin.maskviz (mask pictures) and `marlin masks`."""
+"""Tests for marlin.viz.masks (mask pictures) and `marlin masks`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from marlin.cli import main
-from marlin.masking import generate_visible
-from marlin.maskviz import HIDDEN_GREY, VISIBLE_OUTLINE, load_face_clip, mask_frame, mask_sheet, save_mask_sheet
-from marlin.video import write_video
+from marlin.mae.masking import generate_visible
+from marlin.video.io import write_video
+from marlin.viz.masks import HIDDEN_GREY, VISIBLE_OUTLINE, load_face_clip, mask_frame, mask_sheet, save_mask_sheet
 from videogen import frame_index, make_frame
 
 

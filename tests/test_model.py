@@ -3,7 +3,7 @@ import torch
 
 import marlin
 from marlin import Marlin, MarlinConfig, create_model, get_config, list_models
-from marlin.layers import sincos_table
+from marlin.models.layers import sincos_table
 
 
 def _block_keys(prefix: str, depth: int) -> list[str]:
@@ -197,8 +197,8 @@ def test_create_model_and_public_api():
 @pytest.mark.slow
 @pytest.mark.parametrize("clip", ["cropped01.mp4", "cropped03.mp4"])
 def test_bf16_autocast_cosine_on_real_face_clips(shared_data, clip):
-    from marlin.pipeline import autocast_for, to_clip_tensor
-    from marlin.video import read_video
+    from marlin.video.io import read_video
+    from marlin.video.pipeline import autocast_for, to_clip_tensor
 
     m = Marlin("marlin_vit_small_ytf").eval()
     x = to_clip_tensor(read_video(shared_data / "marlin_samples" / clip)[None, :16])

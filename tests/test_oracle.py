@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from marlin import Marlin, get_config, read_checkpoint
-from marlin.layers import sincos_table
+from marlin.models.layers import sincos_table
 
 pytestmark = [
     pytest.mark.oracle,

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from marlin.masking import generate_visible, visible_indices
-from marlin.patches import hidden_patches, merge_hidden, normalize_patches, patchify, unnormalize_patches, unpatchify
+from marlin.mae.masking import generate_visible, visible_indices
+from marlin.mae.patches import (
+    hidden_patches,
+    merge_hidden,
+    normalize_patches,
+    patchify,
+    unnormalize_patches,
+    unpatchify,
+)
 
 
 def _unfold_reference(x: torch.Tensor, t: int, p: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tests for marlin.prepare and `marlin prepare`: sources, splits, the store it writes, resume, kill -9, failures."""
+"""Tests for marlin.data.prepare and `marlin prepare`: sources, splits, store, resume, kill -9, failures."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from marlin.cli import main
-from marlin.data import ClipStore, PretrainDataset, StoreError
-from marlin.prepare import (
+from marlin.data.prepare import (
     PrepareSettings,
     _StoreLock,
     assign_splits,
@@ -26,7 +25,8 @@ from marlin.prepare import (
     prepare_store,
     write_manifest,
 )
-from marlin.video import write_video
+from marlin.data.store import ClipStore, PretrainDataset, StoreError
+from marlin.video.io import write_video
 from videogen import frame_index, make_frame
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_collect_youtube_faces_layout(tmp_path):
         ("Aaron_Eckhart__0", "Aaron_Eckhart", "frames"),
         ("Zoe_Ball__1", "Zoe_Ball", "frames"),
     ]
-    from marlin.prepare import _frame_files
+    from marlin.data.prepare import _frame_files
 
     assert [p.name for p in _frame_files(sources[0].path)] == ["0.9.jpg", "0.10.jpg", "0.100.jpg"]  # natural order
 

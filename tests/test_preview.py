@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from marlin.face.detect import Detection
-from marlin.preview import contact_sheet, draw_boxes, save_contact_sheet
+from marlin.viz.preview import contact_sheet, draw_boxes, save_contact_sheet
 
 
 def solid_frames(n: int, h: int = 30, w: int = 40) -> np.ndarray:

@@ -12,9 +12,9 @@ from PIL import Image
 
 from marlin import Marlin, get_config
 from marlin.cli import main
-from marlin.masking import generate_visible
-from marlin.patches import hidden_patches, normalize_patches, patchify
-from marlin.reconstruct import masked_patch_mse, reconstruct_video, reconstruction_views, render_grid
+from marlin.mae.masking import generate_visible
+from marlin.mae.patches import hidden_patches, normalize_patches, patchify
+from marlin.viz.reconstruct import masked_patch_mse, reconstruct_video, reconstruction_views, render_grid
 
 CFG = get_config("marlin_vit_tiny_test")  # 4 frames of 32 x 32, 2 x 2 x 2 tokens
 
@@ -112,7 +112,7 @@ def test_reconstruct_command(tmp_path, capsys) -> None:
 @pytest.mark.face
 def test_crop_face_reconstructs_the_tracked_face_of_raw_footage(tmp_path, capsys) -> None:
     pytest.importorskip("mediapipe")
-    from marlin.sample import make_sample_clip
+    from marlin.viz.sample import make_sample_clip
 
     video = make_sample_clip(tmp_path / "portrait.mp4", n_frames=40)  # a portrait panning over a 640 x 480 backdrop
     model = Marlin("marlin_vit_tiny_test", as_feature_extractor=False)
@@ -148,7 +148,7 @@ def test_fasking_reconstruction_of_a_real_face_crop(shared_data, tmp_path) -> No
 
 
 def test_evaluate_reconstruction_averages_clips() -> None:
-    from marlin.reconstruct import evaluate_reconstruction
+    from marlin.viz.reconstruct import evaluate_reconstruction
 
     model = Marlin(CFG, as_feature_extractor=False)
     clips = [torch.rand(3, 4, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]

@@ -16,7 +16,7 @@ import torch
 
 import marlin
 from marlin.train import Pretrainer, load_config
-from marlin.train.checkpointing import (
+from marlin.train.state import (
     find_resume_checkpoint,
     load_training_checkpoint,
     prune_checkpoints,

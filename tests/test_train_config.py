@@ -7,8 +7,7 @@ import math
 import pytest
 
 from marlin import get_config
-from marlin.train.config import PretrainConfig, apply_overrides, load_config
-from marlin.train.schedule import build_schedule
+from marlin.train.config import PretrainConfig, apply_overrides, build_schedule, load_config
 
 # The official config/pretrain/marlin_vit_base.yaml, as released (small/large differ in model_name/encoder/decoder).
 OFFICIAL_BASE = """\

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from marlin import MarlinConfig
-from marlin.train.config import load_config
-from marlin.train.data import (
+from marlin.data.datasets import (
     StreamBatchSampler,
     VideoFolderClips,
     build_dataset,
     collate_clips,
     global_positions,
 )
-from marlin.train.synthetic import SyntheticClips
+from marlin.data.synthetic import SyntheticClips
+from marlin.train.config import load_config
 
 
 def _write_video(path: Path, n_frames: int, width: int = 48, height: int = 40) -> None:

@@ -108,7 +108,7 @@ def test_a_signal_to_torchrun_stops_every_rank_at_the_same_step_with_a_checkpoin
     both ranks and their DataLoader workers at once, and torchrun forwards it again)."""
     import signal
 
-    from marlin.train.checkpointing import load_training_checkpoint
+    from marlin.train.state import load_training_checkpoint
 
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "two"

@@ -116,7 +116,7 @@ def test_init_from_a_videomae_checkpoint(tmp_path) -> None:
 def test_graceful_stop_first_signal_asks_a_second_ctrl_c_forces() -> None:
     import signal
 
-    from marlin.train.distributed import GracefulStop
+    from marlin.utils.distributed import GracefulStop
 
     before = signal.getsignal(signal.SIGINT)
     with GracefulStop() as stop:

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from marlin import Marlin, get_config
+from marlin.data.datasets import StreamBatchSampler, collate_clips
+from marlin.data.synthetic import SyntheticClips
+from marlin.mae.critic import PatchCritic
 from marlin.train import NonFiniteLossError, Pretrainer, load_config
-from marlin.train.critic import PatchCritic
-from marlin.train.data import StreamBatchSampler, collate_clips
-from marlin.train.distributed import derive_seed
 from marlin.train.reference import two_forward_step
-from marlin.train.synthetic import SyntheticClips
+from marlin.utils.distributed import derive_seed
 
 TINY = ["mask.ratio=0.5", "data.num_workers=0", "log.tensorboard=false", "ckpt.export=false"]
 

@@ -12,9 +12,9 @@ from PIL import Image
 from torch import nn
 
 from marlin import Marlin
-from marlin.losses import masked_targets
+from marlin.data.synthetic import SyntheticClips
+from marlin.mae.losses import masked_targets
 from marlin.train import Pretrainer, load_config
-from marlin.train.synthetic import SyntheticClips
 from marlin.train.validate import build_val_sets, val_indices, validate
 from test_data import make_store
 
@@ -141,7 +141,7 @@ def test_a_failing_held_out_set_does_not_end_the_run(tmp_path, caplog, monkeypat
     cfg = load_config("marlin_vit_tiny_test", [*ARGS, f"data.source={store}", f"out_dir={tmp_path / 'run'}",
                                                "max_steps=4", "val.every=2", "mask.strategy=tube"])  # fmt: skip
 
-    from marlin.data import ClipStore
+    from marlin.data.store import ClipStore
 
     real = ClipStore.read_video
 

@@ -1,4 +1,4 @@
-"""Tests for marlin.video: probing, streaming decode, bad inputs and atomic writing, on files made in tmp_path."""
+"""Tests for marlin.video.io: probing, streaming decode, bad inputs and atomic writing, on files made in tmp_path."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from marlin import video as mv
-from marlin.video import VideoError, VideoWarning, iter_frames, probe_video, read_video
+from marlin.video import io as mv
+from marlin.video.io import VideoError, VideoWarning, iter_frames, probe_video, read_video
 from videogen import (
     frame_index,
     make_frame,

@@ -1,4 +1,4 @@
-"""Tests for marlin.windows: the clip-window rule, checked against a re-enactment of the official loop."""
+"""Tests for marlin.video.windows: the clip-window rule, checked against a re-enactment of the official loop."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from marlin.video import iter_frames, probe_video, read_video
-from marlin.windows import iter_windows, n_windows, window_indices
+from marlin.video.io import iter_frames, probe_video, read_video
+from marlin.video.windows import iter_windows, n_windows, window_indices
 from videogen import frame_index, write_video
 
 

@@ -5,13 +5,13 @@
     feats = model.extract_video("face.mp4", crop_face=True)
 
 Boolean token masks everywhere in marlin are *visibility* masks: shape [B, N], True = the token is visible to the
-encoder, False = hidden (to be reconstructed) — the convention of the released MARLIN code (see `marlin.masking`).
+encoder, False = hidden (to be reconstructed) — the convention of the released MARLIN code (see `marlin.mae.masking`).
 """
 
-from .checkpoint import CheckpointError, read_checkpoint
-from .config import MarlinConfig
-from .model import LoadReport, Marlin, create_model, load
-from .registry import get_config, list_models, register_model
+from .models.checkpoint import CheckpointError, read_checkpoint
+from .models.config import MarlinConfig
+from .models.model import LoadReport, Marlin, create_model, load
+from .models.registry import get_config, list_models, register_model
 
 __version__ = "0.1.0"
 

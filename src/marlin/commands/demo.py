@@ -19,9 +19,9 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from marlin.commands.extract import print_summary
-    from marlin.extract import ExtractOptions, extract_many
-    from marlin.model import from_spec
-    from marlin.sample import make_sample_clip
+    from marlin.models.model import from_spec
+    from marlin.video.extract import ExtractOptions, extract_many
+    from marlin.viz.sample import make_sample_clip
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

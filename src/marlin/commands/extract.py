@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marlin.extract import ExtractOptions, collect_inputs, extract_many, write_combined
-    from marlin.model import from_spec
+    from marlin.models.model import from_spec
+    from marlin.video.extract import ExtractOptions, collect_inputs, extract_many, write_combined
 
     inputs = collect_inputs(args.inputs)
     if not inputs:

@@ -10,8 +10,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marlin.checkpoint import describe, infer_config, read_checkpoint
-    from marlin.registry import get_entry, list_models
+    from marlin.models.checkpoint import describe, infer_config, read_checkpoint
+    from marlin.models.registry import get_entry, list_models
 
     if not args.checkpoint:
         for name in list_models():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from marlin.masking import STRATEGIES
+    from marlin.mae.masking import STRATEGIES
 
     p.add_argument("video", type=Path, help="a video file (a face crop, or in-the-wild with --crop-face)")
     p.add_argument("--strategy", choices=STRATEGIES, default="fasking", help="masking strategy (default: %(default)s)")
@@ -30,10 +30,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from marlin.face.track import NoFaceError
-    from marlin.masking import generate_visible
-    from marlin.maskviz import load_face_clip, save_mask_sheet
-    from marlin.registry import get_config
-    from marlin.video import VideoError
+    from marlin.mae.masking import generate_visible
+    from marlin.models.registry import get_config
+    from marlin.video.io import VideoError
+    from marlin.viz.masks import load_face_clip, save_mask_sheet
 
     cfg = get_config(args.model)
     face_strategy = args.strategy in ("fasking", "fasking_opp")

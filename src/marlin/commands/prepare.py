@@ -61,9 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marlin.data import StoreError
-    from marlin.prepare import PrepareSettings, collect_sources, prepare_store
-    from marlin.registry import get_config
+    from marlin.data.prepare import PrepareSettings, collect_sources, prepare_store
+    from marlin.data.store import StoreError
+    from marlin.models.registry import get_config
 
     try:
         size = args.size if args.size is not None else get_config(args.model).img_size
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     for r in summary.failed:
         print(f"  {r.status}: {r.error if r.source in r.error else f'{r.source}: {r.error}'}", file=sys.stderr)
     if args.preview is not None:
-        from marlin.data import write_store_previews
+        from marlin.data.store import write_store_previews
 
         ids = [r.id for r in summary.results if r.status == "ok"]
         written = write_store_previews(args.out, args.preview, ids=ids)

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         if args.print_config:
             sys.stdout.write(cfg.to_yaml())
             return 0
-        from marlin.train.trainer import NonFiniteLossError, train
+        from marlin.train.pretrain import NonFiniteLossError, train
 
         try:
             result = train(cfg, resume=args.resume)
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from marlin.train.checkpointing import export_checkpoint
+    from marlin.train.state import export_checkpoint
 
     out = Path(args.out) if args.out else Path(args.export_from).resolve().parent.parent
     for kind, path in export_checkpoint(args.export_from, out / "export").items():

@@ -102,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace, labels) -> Path:  # noqa: ANN001
     """Extract features for the labelled videos into OUT/features (resumable) and return that folder."""
     from marlin.commands.extract import print_summary
-    from marlin.extract import ExtractOptions, extract_many
-    from marlin.model import from_spec
+    from marlin.models.model import from_spec
+    from marlin.video.extract import ExtractOptions, extract_many
 
     missing = [p for p in labels.paths if not Path(p).is_file()]
     if missing:

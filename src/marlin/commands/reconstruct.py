@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from marlin.masking import STRATEGIES
+from marlin.mae.masking import STRATEGIES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,8 +46,8 @@ def _norm_target_of(path: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     import marlin
-    from marlin.checkpoint import CheckpointError
-    from marlin.reconstruct import reconstruct_video
+    from marlin.models.checkpoint import CheckpointError
+    from marlin.viz.reconstruct import reconstruct_video
 
     try:
         model = marlin.load(args.model, full=True)

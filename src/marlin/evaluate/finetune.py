@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import MarlinConfig
-from ..encoder import MarlinEncoder
-from ..fileio import atomic_write, atomic_write_text, json_safe
+from ..models.config import MarlinConfig
+from ..models.encoder import MarlinEncoder
+from ..utils.fileio import atomic_write, atomic_write_text, json_safe
 from .manifest import SPLITS, LabelSet, read_labels
 from .metrics import compute_metrics, primary_metric
 from .splits import SplitError, split_indices, subsample
@@ -235,7 +235,7 @@ class FinetuneModel(nn.Module):
 def load_finetuned(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FinetuneModel:
     """Read a ``best.pt`` written by :func:`finetune` (weights only, no code execution) into an eval-mode model;
     the file's other entries (epoch, validation metrics, run config) are in ``model.meta``."""
-    from ..train.checkpointing import load_tagged_checkpoint
+    from ..train.state import load_tagged_checkpoint
 
     obj = load_tagged_checkpoint(path, FINETUNE_FORMAT, "checkpoint (from marlin finetune)")
     config = MarlinConfig.from_dict(obj["config"])
@@ -330,13 +330,13 @@ def _square(frame: np.ndarray, size: int) -> Tensor:
 
 
 def read_frames(path: str | os.PathLike, indices: Sequence[int], img_size: int) -> Tensor:
-    """Frames `indices` of a video (decoder order, via :mod:`marlin.video`), centre-cropped and resized:
+    """Frames `indices` of a video (decoder order, via :mod:`marlin.video.io`), centre-cropped and resized:
     uint8 ``[3, len(indices), S, S]``.
 
     Only the selected frames are converted and kept, so memory stays at one clip's worth. An index past the frames
     that actually decode (a container that over-reports its length) repeats the last decoded frame.
     """
-    from ..video import iter_frames
+    from ..video.io import iter_frames
 
     wanted = sorted(set(int(i) for i in indices))
     start, stop = wanted[0], wanted[-1] + 1
@@ -393,8 +393,8 @@ class VideoClips(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from ..train.distributed import derive_seed
-        from ..video import probe_video
+        from ..utils.distributed import derive_seed
+        from ..video.io import probe_video
 
         path = self.paths[index]
         n = max(1, probe_video(path).n_frames)  # frames that fail to decode are padded by read_frames
@@ -420,7 +420,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0):
-        from ..train.distributed import derive_seed
+        from ..utils.distributed import derive_seed
 
         if n < 1:
             raise ValueError("the training split is empty")
@@ -546,7 +546,7 @@ def predict(
 ) -> np.ndarray:
     """Scores ``[N, K]`` of videos (head outputs averaged over `clips` evenly spaced clips; by default the stride
     and clip count the model was fine-tuned with). Sharded over the ranks when a process group is running."""
-    from ..train.distributed import is_distributed
+    from ..utils.distributed import is_distributed
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     c = model.config
@@ -601,7 +601,7 @@ class _Run:
                  dist_info: Any) -> None:  # fmt: skip
         from torch.nn.parallel import DistributedDataParallel
 
-        from ..train.schedule import CosineSchedule
+        from ..utils.schedule import CosineSchedule
 
         self.cfg, self.labels, self.splits, self.dist = cfg, labels, splits, dist_info
         self.device = dist_info.device
@@ -676,7 +676,7 @@ class _Run:
             self.step += 1
             done = i + 1
             if self.main and cfg.log_every and done % cfg.log_every == 0 and done < sampler.steps:
-                from ..train.monitor import format_duration
+                from ..utils.monitor import format_duration
 
                 el = time.perf_counter() - t0
                 log.info("epoch %d step %d/%d: loss %.4g, lr %.3g, %.1f videos/s, epoch ETA %s", epoch + 1, done,
@@ -715,7 +715,7 @@ class _Run:
 
 
 def _load_encoder(cfg: FinetuneConfig) -> MarlinEncoder:
-    from ..model import from_spec
+    from ..models.model import from_spec
 
     return from_spec(cfg.model, full=False, random_init=cfg.random_init).encoder
 
@@ -730,8 +730,8 @@ def finetune(
 
     `labels` / `encoder` replace reading ``cfg.labels`` / loading ``cfg.model`` (library use, tests).
     """
-    from ..train.distributed import derive_seed, init_distributed, is_distributed, shutdown_distributed
-    from ..train.monitor import format_duration
+    from ..utils.distributed import derive_seed, init_distributed, is_distributed, shutdown_distributed
+    from ..utils.monitor import format_duration
 
     owns_group = not is_distributed()
     given_encoder = encoder is not None

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import atomic_write_text, json_safe
+from ..utils.fileio import atomic_write_text, json_safe
 from .linear import DEFAULT_L2_GRID, LinearProbe, select_l2
 from .manifest import LabelSet
 from .metrics import binary_auc, compute_metrics, confusion_matrix, primary_metric

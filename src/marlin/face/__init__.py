@@ -30,9 +30,9 @@ _EXPORTS = {
     "overlay_parse": "overlay",
     "parse_overlay_sheet": "overlay",
     "save_parse_overlay_sheet": "overlay",
-    "FacePlan": "video",
-    "plan_face_crops": "video",
-    "iter_face_crops": "video",
+    "FacePlan": "stream",
+    "plan_face_crops": "stream",
+    "iter_face_crops": "stream",
 }
 
 __all__ = sorted(_EXPORTS)

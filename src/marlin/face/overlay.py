@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from marlin.face.parse import LAPA_LABELS, LAPA_PALETTE
-from marlin.fileio import atomic_save_image, image_format
+from marlin.utils.fileio import atomic_save_image, image_format
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -1,7 +1,7 @@
 """Adversarial masked-autoencoder pretraining (`marlin pretrain`): config, data, step, loop, checkpoints."""
 
 from .config import PretrainConfig, apply_overrides, load_config
-from .trainer import NonFiniteLossError, Pretrainer, TrainResult, train
+from .pretrain import NonFiniteLossError, Pretrainer, TrainResult, train
 
 __all__ = [
     "NonFiniteLossError",

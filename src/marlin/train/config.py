@@ -18,6 +18,7 @@ strings (:func:`apply_overrides`), values parsed as YAML: ``optim.lr=3e-4``, ``m
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -27,9 +28,10 @@ from typing import Any
 
 import yaml
 
-from ..config import MarlinConfig
-from ..masking import STRATEGIES, num_visible
-from ..registry import get_config, list_models
+from ..mae.masking import STRATEGIES, num_visible
+from ..models.config import MarlinConfig
+from ..models.registry import get_config, list_models
+from ..utils.schedule import CosineSchedule
 
 __all__ = [
     "CheckpointConfig",
@@ -41,6 +43,7 @@ __all__ = [
     "PretrainConfig",
     "ValConfig",
     "apply_overrides",
+    "build_schedule",
     "load_config",
 ]
 
@@ -59,7 +62,7 @@ class DataConfig:
 
 @dataclass
 class MaskConfig:
-    strategy: str = "fasking"  # one of marlin.masking.STRATEGIES
+    strategy: str = "fasking"  # one of marlin.mae.masking.STRATEGIES
     ratio: float = 0.9  # fraction of tokens hidden
 
 
@@ -366,3 +369,20 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
     if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise ValueError(f"{where} must be {hint.__name__}, found {value!r}")
+
+
+# ---- the learning-rate schedule of a run ---------------------------------------------------------------------------
+def total_steps(cfg: PretrainConfig, steps_per_epoch: float) -> int:
+    """Optimiser steps of the run: `max_steps`, else `ceil(epochs * steps_per_epoch)`."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
+def build_schedule(cfg: PretrainConfig, steps_per_epoch: float, world_size: int = 1) -> CosineSchedule:
+    """The run's schedule; rates are scaled by global_batch / 256 when `optim.scale_lr` (official)."""
+    o = cfg.optim
+    scale = cfg.lr_scale(world_size)
+    total = total_steps(cfg, steps_per_epoch)
+    warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
+    return CosineSchedule(o.lr * scale, o.min_lr * scale, o.warmup_lr * scale, min(warmup, total), total)

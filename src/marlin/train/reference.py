@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..losses import critic_loss, generator_adv_loss, gradient_penalty, masked_targets, reconstruction_loss
+from ..mae.losses import critic_loss, generator_adv_loss, gradient_penalty, masked_targets, reconstruction_loss
 
 __all__ = ["two_forward_step"]
 

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..masking import FACE_STRATEGIES, generate_visible
+from ..mae.masking import FACE_STRATEGIES, generate_visible
+from ..utils.distributed import derive_seed, is_distributed
 from .config import PretrainConfig
-from .distributed import derive_seed, is_distributed
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,8 +49,8 @@ def build_val_sets(cfg: PretrainConfig) -> dict[str, Dataset]:
     (comma-separated): all of their items, one set each. A directory / glob / list of videos: one set ("videos"),
     windows cut as for training. Each set is scored apart, so a mix of easy and hard held-out data stays visible.
     """
-    from ..data import PretrainDataset
-    from .data import VideoFolderClips, expand_video_sources
+    from ..data.datasets import VideoFolderClips, expand_video_sources
+    from ..data.store import PretrainDataset
 
     source = (cfg.val.source or "none").strip()
     if source.lower() == "none":
@@ -92,8 +92,8 @@ def val_indices(n: int, max_clips: int) -> list[int]:
 
 def _clip_metrics(video: Tensor, visible: Tensor, pred: Tensor, cfg: PretrainConfig) -> dict[str, float]:
     """Per-clip error of `pred` and of the trivial predictors (see the module docstring)."""
-    from ..losses import masked_targets
-    from ..reconstruct import masked_patch_mse
+    from ..mae.losses import masked_targets
+    from ..viz.reconstruct import masked_patch_mse
 
     m = cfg.model
     if not cfg.loss.norm_target:
@@ -124,7 +124,7 @@ def heldout_image(
 ) -> np.ndarray:
     """Ground truth | masked input | reconstruction of held-out clip `index` (its evaluation mask), ``[H, W, 3]``
     uint8: what the model makes of a clip it never trained on."""
-    from ..reconstruct import reconstruction_views, render_grid
+    from ..viz.reconstruct import reconstruction_views, render_grid
 
     item = dataset[index]
     visible = _clip_mask(item, index, cfg)

@@ -141,8 +141,8 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def export_checkpoint(path: str | Path, directory: str | Path) -> dict[str, Path]:
     """Write a training checkpoint's model as official `.encoder.pt` / `.full.pt` and a marlin directory."""
-    from ..config import MarlinConfig
-    from ..model import Marlin
+    from ..models.config import MarlinConfig
+    from ..models.model import Marlin
 
     ckpt = load_training_checkpoint(path)
     config = MarlinConfig.from_dict(ckpt["config"])

@@ -1,6 +1,6 @@
 """The pretraining store (face crops + parse maps per video) and the dataset that samples clips from it.
 
-A store is a folder that ``marlin prepare`` (:mod:`marlin.prepare`) writes::
+A store is a folder that ``marlin prepare`` (:mod:`marlin.data.prepare`) writes::
 
     STORE/
       store.json              settings shared by every item: format version, crop size, frame step, codecs, ...
@@ -22,7 +22,7 @@ Stored as raw uint8 the same crops take 9x more disk (147 KB a frame: GRID's 75k
 :class:`PretrainDataset` turns the store into the items the pretraining trainer consumes:
 ``{"video": float32 [3, T, H, W] in [0, 1], "parse": uint8 [T, H, W], "index": int}`` (``"parse"`` absent when the
 store has no parse maps). Masks are not made here: the trainer draws them per step with
-:func:`marlin.masking.generate_visible`.
+:func:`marlin.mae.masking.generate_visible`.
 """
 
 from __future__ import annotations
@@ -481,8 +481,8 @@ def write_store_previews(root: str | os.PathLike, out_dir: str | os.PathLike, *,
                          n_frames: int = 8) -> list[Path]:  # fmt: skip
     """One PNG per item for a quick look: evenly spaced crops with the face parse overlaid (plain crops without
     parse maps). Returns the files written to `out_dir/<item id>.png`."""
-    from .face.overlay import save_parse_overlay_sheet
-    from .preview import save_contact_sheet
+    from ..face.overlay import save_parse_overlay_sheet
+    from ..viz.preview import save_contact_sheet
 
     store = ClipStore(root)
     wanted = None if ids is None else set(ids)

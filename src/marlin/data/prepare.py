@@ -3,8 +3,8 @@
 Sources are video files, folders of videos (recursive), CSV manifests, or folders of frame images in the YouTube
 Faces layout ``frame_images_DB/<person>/<n>/*.jpg`` (each leaf folder is one video). Per item a worker decodes the
 frames it keeps (every ``frame_step``-th, at most ``max_frames``), detects, tracks and crops the face
-(:mod:`marlin.face.video`), parses every crop (:class:`marlin.face.parse.FaceParser`) and writes them in the format of
-:mod:`marlin.data`.
+(:mod:`marlin.face.stream`), parses every crop (:class:`marlin.face.parse.FaceParser`) and writes them in the format of
+:mod:`marlin.data.store`.
 
 Guarantees:
 
@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from .data import CODECS, MANIFEST_FIELDS, STORE_VERSION, FrameWriter, StoreError
-from .fileio import atomic_write_text
+from ..utils.fileio import atomic_write_text
+from .store import CODECS, MANIFEST_FIELDS, STORE_VERSION, FrameWriter, StoreError
 
 log = logging.getLogger("marlin")
 
@@ -324,7 +324,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _detector(name: str) -> Any:
     if "detector" not in _TOOLS:
-        from .face.detect import create_detector
+        from ..face.detect import create_detector
 
         _TOOLS["detector"] = create_detector(name)
     return _TOOLS["detector"]
@@ -332,7 +332,7 @@ def _detector(name: str) -> Any:
 
 def _parser() -> Any:
     if "parser" not in _TOOLS:
-        from .face.parse import FaceParser
+        from ..face.parse import FaceParser
 
         _TOOLS["parser"] = FaceParser()
     return _TOOLS["parser"]
@@ -360,7 +360,7 @@ def _central_square(width: int, height: int) -> tuple[float, float, float, float
 
 def _iter_crops(source: Source, settings: PrepareSettings, info: dict[str, Any]) -> Iterator[np.ndarray]:
     """Yield the ``[S, S, 3]`` crops of the frames kept from ``source``; fills ``info`` with counts."""
-    from .face.crop import MEDIAPIPE_OFFICIAL_FRAMING, crop_face
+    from ..face.crop import MEDIAPIPE_OFFICIAL_FRAMING, crop_face
 
     step, cap, size = settings.frame_step, settings.max_frames, settings.size
     stop = None if cap is None else cap * step
@@ -369,10 +369,10 @@ def _iter_crops(source: Source, settings: PrepareSettings, info: dict[str, Any])
         return i % step == 0 and (stop is None or i < stop)
 
     if source.kind == "video":
-        from .video import iter_frames, probe_video
+        from ..video.io import iter_frames, probe_video
 
         if settings.crop_face:
-            from .face.video import iter_face_crops, plan_face_crops
+            from ..face.stream import iter_face_crops, plan_face_crops
 
             plan = plan_face_crops(source.path, _detector(settings.detector), select=keep)[0]
             info["source_frames"], info["faceless"] = plan.n_frames, plan.n_faceless
@@ -402,7 +402,7 @@ def _iter_crops(source: Source, settings: PrepareSettings, info: dict[str, Any])
             frame = load(f)
             yield crop_face(frame, _central_square(frame.shape[1], frame.shape[0]), size=size)
         return
-    from .face.track import track_face
+    from ..face.track import track_face
 
     detector = _detector(settings.detector)
     track = track_face([detector.detect(load(f)) for f in kept], name=source.path)
@@ -413,7 +413,7 @@ def _iter_crops(source: Source, settings: PrepareSettings, info: dict[str, Any])
 
 def prepare_item(source: Source, settings: PrepareSettings, root: str | os.PathLike) -> ItemResult:
     """Prepare one source into ``root/items/<id>/``; never raises (a failure is returned in the result)."""
-    from .face.track import NoFaceError
+    from ..face.track import NoFaceError
 
     t0 = time.perf_counter()
     root = Path(root)

@@ -6,7 +6,7 @@ are ordered ``(c, t, h, w)`` (channel outermost), as in the released decoder hea
 With the released geometry a clip is ``[B, 1568, 1536]``.
 
 Targets for the masked-autoencoder loss are the *hidden* tokens of a visibility mask (True = visible, see
-:mod:`marlin.masking`), kept in token order, exactly the order in which :class:`marlin.Marlin` returns its predictions.
+:mod:`marlin.mae.masking`), kept in token order, in the order in which :class:`marlin.Marlin` returns its predictions.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def unnormalize_patches(normalized: Tensor, mean: Tensor, std: Tensor) -> Tensor
 def hidden_patches(patches: Tensor, visible: Tensor) -> Tensor:
     """The patches of the hidden tokens, in token order: ``[B, N, D]``, ``[B, N]`` bool -> ``[B, N_hidden, D]``.
 
-    Every row of ``visible`` must hide the same number of tokens (masks from :mod:`marlin.masking` do).
+    Every row of ``visible`` must hide the same number of tokens (masks from :mod:`marlin.mae.masking` do).
     """
     if visible.dtype != torch.bool or tuple(visible.shape) != tuple(patches.shape[:2]):
         raise ValueError(

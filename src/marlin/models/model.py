@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..utils.fileio import atomic_write
 from . import checkpoint as ckpt_io
 from .config import MarlinConfig
 from .decoder import MarlinDecoder
 from .encoder import MarlinEncoder
-from .fileio import atomic_write
 from .registry import get_config
 
 log = logging.getLogger("marlin")
@@ -106,7 +106,7 @@ class Marlin(nn.Module):
     # ---- compute --------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Reconstruct hidden patches: x [B, C, T, H, W], mask [B, N] bool (True = visible, equal count per row)
-        -> [B, N_masked, patch_dim] pixel predictions in token order (see `marlin.patches` for the layout)."""
+        -> [B, N_masked, patch_dim] pixel predictions in token order (see `marlin.mae.patches` for the layout)."""
         if self.as_feature_extractor:
             raise RuntimeError(
                 "this is an encoder-only model: use `extract_features` / `extract_video`, "
@@ -153,13 +153,13 @@ class Marlin(nn.Module):
         detector_device: str | None = None,
         **kwargs: Any,
     ) -> Tensor:
-        """Features of a whole video by sliding 16-frame windows (see `marlin.windows` for the exact rule).
+        """Features of a whole video by sliding 16-frame windows (see `marlin.video.windows` for the exact rule).
 
         Returns [n_windows, D] (or [n_windows, N, D] with `keep_seq`); `reduction` "mean"/"max" pools the windows.
         `crop_face` detects, smooths and crops the face offline first. Extra keyword arguments go to
-        `marlin.pipeline.extract_video` (e.g. `batch_size`, `dtype`).
+        `marlin.video.pipeline.extract_video` (e.g. `batch_size`, `dtype`).
         """
-        from .pipeline import extract_video
+        from ..video.pipeline import extract_video
 
         del detector_device  # the offline detectors run on the CPU; kept for signature compatibility
         result = extract_video(
@@ -191,7 +191,7 @@ class Marlin(nn.Module):
 
     @classmethod
     def from_online(cls, model_name: str, full_model: bool = False) -> Marlin:
-        """Download (once, into the cache; see `marlin.hub`) and load a released MARLIN checkpoint."""
+        """Download (once, into the cache; see `marlin.models.hub`) and load a released MARLIN checkpoint."""
         from .hub import fetch_release
 
         return load(fetch_release(model_name, full_model), name=model_name)

@@ -3,7 +3,7 @@
 :func:`mask_sheet` lays a 16-frame clip out one column per tubelet (the first frame of each, since a token spans
 ``tubelet`` frames and the face-guided masks are computed from that frame's parse map), in up to three rows: the crop,
 its face-parse overlay, and the crop with the hidden patches greyed and hatched (visible ones clear, outlined). Masks
-follow the project convention (:mod:`marlin.masking`): True = visible.
+follow the project convention (:mod:`marlin.mae.masking`): True = visible.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .fileio import atomic_write, image_format
+from ..utils.fileio import atomic_write, image_format
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -110,7 +110,7 @@ def mask_sheet(
     Args:
         frames: ``uint8 [T, H, W, 3]`` RGB clip, ``T`` divisible by ``tubelet``.
         visible: the clip's visibility mask, ``bool [t * h * w]`` in ``(t, h, w)`` order (a row of
-            :func:`marlin.masking.generate_visible`) or ``[t, h, w]``; True = visible.
+            :func:`marlin.mae.masking.generate_visible`) or ``[t, h, w]``; True = visible.
         parse: optional ``uint8 [T, H, W]`` LaPa labels.
         tubelet, patch: token geometry.
         title: text above the sheet.
@@ -122,8 +122,8 @@ def mask_sheet(
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    from .face.overlay import overlay_parse
-    from .face.parse import LAPA_LABELS, LAPA_PALETTE
+    from ..face.overlay import overlay_parse
+    from ..face.parse import LAPA_LABELS, LAPA_PALETTE
 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] % tubelet:
@@ -235,8 +235,8 @@ def load_face_clip(
     Returns:
         ``(uint8 [clip_frames, size, size, 3], source frame index per clip frame, whether the face was cropped)``.
     """
-    from .face.crop import crop_face as crop
-    from .video import VideoError, iter_frames, probe_video
+    from ..face.crop import crop_face as crop
+    from ..video.io import VideoError, iter_frames, probe_video
 
     if start < 0 or stride < 1 or clip_frames < 1:
         raise ValueError(f"expected start >= 0, stride >= 1, clip_frames >= 1, found {start}, {stride}, {clip_frames}")
@@ -248,8 +248,8 @@ def load_face_clip(
     do_crop = (info.width, info.height) != (size, size) if crop_face == "auto" else bool(crop_face)
     wanted = list(range(start, start + stride * clip_frames, stride))
     if do_crop:
-        from .face.detect import create_detector
-        from .face.video import iter_face_crops, plan_face_crops
+        from ..face.detect import create_detector
+        from ..face.stream import iter_face_crops, plan_face_crops
 
         keep = set(wanted)
         with create_detector(detector) as det:

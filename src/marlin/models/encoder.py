@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..mae.patches import patchify
 from .config import MarlinConfig
 from .layers import Block, PatchEmbedding3d, SinCosPositionalEmbedding, init_weights
-from .patches import patchify
 
 
 class MarlinEncoder(nn.Module):

@@ -22,7 +22,7 @@ Where this differs from the official code (and why):
 * The official sliding branch silently yields nothing more (or nothing at all) when decoding stops before a window's
   last frame; :func:`iter_windows` warns instead.
 * The official code takes ``n`` from ffprobe's ``nb_frames``, which Matroska/WebM files lack;
-  :func:`marlin.video.probe_video` counts packets there.
+  :func:`marlin.video.io.probe_video` counts packets there.
 
 Kept on purpose for parity with features computed by the official code: the sliding range excludes its end, so when
 ``n - span`` is a multiple of ``stride * sample_rate`` (e.g. ``n = 64``) the last complete window is not used, and
@@ -59,7 +59,7 @@ def n_windows(n_frames: int, clip_frames: int = 16, sample_rate: int = 2, stride
 def window_indices(n_frames: int, clip_frames: int = 16, sample_rate: int = 2, stride: int = 16) -> list[list[int]]:
     """Frame indices of every window, ``clip_frames`` per window; padding repeats the last index.
 
-    Indices count frames in the order the decoder outputs them (see :func:`marlin.video.iter_frames`).
+    Indices count frames in the order the decoder outputs them (see :func:`marlin.video.io.iter_frames`).
     The rule and its differences from the official code are in the module docstring.
     """
     _check_args(n_frames, clip_frames, sample_rate, stride)
@@ -81,8 +81,8 @@ def iter_windows(
 ) -> Iterator[np.ndarray]:
     """Yield each window of :func:`window_indices` as a ``[clip_frames, H, W, C]`` array from a stream of frames.
 
-    ``frames`` yields every frame of the video in order (e.g. :func:`marlin.video.iter_frames`); ``n_frames`` is the
-    expected count, usually from :func:`marlin.video.probe_video`. Only the frames that a pending window still needs
+    ``frames`` yields every frame of the video in order (e.g. :func:`marlin.video.io.iter_frames`); ``n_frames`` is the
+    expected count, usually from :func:`marlin.video.io.probe_video`. Only the frames that a pending window still needs
     are held, at most ``clip_frames`` of them, and the stream is not read past the last frame any window uses.
 
     If the stream ends before ``n_frames`` (a container that over-reports its length, a truncated file), the first

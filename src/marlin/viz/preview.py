@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .fileio import atomic_save_image, image_format
+from ..utils.fileio import atomic_save_image, image_format
 
 __all__ = ["contact_sheet", "save_contact_sheet", "draw_boxes"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..video import iter_frames
+from ..video.io import iter_frames
 from .crop import MEDIAPIPE_OFFICIAL_FRAMING, crop_face
 from .track import FaceTrack, track_face, track_faces
 
@@ -56,7 +56,7 @@ def plan_face_crops(
     """Pass 1: detect faces on the frames `select(index)` accepts (all by default) and track them.
 
     Returns one plan (the main face: largest, kept consistent over time) or, with `all_faces`, one per face track.
-    Raises `marlin.face.NoFaceError` when no selected frame has a face, `marlin.video.VideoError` for unreadable files.
+    Raises `marlin.face.NoFaceError` when no selected frame has a face, `VideoError` for unreadable files.
     """
     path = Path(path)
     indices, detections = [], []

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fileio import atomic_write
+from ..utils.fileio import atomic_write
 from .pipeline import Timings, clip_windows, encode_windows
 
 log = logging.getLogger("marlin")
@@ -130,7 +130,7 @@ def _worker_init(detector: str, threads: int = 1) -> None:
 def _get_detector(name: str) -> Any:
     global _WORKER_DETECTOR
     if _WORKER_DETECTOR is None:
-        from .face.detect import create_detector
+        from ..face.detect import create_detector
 
         _WORKER_DETECTOR = create_detector(name)
     return _WORKER_DETECTOR
@@ -138,7 +138,7 @@ def _get_detector(name: str) -> Any:
 
 def produce(path: Path, tmp_dir: Path, opts: ExtractOptions, clip_frames: int, img_size: int) -> _Produced:
     """Decode (+ detect, crop) one video into uint8 window files; never raises (errors are returned)."""
-    from .face.track import NoFaceError
+    from ..face.track import NoFaceError
 
     t0 = time.perf_counter()
     result = _Produced(path)
@@ -280,7 +280,7 @@ def extract_many(model: Any, inputs: Sequence[Path], out_dir: Path, opts: Extrac
         arr = _reduce(feats, opts.reduction).numpy()
         _save_npy(out, arr)
         if opts.preview_dir is not None and info["samples"]:
-            from .preview import save_contact_sheet
+            from ..viz.preview import save_contact_sheet
 
             rel = out.relative_to(out_dir).with_suffix(".png")
             labels = [f"frame {i}" for i in info["sample_frames"]]

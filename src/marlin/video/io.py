@@ -175,8 +175,8 @@ def probe_video(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS
 
     ``n_frames`` is the frame count the container stores (MP4, MOV, AVI); when it stores none (Matroska, WebM, raw
     streams) the video packets are counted by demuxing, which reads the file but decodes nothing. It can differ from
-    the number of frames that decode (damaged files, MP4 edit lists); :func:`marlin.windows.iter_windows` tolerates
-    that. One frame is decoded to read the rotation and to check that the stream decodes at all.
+    the number of frames that decode (damaged files, MP4 edit lists), which :func:`marlin.video.windows.iter_windows`
+    tolerates. One frame is decoded to read the rotation and to check that the stream decodes at all.
     """
     p = Path(path)
     with _open_video(p, max_pixels) as (container, stream):

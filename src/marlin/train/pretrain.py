@@ -32,14 +32,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from ..losses import critic_loss, generator_adv_loss, gradient_penalty, masked_targets, reconstruction_loss
-from ..masking import FACE_STRATEGIES, generate_visible
-from ..model import Marlin
-from . import checkpointing as ckio
-from .config import PretrainConfig
-from .critic import PatchCritic
-from .data import StreamBatchSampler, build_dataset, collate_clips, global_positions
-from .distributed import (
+from ..data.datasets import StreamBatchSampler, build_dataset, collate_clips, global_positions
+from ..mae.critic import PatchCritic
+from ..mae.losses import critic_loss, generator_adv_loss, gradient_penalty, masked_targets, reconstruction_loss
+from ..mae.masking import FACE_STRATEGIES, generate_visible
+from ..models.model import Marlin
+from ..utils.distributed import (
     DistInfo,
     GracefulStop,
     all_reduce_grads,
@@ -48,8 +46,10 @@ from .distributed import (
     init_distributed,
     is_distributed,
 )
-from .monitor import Monitor, format_duration
-from .schedule import CosineSchedule, build_schedule, set_lr
+from ..utils.monitor import Monitor, format_duration
+from ..utils.schedule import CosineSchedule, set_lr
+from . import state as ckio
+from .config import PretrainConfig, build_schedule
 from .validate import build_val_sets, heldout_image, val_indices, validate
 
 __all__ = ["NonFiniteLossError", "Pretrainer", "TrainResult", "make_visible", "train"]
@@ -177,7 +177,7 @@ class Pretrainer:
     # ---- setup ------------------------------------------------------------------------------------------------------
     def _load_init(self, path: str) -> None:
         """Start from a VideoMAE / marlin checkpoint: encoder (+ decoder when present), non-strict, logged."""
-        from ..checkpoint import read_checkpoint
+        from ..models.checkpoint import read_checkpoint
 
         ckpt = read_checkpoint(path)
         report = self.model.load_checkpoint(ckpt, strict=False)
@@ -571,7 +571,7 @@ class Pretrainer:
 
     @torch.no_grad()
     def _log_image(self, monitor: Monitor, step: int, batch: dict[str, Any]) -> None:
-        from ..reconstruct import reconstruction_views, render_grid
+        from ..viz.reconstruct import reconstruction_views, render_grid
 
         c = self.cfg
         x = batch["video"][:1].to(self.device)
@@ -593,7 +593,7 @@ class Pretrainer:
 
 def train(cfg: PretrainConfig, *, dataset: Dataset | None = None, resume: str | Path | None = None) -> TrainResult:
     """Run (or resume) a pretraining job; works as a plain process or as every rank of a torchrun job."""
-    from .distributed import shutdown_distributed
+    from ..utils.distributed import shutdown_distributed
 
     dist_info = init_distributed(cfg.device)
     try:

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
-from .config import PretrainConfig
-from .distributed import derive_seed
+from ..train.config import PretrainConfig
+from ..utils.distributed import derive_seed
 from .synthetic import SyntheticClips
 
 __all__ = [
@@ -177,7 +177,7 @@ def build_dataset(cfg: PretrainConfig, source: str | None = None, *, cache: bool
     if stores:
         if len(stores) != len(parts):
             raise ValueError(f"{source}: mix of `marlin prepare` stores and video files; use one kind per run")
-        from ..data import PretrainDataset
+        from .store import PretrainDataset
 
         sets = [
             PretrainDataset.from_config(

@@ -49,6 +49,6 @@ def sample_frames(n_frames: int = 75, width: int = 640, height: int = 480) -> np
 
 def make_sample_clip(path: str | os.PathLike, n_frames: int = 75, fps: int = 25) -> Path:
     """Write the sample clip (3 s at 25 fps, 640x480, H.264) to `path` and return it."""
-    from .video import write_video
+    from ..video.io import write_video
 
     return write_video(path, sample_frames(n_frames), fps=fps)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .video import VideoError, iter_frames, probe_video
+from .io import VideoError, iter_frames, probe_video
 from .windows import iter_windows, window_indices
 
 REDUCTIONS = ("none", "mean", "max")
@@ -104,8 +104,8 @@ def clip_windows(
         )
         return [stream]
 
-    from .face.detect import create_detector
-    from .face.video import plan_face_crops
+    from ..face.detect import create_detector
+    from ..face.stream import plan_face_crops
 
     timings = Timings()
     own = detector is None or isinstance(detector, str)
@@ -171,7 +171,7 @@ def _sampled(windows: Iterator[np.ndarray], stream: ClipStream, max_samples: int
 
 def _crop_windows(plan: Any, windows: list[list[int]], size: int, timings: Timings) -> Iterator[np.ndarray]:
     """Pass 2 over the file: crop the frames the windows use and assemble the windows in order, at flat memory."""
-    from .face.crop import crop_face
+    from ..face.crop import crop_face
 
     wanted = {i for w in windows for i in w}
     last = max(wanted)

@@ -6,7 +6,7 @@
     gen      = rec + adv_weight * gen_adv
 
 ``fake`` are the predicted hidden patches, ``real`` the true ones; ``D`` scores each patch independently
-(:class:`marlin.train.critic.PatchCritic`).
+(:class:`marlin.mae.critic.PatchCritic`).
 """
 
 from __future__ import annotations

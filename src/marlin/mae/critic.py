@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..config import MarlinConfig
-from ..layers import WrappedLinear
+from ..models.config import MarlinConfig
+from ..models.layers import WrappedLinear
 
 __all__ = ["PatchCritic"]
 

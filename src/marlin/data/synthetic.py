@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..config import MarlinConfig
-from .distributed import derive_seed
+from ..models.config import MarlinConfig
+from ..utils.distributed import derive_seed
 
 __all__ = ["SyntheticClips"]
 

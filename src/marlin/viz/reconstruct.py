@@ -1,6 +1,6 @@
 """What a full MARLIN model reconstructs from a masked clip: ground truth | masked input | reconstruction.
 
-    from marlin.reconstruct import reconstruct_video
+    from marlin.viz.reconstruct import reconstruct_video
     result = reconstruct_video(model, "face.mp4", strategy="fasking")   # a face crop video
     result.save("recon.png")                                             # or "recon.mp4"
 
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import MarlinConfig
-from .patches import hidden_patches, merge_hidden, normalize_patches, patchify, unnormalize_patches, unpatchify
+from ..mae.patches import hidden_patches, merge_hidden, normalize_patches, patchify, unnormalize_patches, unpatchify
+from ..models.config import MarlinConfig
 
 __all__ = [
     "Reconstruction",
@@ -173,7 +173,7 @@ def evaluate_reconstruction(
 
     Non-face strategies only (no parse maps); clip `i` is masked with a generator seeded from (`seed`, `i`).
     """
-    from .masking import generate_visible
+    from ..mae.masking import generate_visible
 
     config: MarlinConfig = model.config
     totals: dict[str, float] = {}
@@ -222,7 +222,7 @@ class Reconstruction:
 
             Image.fromarray(self.image()).save(path)
             return path
-        from .video import write_video
+        from ..video.io import write_video
 
         return write_video(path, side_by_side_frames(self.gt, self.masked, self.recon), fps=self.fps / 2)
 
@@ -230,7 +230,7 @@ class Reconstruction:
 def _parse_frames(frames: np.ndarray) -> np.ndarray | None:
     """LaPa parse maps ``[T, H, W]`` uint8 of RGB frames, or None (with a warning) when face parsing is unavailable."""
     try:
-        from .face.parse import FaceParser
+        from ..face.parse import FaceParser
 
         with FaceParser() as parser:
             return parser.parse_frames(frames)
@@ -244,8 +244,8 @@ def _parse_frames(frames: np.ndarray) -> np.ndarray | None:
 
 def _face_clip(path: str | os.PathLike, indices: Sequence[int], size: int, detector: str) -> Tensor:
     """Face crops of frames `indices`: uint8 ``[3, T, size, size]`` (boxes tracked and smoothed over those frames)."""
-    from .face.detect import create_detector
-    from .face.video import iter_face_crops, plan_face_crops
+    from ..face.detect import create_detector
+    from ..face.stream import iter_face_crops, plan_face_crops
 
     wanted = set(indices)
     with create_detector(detector) as det:
@@ -274,8 +274,8 @@ def reconstruct_video(
     strategies parse the frames with `marlin.face.parse.FaceParser`; without mediapipe they fall back to tube masking
     with a warning.
     """
-    from .masking import FACE_STRATEGIES, generate_visible
-    from .train.data import count_frames, read_clip
+    from ..data.datasets import count_frames, read_clip
+    from ..mae.masking import FACE_STRATEGIES, generate_visible
 
     config: MarlinConfig = model.config
     n = count_frames(path)

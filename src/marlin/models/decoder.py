@@ -12,7 +12,7 @@ from .layers import Block, SinCosPositionalEmbedding, init_weights
 class MarlinDecoder(nn.Module):
     """Small ViT over [visible tokens + their positions, mask token + hidden positions] -> pixels of hidden tokens.
 
-    The output for one token is its `patch_dim` = c*t*p*p values ordered (c, t, h, w); see `marlin.patches`.
+    The output for one token is its `patch_dim` = c*t*p*p values ordered (c, t, h, w); see `marlin.mae.patches`.
     """
 
     def __init__(self, config: MarlinConfig) -> None:

@@ -1,0 +1,1 @@
+"""Pictures: mask sheets, crop contact sheets, reconstructions and the embedded sample clip."""
