@@ -276,75 +276,149 @@ def rasterise_labels(
         frame: optional ``[H, W, 3]`` uint8 RGB frame, used to tell skin from hair by colour above the face oval.
         config: rasterisation settings.
     """
-    cv2 = _import_cv2()
+    _import_cv2()  # fail early, with an install hint, when OpenCV is missing
     cfg = config or ParseConfig()
     h, w = shape
     lm = np.asarray(landmarks, dtype=np.float64)  # [N, 2] (x, y) pixels
-    r_eye, l_eye = lm[list(regions.right_eye)].mean(0), lm[list(regions.left_eye)].mean(0)
+    r_eye, l_eye = _eye_centres(lm, regions)
     iod = max(float(np.linalg.norm(r_eye - l_eye)), 1.0)  # inter-ocular distance: the length scale
 
-    labels = np.zeros((h, w), dtype=np.uint8)
-    oval = np.zeros((h, w), dtype=np.uint8)
+    labels = np.zeros((h, w), dtype=np.uint8)  # [H, W]
+    oval = _paint_skin(labels, lm, regions, person, cfg.clip_skin_to_person)  # [H, W] 0/1
+    # Features, painted over skin in order: nose, eyes, brows, lips, inner mouth.
+    _paint_nose(labels, lm, regions)
+    _paint_eyes(labels, lm, regions, cfg.eye_dilation * iod)
+    _paint_brows(labels, lm, regions, cfg.brow_thickness * iod)
+    _paint_mouth(labels, lm, regions)
+    if person is not None:
+        _paint_head(labels, lm, regions, oval, person, frame, cfg, iod)
+    return labels
+
+
+def _eye_centres(lm: np.ndarray, regions: FaceRegions) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``[2]`` positions of the right and left eye contours: they set the face's length scale and eye line."""
+    return lm[list(regions.right_eye)].mean(0), lm[list(regions.left_eye)].mean(0)
+
+
+def _paint_skin(
+    labels: np.ndarray, lm: np.ndarray, regions: FaceRegions, person: np.ndarray | None, clip_to_person: bool
+) -> np.ndarray:
+    """Paint the face oval as skin, clipped to the person mask if asked; returns the unclipped ``[H, W]`` uint8 oval."""
+    oval = np.zeros(labels.shape, dtype=np.uint8)  # [H, W]
     _fill(oval, lm[list(regions.oval)], 1)
     oval_mask = oval.astype(bool)
-    if person is not None and cfg.clip_skin_to_person:
+    if person is not None and clip_to_person:
         oval_mask &= person
     labels[oval_mask] = LapaClass.SKIN
+    return oval
 
-    # Features, painted over skin in order: nose, eyes, brows, lips, inner mouth.
-    _fill(labels, cv2.convexHull(lm[list(regions.nose)].astype(np.float32))[:, 0].astype(np.float64), LapaClass.NOSE)
+
+def _paint_nose(labels: np.ndarray, lm: np.ndarray, regions: FaceRegions) -> None:
+    """Paint the nose as the convex hull of its landmarks, which are an unordered point set rather than a contour."""
+    import cv2
+
+    hull = cv2.convexHull(lm[list(regions.nose)].astype(np.float32))[:, 0]  # [K, 2]
+    _fill(labels, hull.astype(np.float64), LapaClass.NOSE)
+
+
+def _paint_eyes(labels: np.ndarray, lm: np.ndarray, regions: FaceRegions, dilation: float) -> None:
+    """Paint both eyes from their lid contours, grown by ``dilation`` px when positive (the contours hug the lids)."""
     for loop, cls in ((regions.right_eye, LapaClass.RIGHT_EYE), (regions.left_eye, LapaClass.LEFT_EYE)):
-        if cfg.eye_dilation > 0:
-            eye = np.zeros((h, w), dtype=np.uint8)
+        if dilation > 0:
+            eye = np.zeros(labels.shape, dtype=np.uint8)  # [H, W]
             _fill(eye, lm[list(loop)], 1)
-            labels[_dilate(eye, cfg.eye_dilation * iod)] = cls
+            labels[_dilate(eye, dilation)] = cls
         else:
             _fill(labels, lm[list(loop)], cls)
+
+
+def _paint_brows(labels: np.ndarray, lm: np.ndarray, regions: FaceRegions, thickness: float) -> None:
+    """Paint both brows as the band between their two contours, grown by ``thickness`` px to match LaPa's brows."""
     for (edge_a, edge_b), cls in ((regions.right_brow, LapaClass.RIGHT_BROW), (regions.left_brow, LapaClass.LEFT_BROW)):
-        brow = np.zeros((h, w), dtype=np.uint8)
+        brow = np.zeros(labels.shape, dtype=np.uint8)  # [H, W]
         _fill(brow, _band(lm[list(edge_a)], lm[list(edge_b)]), 1)
-        labels[_dilate(brow, cfg.brow_thickness * iod)] = cls
+        labels[_dilate(brow, thickness)] = cls
+
+
+def _paint_mouth(labels: np.ndarray, lm: np.ndarray, regions: FaceRegions) -> None:
+    """Paint each lip as the band between its outer and inner arcs, then the inner mouth over both."""
     up_out, lo_out = _arcs(regions.lips_outer, regions.mouth_corners_outer, regions.upper_lip_outer_mid)
     up_in, lo_in = _arcs(regions.lips_inner, regions.mouth_corners_inner, regions.upper_lip_inner_mid)
     _fill(labels, np.concatenate([lm[up_out], lm[up_in[::-1]]]), LapaClass.UPPER_LIP)
     _fill(labels, np.concatenate([lm[lo_out], lm[lo_in[::-1]]]), LapaClass.LOWER_LIP)
     _fill(labels, lm[list(regions.lips_inner)], LapaClass.INNER_MOUTH)
 
-    if person is None:
-        return labels
 
+def _height_above(tip: np.ndarray, up: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``[H, W]`` signed px of every pixel above ``tip`` along the unit ``up`` axis: head above 0, neck below."""
+    h, w = shape
+    xs = (np.arange(w, dtype=np.float32) - tip[0]) * up[0]  # [W]
+    ys = (np.arange(h, dtype=np.float32) - tip[1]) * up[1]  # [H]
+    return ys[:, None] + xs[None, :]  # [H, W]
+
+
+def _paint_head(
+    labels: np.ndarray,
+    lm: np.ndarray,
+    regions: FaceRegions,
+    oval: np.ndarray,
+    person: np.ndarray,
+    frame: np.ndarray | None,
+    cfg: ParseConfig,
+    iod: float,
+) -> None:
+    """Paint person pixels above the nose tip outside the oval as hair or skin; neck and body stay background."""
     # Head: person pixels above the nose tip along the face's chin->forehead axis. Outside the oval they are hair or
     # skin (forehead above the mesh, ears); neck and body below the tip stay background.
     up = lm[regions.forehead] - lm[regions.chin]
     up /= max(float(np.linalg.norm(up)), 1e-6)
     tip = lm[regions.nose_tip]
-    xs = (np.arange(w, dtype=np.float32) - tip[0]) * up[0]  # [W]
-    ys = (np.arange(h, dtype=np.float32) - tip[1]) * up[1]  # [H]
-    height = ys[:, None] + xs[None, :]  # [H, W] signed px above the nose tip
+    height = _height_above(tip, up, labels.shape)  # [H, W] signed px above the nose tip
     outside = person & ~oval.astype(bool) & (height > 0)
     if not outside.any():
-        return labels
-    min_area = cfg.hair_min_area * max(int(oval.sum()), 1)
+        return
     if cfg.skin_from_colour and frame is not None:
         brows = lm[list(regions.right_brow[0] + regions.right_brow[1] + regions.left_brow[0] + regions.left_brow[1])]
         brow_top = float(((brows - tip) @ up).max())  # px above the nose tip
-        forehead = (labels == LapaClass.SKIN) & (height > brow_top + cfg.hairline_margin * iod)
+        r_eye, l_eye = _eye_centres(lm, regions)
         eye_height = float(((r_eye + l_eye) / 2 - tip) @ up)
-        # Cheeks between the nose tip and the eyes: skin, and clear of beards, fringes and the mouth.
-        sample = (labels == LapaClass.SKIN) & (height > 0) & (height < eye_height)
-        # Skin beyond the mesh (upper forehead, ears) stays within reach of the oval; farther out it is hair.
-        reach = cv2.distanceTransform(1 - oval, cv2.DIST_L2, 3) <= cfg.skin_reach * iod  # [H, W]
-        candidates = outside | forehead
-        skin_like = _skin_like(frame, sample, candidates & reach, cfg.skin_colour_distance, cfg.skin_max_darker)
-        hairish = candidates & ~skin_like
-        hairish = _smooth(hairish, cfg.hair_smoothing * iod)
-        # Hair inside the oval (hairline, fringe) must join a sizeable hair region outside it.
-        hair = _components_reaching(hairish & candidates, outside, min_area)
+        hair = _hair_by_colour(labels, oval, outside, height, frame, brow_top, eye_height, cfg, iod)
     else:
         hair = outside
     labels[outside & ~hair] = LapaClass.SKIN
     labels[hair & ((labels == LapaClass.BACKGROUND) | (labels == LapaClass.SKIN))] = LapaClass.HAIR
-    return labels
+
+
+def _hair_by_colour(
+    labels: np.ndarray,
+    oval: np.ndarray,
+    outside: np.ndarray,
+    height: np.ndarray,
+    frame: np.ndarray,
+    brow_top: float,
+    eye_height: float,
+    cfg: ParseConfig,
+    iod: float,
+) -> np.ndarray:
+    """``[H, W]`` bool hair: head pixels not coloured like the cheeks, in regions big enough to be hair, not specks.
+
+    ``brow_top`` and ``eye_height`` are px above the nose tip, like ``height``; the hairline may come down to
+    ``hairline_margin`` above the brows, and the cheeks between the nose tip and the eyes give the skin colour.
+    """
+    import cv2
+
+    forehead = (labels == LapaClass.SKIN) & (height > brow_top + cfg.hairline_margin * iod)
+    # Cheeks between the nose tip and the eyes: skin, and clear of beards, fringes and the mouth.
+    sample = (labels == LapaClass.SKIN) & (height > 0) & (height < eye_height)
+    # Skin beyond the mesh (upper forehead, ears) stays within reach of the oval; farther out it is hair.
+    reach = cv2.distanceTransform(1 - oval, cv2.DIST_L2, 3) <= cfg.skin_reach * iod  # [H, W]
+    candidates = outside | forehead
+    skin_like = _skin_like(frame, sample, candidates & reach, cfg.skin_colour_distance, cfg.skin_max_darker)
+    hairish = candidates & ~skin_like
+    hairish = _smooth(hairish, cfg.hair_smoothing * iod)
+    # Hair inside the oval (hairline, fringe) must join a sizeable hair region outside it.
+    min_area = cfg.hair_min_area * max(int(oval.sum()), 1)
+    return _components_reaching(hairish & candidates, outside, min_area)
 
 
 def _smooth(mask: np.ndarray, radius: float) -> np.ndarray:
