@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     from torch.utils.data import DataLoader
 
     from marlin import Marlin, get_config
-    from marlin.data.store import PretrainDataset
+    from marlin.data.datasets import PretrainDataset
     from marlin.mae.masking import generate_visible
 
     if args.threads:

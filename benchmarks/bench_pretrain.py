@@ -25,7 +25,7 @@ import torch
 
 
 def _batches(cfg, n: int, batch: int) -> list[dict]:
-    from marlin.data.datasets import collate_clips
+    from marlin.data.collate import collate_clips
     from marlin.data.synthetic import SyntheticClips
     from marlin.mae.masking import generate_visible
 

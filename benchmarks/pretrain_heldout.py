@@ -74,7 +74,8 @@ def stage_evaluate(args: argparse.Namespace, stores: dict[str, Path]) -> dict:
     from marlin.data.store import ClipStore
     from marlin.models.model import from_spec
     from marlin.train import load_config
-    from marlin.train.validate import build_val_sets, val_indices, validate
+    from marlin.train.inputs import build_val_sets, val_indices
+    from marlin.train.validate import validate
 
     run = args.work / "run"
     model_dir = run / "export" / "marlin_vit_tiny_112"

@@ -31,7 +31,7 @@ def same_features(a: Marlin, b: Marlin, x: torch.Tensor) -> bool:
 
 def test_official_encoder_and_full_pt(tmp_path, full_model, clip):
     full_path = full_model.export_official(tmp_path / f"{NAME}.full.pt")
-    enc_path = full_model.export_official(tmp_path / f"{NAME}.encoder.pt", full_model=False)
+    enc_path = full_model.export_official(tmp_path / f"{NAME}.encoder.pt", full=False)
     assert all(k.startswith("encoder.") for k in torch.load(enc_path, weights_only=True))
     enc = Marlin.from_file(NAME, str(enc_path))
     assert enc.decoder is None and same_features(enc, full_model, clip)
@@ -176,7 +176,7 @@ def test_pickle_needing_code_execution_is_refused_not_run(tmp_path, monkeypatch)
 
 
 def test_full_requested_from_encoder_only(tmp_path, full_model):
-    path = full_model.export_official(tmp_path / "e.encoder.pt", full_model=False)
+    path = full_model.export_official(tmp_path / "e.encoder.pt", full=False)
     with pytest.raises(CheckpointError, match="full model requested but the file holds only an encoder"):
         load(path, full=True)
 

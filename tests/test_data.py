@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from marlin.data.clips import clip_indices
+from marlin.data.datasets import PretrainDataset
 from marlin.data.prepare import PrepareSettings, write_manifest
-from marlin.data.store import (
-    STORE_VERSION,
-    ClipStore,
-    FrameWriter,
-    PretrainDataset,
-    StoreError,
-    clip_indices,
-    read_stream,
-)
+from marlin.data.store import STORE_VERSION, ClipStore, FrameWriter, StoreError, read_stream
 
 SIZE = 32
 
@@ -137,7 +131,7 @@ def test_clip_indices_stride_and_padding():
 
 
 def test_item_contract(tmp_path):
-    ds = PretrainDataset(make_store(tmp_path, {"a": 40}), clip_frames=16, stride=2, seed=0)
+    ds = PretrainDataset(make_store(tmp_path, {"a": 40}), clip_frames=16, sample_rate=2, seed=0)
     item = ds[0]
     assert set(item) == {"video", "parse", "index"} and item["index"] == 0 and ds.has_parse
     v, p = item["video"], item["parse"]
@@ -159,7 +153,7 @@ def test_no_parse_store_gives_video_only(tmp_path):
 
 
 def test_eval_mode_is_centred_and_fixed(tmp_path):
-    ds = PretrainDataset(make_store(tmp_path, {"a": 41}), clip_frames=4, stride=2, mode="eval")
+    ds = PretrainDataset(make_store(tmp_path, {"a": 41}), clip_frames=4, sample_rate=2, mode="eval")
     # span 7 stored frames, 35 possible starts -> centre start 17
     assert index_of(ds[0]["video"]) == [17, 19, 21, 23] == index_of(ds[0]["video"])
 
@@ -202,18 +196,18 @@ def test_unseeded_starts_follow_torch_rng(tmp_path):
 
 
 def test_short_video_is_padded_with_its_last_frame(tmp_path):
-    ds = PretrainDataset(make_store(tmp_path, {"a": 5}), clip_frames=6, stride=2, seed=0)
+    ds = PretrainDataset(make_store(tmp_path, {"a": 5}), clip_frames=6, sample_rate=2, seed=0)
     assert index_of(ds[0]["video"]) == [0, 2, 4, 4, 4, 4]
     assert ds[0]["parse"][:, 0, 0].tolist() == [0, 2, 4, 4, 4, 4]
 
 
 def test_stride_counts_source_frames(tmp_path):
     root = make_store(tmp_path, {"a": 30}, frame_step=2)  # stored frame k = source frame 2k
-    ds = PretrainDataset(root, clip_frames=4, stride=2, mode="eval")
+    ds = PretrainDataset(root, clip_frames=4, sample_rate=2, mode="eval")
     assert np.all(np.diff(ds.frame_indices(0)) == 1)
-    assert np.all(np.diff(PretrainDataset(root, clip_frames=4, stride=4).frame_indices(0)) == 2)
-    with pytest.raises(StoreError, match="every 2-th frame, cannot sample at stride 3"):
-        PretrainDataset(root, clip_frames=4, stride=3)
+    assert np.all(np.diff(PretrainDataset(root, clip_frames=4, sample_rate=4).frame_indices(0)) == 2)
+    with pytest.raises(StoreError, match="every 2-th frame, cannot sample every 3-th frame"):
+        PretrainDataset(root, clip_frames=4, sample_rate=3)
 
 
 def test_splits_and_size_checks(tmp_path):
@@ -259,8 +253,8 @@ def test_dataloader_workers_collate_batches(tmp_path):
 def test_pretrain_reads_a_prepared_store(tmp_path):
     """`marlin pretrain --data STORE` trains on the store's train split, with its parse maps for fasking."""
     from marlin.cli import main
-    from marlin.data.datasets import build_dataset
     from marlin.train.config import PretrainConfig
+    from marlin.train.inputs import build_dataset
 
     store = make_store(tmp_path / "store", {"a": 12, "b": 20}, parse=True)
     cfg = PretrainConfig()
@@ -286,8 +280,9 @@ def test_pretrain_reads_a_prepared_store(tmp_path):
 
 
 def test_pretraining_reads_several_stores_as_one(tmp_path):
-    from marlin.data.datasets import StoreUnion, build_dataset
+    from marlin.data.datasets import StoreUnion
     from marlin.train.config import load_config
+    from marlin.train.inputs import build_dataset
 
     a = make_store(tmp_path / "a", {"x": 10, "y": 10})
     b = make_store(tmp_path / "b", {"z": 12})

@@ -18,23 +18,20 @@ import pytest
 import torch
 
 from marlin.commands import finetune as finetune_cmd
-from marlin.evaluate.finetune import (
+from marlin.data.clips import clip_indices, fit_sample_rate, random_start, read_clip, spread_starts
+from marlin.data.sampling import ShardedBatchSampler
+from marlin.evaluate.manifest import LabelSet, read_labels
+from marlin.models.registry import get_config
+from marlin.train.finetune import (
     FinetuneConfig,
     FinetuneModel,
-    ShardedBatchSampler,
     _Run,
-    effective_stride,
-    eval_clip_indices,
     evaluate,
     finetune,
     layer_decay_groups,
     load_finetuned,
-    read_frames,
     resolve_splits,
-    train_clip_indices,
 )
-from marlin.evaluate.manifest import LabelSet, read_labels
-from marlin.models.registry import get_config
 from marlin.utils.distributed import DistInfo
 from videogen import frame_index, write_video
 
@@ -90,29 +87,30 @@ def _cfg(tmp: Path, labels: Path, label: tuple[str, ...], **kw) -> FinetuneConfi
 
 
 # ---- clip sampling and reading ---------------------------------------------------------------------------------------
-def test_clip_indices_lower_the_stride_then_pad() -> None:
-    assert effective_stride(100, 16, 2) == 2
-    assert effective_stride(20, 16, 2) == 1  # 31 frames needed at stride 2
-    assert effective_stride(31, 16, 2) == 2
-    assert effective_stride(25, 4, 4) == 4 and effective_stride(9, 4, 4) == 2
+def test_clip_indices_lower_the_sample_rate_then_pad() -> None:
+    assert fit_sample_rate(100, 16, 2) == 2
+    assert fit_sample_rate(20, 16, 2) == 1  # 31 frames needed at rate 2
+    assert fit_sample_rate(31, 16, 2) == 2
+    assert fit_sample_rate(25, 4, 4) == 4 and fit_sample_rate(9, 4, 4) == 2
     rng = np.random.default_rng(0)
     starts = set()
     for _ in range(200):
-        idx = train_clip_indices(20, 4, 3, rng)
+        idx = clip_indices(20, 4, 3, random_start(20, 4, 3, rng))
         assert np.all(np.diff(idx) == 3) and 0 <= idx[0] and idx[-1] <= 19
-        starts.add(idx[0])
+        starts.add(int(idx[0]))
     assert starts == set(range(11))  # every start 0..(20 - 10) is drawn
-    assert train_clip_indices(3, 4, 2, rng) == [0, 1, 2, 2]  # too short for stride 1: repeat the last frame
-    clips = eval_clip_indices(40, 4, 2, 4)
+    rate = fit_sample_rate(3, 4, 2)
+    assert clip_indices(3, 4, rate, random_start(3, 4, rate, rng)).tolist() == [0, 1, 2, 2]  # too short: repeat
+    clips = [clip_indices(40, 4, 2, s).tolist() for s in spread_starts(40, 4, 2, 4)]
     assert [c[0] for c in clips] == [0, 11, 22, 33] and clips[-1] == [33, 35, 37, 39]
-    assert eval_clip_indices(40, 4, 2, 1) == [[16, 18, 20, 22]]  # one clip: the middle
-    assert eval_clip_indices(5, 4, 2, 2) == [[0, 1, 2, 3], [1, 2, 3, 4]]
+    assert spread_starts(40, 4, 2, 1) == [16]  # one clip: the middle
+    assert [clip_indices(5, 4, 1, s).tolist() for s in spread_starts(5, 4, 1, 2)] == [[0, 1, 2, 3], [1, 2, 3, 4]]
 
 
-def test_read_frames_selects_crops_and_pads(tmp_path) -> None:
+def test_read_clip_selects_crops_and_pads(tmp_path) -> None:
     path = write_video(tmp_path / "barcode.mp4", n_frames=12, height=64, width=64, codec="libx264rgb",
                        pix_fmt="rgb24", codec_options={"qp": "0"})  # fmt: skip
-    clip = read_frames(path, [1, 3, 5, 11, 11, 14], 64)
+    clip = read_clip(path, [1, 3, 5, 11, 11, 14], 64)
     assert clip.shape == (3, 6, 64, 64) and clip.dtype == torch.uint8
     got = [frame_index(clip[:, t].permute(1, 2, 0).numpy()) for t in range(6)]
     assert got == [1, 3, 5, 11, 11, 11]  # index 14 is past the end: the last frame repeats
@@ -126,11 +124,11 @@ def test_read_frames_selects_crops_and_pads(tmp_path) -> None:
         return f
 
     wide = write_video(tmp_path / "wide.mp4", n_frames=4, height=32, width=64, frame_fn=thirds)
-    clip = read_frames(wide, [0, 2], 16).float()
+    clip = read_clip(wide, [0, 2], 16).float()
     assert clip.shape == (3, 2, 16, 16)
     assert clip[1].mean() > 200 and clip[0].mean() < 40 and clip[2].mean() < 40  # all green
     with pytest.raises(ValueError, match="no such file"):
-        read_frames(tmp_path / "absent.mp4", [0], 16)
+        read_clip(tmp_path / "absent.mp4", [0], 16)
 
 
 def test_sharded_sampler_uses_every_video_once_and_matches_one_process() -> None:
@@ -302,7 +300,7 @@ def test_celebvhq_layout(tmp_path) -> None:
     finetune_cmd.add_arguments(p)
     out = tmp_path / "run"
     args = p.parse_args(["--model", "marlin_vit_tiny_test", "--random-init", "--labels", str(root), "--out", str(out),
-                         "--epochs", "2", "--batch-size", "4", "--lr", "3e-3", "--workers", "1", "--stride", "1",
+                         "--epochs", "2", "--batch-size", "4", "--lr", "3e-3", "--workers", "1", "--sample-rate", "1",
                          "--layer-decay", "0.75", "--no-train-eval", "--hflip"])  # fmt: skip
     assert finetune_cmd.run(args) == 0
     doc = json.loads((out / "results.json").read_text())
@@ -351,7 +349,7 @@ def test_worker_errors_are_reported_in_one_line() -> None:
 # ---- torchrun --------------------------------------------------------------------------------------------------------
 SCRIPT = """
 import logging, sys
-from marlin.evaluate.finetune import FinetuneConfig, finetune
+from marlin.train.finetune import FinetuneConfig, finetune
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 finetune(FinetuneConfig(**{cfg!r}))
 """

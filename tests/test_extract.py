@@ -15,7 +15,8 @@ import torch
 
 from marlin import Marlin, get_config
 from marlin.cli import main as cli
-from marlin.video.extract import ExtractOptions, collect_inputs, extract_many, output_paths, write_combined
+from marlin.data.sources import collect_inputs
+from marlin.video.extract import ExtractOptions, extract_many, output_paths, write_combined
 from marlin.video.pipeline import extract_video
 from marlin.video.windows import n_windows
 from videogen import write_audio_only, write_video

@@ -38,7 +38,7 @@ def test_from_online_downloads_once_into_the_cache(tmp_path, monkeypatch, server
     root, url = server
     src = Marlin(downloadable_tiny, as_feature_extractor=False).eval()
     src.export_official(root / "tiny_release.full.pt")
-    src.export_official(root / "tiny_release.encoder.pt", full_model=False)
+    src.export_official(root / "tiny_release.encoder.pt", full=False)
     monkeypatch.setenv(hub.URL_ENV, url)
     monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)  # nothing may be written relative to the working directory

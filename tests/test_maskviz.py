@@ -95,7 +95,7 @@ def test_save_mask_sheet_is_atomic_png(tmp_path):
 # ---- reading a clip --------------------------------------------------------------------------------------------------
 def test_load_face_clip_without_cropping_pads_short_videos(tmp_path):
     write_video(tmp_path / "v.mp4", np.stack([make_frame(k, 64, 64) for k in range(10)]), preset="ultrafast")
-    clip, indices, cropped = load_face_clip(tmp_path / "v.mp4", start=3, stride=2, clip_frames=6, size=64)
+    clip, indices, cropped = load_face_clip(tmp_path / "v.mp4", start=3, sample_rate=2, clip_frames=6, size=64)
     assert not cropped  # already size x size: "auto" does not crop
     assert indices == [3, 5, 7, 9, 9, 9]
     assert [frame_index(f) for f in clip] == [3, 5, 7, 9, 9, 9]
@@ -137,14 +137,14 @@ def test_masks_command_fasking_on_a_real_face(tmp_path, capsys):
     from test_prepare import face_video
 
     video = face_video(tmp_path / "hopper.mp4", n=8)
-    rc = main(["masks", str(video), "--out", str(tmp_path / "m.png"), "--stride", "1", "--tile", "64"])
+    rc = main(["masks", str(video), "--out", str(tmp_path / "m.png"), "--sample-rate", "1", "--tile", "64"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "fasking: 156/1568 tokens visible" in text
     assert "frames 0-7 step 1 (padded), face cropped, face parsed in 16/16 frames" in text
     assert (tmp_path / "m.png").is_file()
 
-    clip, _, _ = load_face_clip(video, stride=1)
+    clip, _, _ = load_face_clip(video, sample_rate=1)
     with FaceParser() as parser:
         parse = torch.from_numpy(parser.parse_frames(clip))[None]  # [1, 16, 224, 224]
     component = (parse >= 2) & (parse <= 9)  # brows, eyes, nose, lips, mouth

@@ -197,14 +197,15 @@ def test_create_model_and_public_api():
 @pytest.mark.slow
 @pytest.mark.parametrize("clip", ["cropped01.mp4", "cropped03.mp4"])
 def test_bf16_autocast_cosine_on_real_face_clips(shared_data, clip):
+    from marlin.utils.precision import autocast
     from marlin.video.io import read_video
-    from marlin.video.pipeline import autocast_for, to_clip_tensor
+    from marlin.video.pipeline import to_clip_tensor
 
     m = Marlin("marlin_vit_small_ytf").eval()
     x = to_clip_tensor(read_video(shared_data / "marlin_samples" / clip)[None, :16])
     with torch.inference_mode():
         ref = m.extract_features(x)
-        with autocast_for("bf16", m.device):
+        with autocast(m.device, "bf16"):
             low = m.extract_features(x).float()
     cos = torch.nn.functional.cosine_similarity(low, ref, dim=-1)  # per token
     assert cos.min() >= 0.999, cos.min()

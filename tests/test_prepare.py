@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from marlin.cli import main
+from marlin.data.datasets import PretrainDataset
 from marlin.data.prepare import (
     PrepareSettings,
     _StoreLock,
@@ -25,7 +26,7 @@ from marlin.data.prepare import (
     prepare_store,
     write_manifest,
 )
-from marlin.data.store import ClipStore, PretrainDataset, StoreError
+from marlin.data.store import ClipStore, StoreError
 from marlin.video.io import write_video
 from videogen import frame_index, make_frame
 

@@ -16,12 +16,8 @@ import torch
 
 import marlin
 from marlin.train import Pretrainer, load_config
-from marlin.train.state import (
-    find_resume_checkpoint,
-    load_training_checkpoint,
-    prune_checkpoints,
-    save_atomic,
-)
+from marlin.train.state import find_resume_checkpoint, load_training_checkpoint, prune_checkpoints
+from marlin.utils.fileio import save_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["mask.ratio=0.5", "data.num_workers=0", "log.tensorboard=false", "data.synthetic_size=10", "batch_size=2",

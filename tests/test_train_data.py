@@ -9,15 +9,12 @@ import pytest
 import torch
 
 from marlin import MarlinConfig
-from marlin.data.datasets import (
-    StreamBatchSampler,
-    VideoFolderClips,
-    build_dataset,
-    collate_clips,
-    global_positions,
-)
+from marlin.data.collate import collate_clips
+from marlin.data.datasets import VideoFolderClips
+from marlin.data.sampling import StreamBatchSampler, global_positions
 from marlin.data.synthetic import SyntheticClips
 from marlin.train.config import load_config
+from marlin.train.inputs import build_dataset
 
 
 def _write_video(path: Path, n_frames: int, width: int = 48, height: int = 40) -> None:

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from marlin import Marlin, get_config
-from marlin.data.datasets import StreamBatchSampler, collate_clips
+from marlin.data.collate import MaskCollator
+from marlin.data.sampling import KeyedItems, StreamBatchSampler
 from marlin.data.synthetic import SyntheticClips
 from marlin.mae.critic import PatchCritic
 from marlin.train import NonFiniteLossError, Pretrainer, load_config
 from marlin.train.reference import two_forward_step
-from marlin.utils.distributed import derive_seed
+from marlin.utils.seeding import derive_seed
 
 TINY = ["mask.ratio=0.5", "data.num_workers=0", "log.tensorboard=false", "ckpt.export=false"]
 
@@ -100,9 +101,10 @@ def test_accumulation_equals_one_large_batch(tmp_path) -> None:
     for name, extra in {"big": ["batch_size=4"], "accum": ["batch_size=2", "accum_steps=2"]}.items():
         cfg = _cfg(tmp_path / name, *common, *extra)
         trainer = Pretrainer(cfg)
-        sampler = StreamBatchSampler(len(data), cfg.batch_size, cfg.accum_steps, total_steps=3)
+        sampler = StreamBatchSampler(len(data), cfg.batch_size, cfg.accum_steps, total_steps=3, keys=True)
         trainer.ensure_schedule(sampler.steps_per_epoch())
-        batches = [collate_clips([data[i] for i in idx]) for idx in sampler]
+        collate, keyed = MaskCollator(trainer.masker(), cfg.seed), KeyedItems(data)
+        batches = [collate([keyed[k] for k in keys]) for keys in sampler]
         history = []
         for step in range(3):
             history.append(trainer.train_step(batches[step * cfg.accum_steps : (step + 1) * cfg.accum_steps]))

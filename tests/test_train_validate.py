@@ -15,7 +15,8 @@ from marlin import Marlin
 from marlin.data.synthetic import SyntheticClips
 from marlin.mae.losses import masked_targets
 from marlin.train import Pretrainer, load_config
-from marlin.train.validate import build_val_sets, val_indices, validate
+from marlin.train.inputs import build_val_sets, val_indices
+from marlin.train.validate import validate
 from test_data import make_store
 
 ARGS = ["mask.ratio=0.5", "data.num_workers=0", "batch_size=2", "ckpt.export=false", "optim.warmup_steps=1",

@@ -6,16 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="marlin_vit_base_ytf",
-                   help="registered name (released weights are downloaded once) or checkpoint path "
-                        "(default: %(default)s)")  # fmt: skip
-    p.add_argument(
-        "--random-init",
-        action="store_true",
-        help="use the named architecture untrained (offline smoke tests; features are meaningless)",
-    )
+from marlin.commands.options import add_model_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from marlin.data.sources import collect_inputs
     from marlin.models.model import from_spec
-    from marlin.video.extract import ExtractOptions, collect_inputs, extract_many, write_combined
+    from marlin.video.extract import ExtractOptions, extract_many, write_combined
 
     inputs = collect_inputs(args.inputs)
     if not inputs:

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 4 -m marlin.cli finetune --labels data.csv --label emotion --out runs/emo
 
 Writes OUT/best.pt (the best epoch by the validation primary metric), OUT/results.json (metrics per split, per-epoch
-history) and OUT/splits.json (video ids per split). See `marlin.evaluate.finetune`.
+history) and OUT/splits.json (video ids per split). See `marlin.train.finetune`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from marlin.evaluate.finetune import FinetuneConfig
+    from marlin.train.finetune import FinetuneConfig
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -30,8 +30,8 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from marlin.commands.extract import add_model_arguments
-    from marlin.evaluate.finetune import FinetuneConfig
+    from marlin.commands.options import add_model_arguments, add_sample_rate
+    from marlin.train.finetune import FinetuneConfig
 
     d = FinetuneConfig()
     add_model_arguments(p)
@@ -62,8 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping after N epochs without a better "
                    "validation score; 0 = off (default: %(default)s)")  # fmt: skip
     p.add_argument("--freeze-encoder", action="store_true", help="train the linear head only")
-    p.add_argument("--stride", type=int, default=d.stride, help="temporal stride between clip frames "
-                   "(default: %(default)s)")  # fmt: skip
+    add_sample_rate(p, d.sample_rate)
     p.add_argument("--test-clips", type=int, default=d.test_clips, help="clips averaged per video in validation "
                    "and testing (default: %(default)s)")  # fmt: skip
     p.add_argument("--hflip", action="store_true", help="random horizontal flips in training")
@@ -80,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """The `FinetuneConfig` the parsed arguments describe."""
-    from marlin.evaluate.finetune import FinetuneConfig
+    from marlin.train.finetune import FinetuneConfig
 
     labels = tuple(s.strip() for part in args.label for s in part.split(",") if s.strip())
     return FinetuneConfig(
@@ -89,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         train_fraction=args.train_fraction, freeze_encoder=args.freeze_encoder, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
         layer_decay=args.layer_decay, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-        patience=args.patience, stride=args.stride, test_clips=args.test_clips, hflip=args.hflip,
+        patience=args.patience, sample_rate=args.sample_rate, test_clips=args.test_clips, hflip=args.hflip,
         workers=args.workers, seed=args.seed, out=args.out, device=args.device, precision=args.precision,
         grad_checkpointing=args.grad_checkpointing, eval_train=not args.no_train_eval, log_every=args.log_every,
     )  # fmt: skip
@@ -107,7 +106,7 @@ def one_line(err: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marlin.evaluate.finetune import finetune
+    from marlin.train.finetune import finetune
 
     try:
         result = finetune(config_from_args(args))

@@ -8,13 +8,14 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from marlin.commands.options import add_sample_rate
     from marlin.mae.masking import STRATEGIES
 
     p.add_argument("video", type=Path, help="a video file (a face crop, or in-the-wild with --crop-face)")
     p.add_argument("--strategy", choices=STRATEGIES, default="fasking", help="masking strategy (default: %(default)s)")
     p.add_argument("-o", "--out", type=Path, default=Path("masks.png"), help="output image (default: %(default)s)")
     p.add_argument("--start", type=int, default=0, help="first frame of the clip (default: %(default)s)")
-    p.add_argument("--stride", type=int, default=2, help="frames between clip frames (default: %(default)s)")
+    add_sample_rate(p)
     p.add_argument("--seed", type=int, default=0, help="mask RNG seed (default: %(default)s)")
     p.add_argument("--mask-ratio", type=float, default=0.9, help="hidden fraction of tokens (default: %(default)s)")
     p.add_argument("--crop-face", choices=("auto", "yes", "no"), default="auto",
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     crop = {"auto": "auto", "yes": True, "no": False}[args.crop_face]
     try:
         frames, indices, cropped = load_face_clip(
-            args.video, start=args.start, stride=args.stride, clip_frames=cfg.clip_frames, size=cfg.img_size,
+            args.video, start=args.start, sample_rate=args.sample_rate, clip_frames=cfg.clip_frames, size=cfg.img_size,
             crop_face=crop,
         )  # fmt: skip
     except ImportError as e:  # face cropping needs the [face] extra
@@ -72,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         generator=torch.Generator().manual_seed(args.seed),
     )[0].numpy()  # fmt: skip
     n_vis, n = int(visible.sum()), visible.size
-    span = f"frames {indices[0]}-{indices[-1]} step {args.stride}" + (" (padded)" if len(set(indices)) < len(indices)
-                                                                       else "")  # fmt: skip
+    padded = " (padded)" if len(set(indices)) < len(indices) else ""
+    span = f"frames {indices[0]}-{indices[-1]} step {args.sample_rate}{padded}"
     title = (f"{args.strategy}: {n_vis}/{n} tokens visible ({100 * n_vis / n:.1f}%), mask ratio {args.mask_ratio}, "
              f"seed {args.seed}  |  {args.video.name}, {span}, {'face cropped' if cropped else 'as is'}"
              + (f", face parsed in {found}/{len(frames)} frames" if found is not None else ""))  # fmt: skip

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     for r in summary.failed:
         print(f"  {r.status}: {r.error if r.source in r.error else f'{r.source}: {r.error}'}", file=sys.stderr)
     if args.preview is not None:
-        from marlin.data.store import write_store_previews
+        from marlin.viz.preview import write_store_previews
 
         ids = [r.id for r in summary.results if r.status == "ok"]
         written = write_store_previews(args.out, args.preview, ids=ids)

@@ -27,7 +27,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from marlin.commands.extract import add_model_arguments
+    from marlin.commands.options import add_model_arguments
 
     p.add_argument("--labels", required=True, help="CSV manifest, CelebV-HQ root or GRID speaker folder")
     p.add_argument("--label", action="append", default=[], metavar="NAME",

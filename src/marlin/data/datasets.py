@@ -1,97 +1,204 @@
-"""Training data: datasets, the collate function and a sampler that makes runs independent of the world size.
+"""Datasets of clips: what pretraining and fine-tuning iterate over.
 
-Dataset contract: a map-style dataset whose items are dicts ``{"video": float32 [3, T, H, W] in [0, 1],
-"parse": uint8 [T, H, W] (face strategies only; absent or None otherwise), "index": int (optional)}`` and that has a
-class attribute ``has_parse`` saying whether parse maps come with the clips.
-
-Sample order: the run reads one endless stream, the concatenation of a fresh permutation of the dataset per epoch
-(seeded by (seed, epoch)). Optimiser step ``s`` consumes stream positions ``[s * G, (s + 1) * G)`` with ``G`` the
-global batch; rank ``r`` micro-step ``m`` takes the contiguous slice ``r * b * accum + m * b + [0, b)``. So every
-sample is seen exactly once per epoch over all ranks (batches may straddle an epoch boundary; nothing is dropped
-or padded), and 1 process with batch 8 reads the same samples at the same positions as 2 processes with batch 4 or
-1 process with batch 4 and accumulation 2 — which, with masks seeded from (seed, step, position), makes those runs
-equal, and makes a resumed run read exactly what the uninterrupted one would.
+Pretraining items are dicts ``{"video": float32 [3, T, H, W] in [0, 1], "parse": uint8 [T, H, W] (with parse maps;
+absent otherwise), "index": int}`` and every pretraining dataset says with ``has_parse`` whether parse maps come
+with its clips. Sources: a `marlin prepare` store (:class:`PretrainDataset`; several at once with
+:class:`StoreUnion`), video files (:class:`VideoFolderClips`) or generated clips
+(:class:`marlin.data.synthetic.SyntheticClips`). Fine-tuning reads labelled videos (:class:`VideoClips`). Frames are
+chosen by the one clip sampler, :mod:`marlin.data.clips`; masks are drawn later, per batch, by
+:class:`marlin.data.collate.MaskCollator`.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import ConcatDataset, Dataset, Sampler
+from torch.utils.data import ConcatDataset, Dataset
 
-from ..train.config import PretrainConfig
-from ..utils.distributed import derive_seed
-from .synthetic import SyntheticClips
+from ..utils.seeding import derive_seed
+from ..video.io import probe_video
+from .clips import centred_start, clip_indices, fit_sample_rate, max_start, random_start, read_clip, spread_starts
+from .store import ClipStore, StoreError
 
-__all__ = [
-    "StoreUnion",
-    "StreamBatchSampler",
-    "VIDEO_EXTENSIONS",
-    "VideoFolderClips",
-    "build_dataset",
-    "collate_clips",
-    "global_positions",
-    "read_clip",
-]
+__all__ = ["PretrainDataset", "StoreUnion", "VideoClips", "VideoFolderClips"]
 
 log = logging.getLogger("marlin")
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 
+class PretrainDataset(Dataset):
+    """16-frame clips from a store, as the MARLIN pretraining trainer consumes them.
 
-# ---- reading clips --------------------------------------------------------------------------------------------------
-def count_frames(path: str | Path) -> int:
-    """Frames of the first video stream (from the header, else by demuxing packets)."""
-    import av
+    Each item is one video. ``mode="train"`` takes a random start, ``mode="eval"`` the centred one; frames are
+    ``sample_rate`` source frames apart (2, as the official pretraining). Videos shorter than a clip are padded by
+    repeating their last frame. Items are ``{"video": float32 [3, T, H, W] in [0, 1], "parse": uint8 [T, H, W],
+    "index": int}``; ``"parse"`` is absent when ``parse=False`` or the store has none (see :attr:`has_parse`). The
+    default collate stacks them into ``[B, 3, T, H, W]`` / ``[B, T, H, W]`` / ``[B]``.
 
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for packet in container.demux(stream) if packet.size)
+    Randomness: with ``seed=None`` starts come from torch's RNG (reproducible under ``torch.manual_seed``, different
+    every epoch, also in DataLoader workers). With an int ``seed`` the start of item ``i`` is a pure function of
+    ``(seed, epoch, i)``, whatever the worker count: vary it per epoch with :meth:`set_epoch` (in-process loading),
+    or by asking for key ``epoch * len + i`` (a sampler streaming several epochs, DataLoader workers).
 
-
-def read_clip(path: str | Path, indices: Sequence[int], img_size: int) -> Tensor:
-    """Frames `indices` of a video, centre-cropped to a square and resized: uint8 ``[3, len(indices), S, S]``.
-
-    Decodes sequentially up to the last index (no seeking, so every container gives the same frames); an index past
-    the end repeats the last decoded frame.
+    Args:
+        root: store folder (or an open :class:`ClipStore`).
+        split: ``"train"``, ``"val"`` or ``None`` for every item.
+        clip_frames: frames per clip (``MarlinConfig.clip_frames``).
+        sample_rate: distance between clip frames in *source* frames; a multiple of the store's frame step.
+        mode: ``"train"`` (random start) or ``"eval"`` (centred start).
+        parse: return parse maps (default: when the store has them). True on a store without them raises.
+        seed: see above.
+        img_size: crop side to return (``MarlinConfig.img_size``); a larger store is downscaled on read (area for
+            pixels, nearest for parse maps, so a 224 px store also serves a 112 px model); a smaller one is refused.
     """
-    import av
 
-    wanted = sorted(set(indices))
-    last = wanted[-1]
-    frames: dict[int, Tensor] = {}
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        prev = None
-        for i, frame in enumerate(container.decode(stream)):
-            if i in frames or i in wanted:
-                frames[i] = torch.from_numpy(frame.to_ndarray(format="rgb24"))  # [H, W, 3]
-            prev = frame
-            if i >= last:
-                break
-        if not frames and prev is None:
-            raise ValueError(f"{path}: no decodable video frames")
-        tail = torch.from_numpy(prev.to_ndarray(format="rgb24")) if prev is not None else None
-    clip = torch.stack([frames.get(i, tail) for i in indices])  # [T, H, W, 3] uint8
-    _, h, w, _ = clip.shape
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    clip = clip[:, top : top + side, left : left + side].permute(3, 0, 1, 2)  # [3, T, side, side]
-    if side != img_size:
-        x = clip.float().transpose(0, 1)  # [T, 3, side, side]
-        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
-        clip = x.round().clamp(0, 255).to(torch.uint8).transpose(0, 1)  # [3, T, S, S]
-    return clip.contiguous()
+    def __init__(
+        self,
+        root: str | os.PathLike | ClipStore,
+        split: str | None = "train",
+        *,
+        clip_frames: int = 16,
+        sample_rate: int = 2,
+        mode: str = "train",
+        parse: bool | None = None,
+        seed: int | None = None,
+        img_size: int | None = None,
+    ) -> None:
+        self.store = root if isinstance(root, ClipStore) else ClipStore(root)
+        if mode not in ("train", "eval"):
+            raise ValueError(f"PretrainDataset: mode must be 'train' or 'eval', found {mode!r}")
+        if split not in ("train", "val", None):
+            raise ValueError(f"PretrainDataset: split must be 'train', 'val' or None, found {split!r}")
+        if clip_frames < 1 or sample_rate < 1:
+            raise ValueError(
+                f"PretrainDataset: clip_frames and sample_rate must be >= 1, found {clip_frames}, {sample_rate}"
+            )
+        if img_size is not None and img_size > self.store.size:
+            raise StoreError(
+                f"{self.store.root / 'store.json'}: crops are {self.store.size} px, smaller than "
+                f"img_size={img_size}; prepare the store with --size {img_size}"
+            )
+        self.img_size = self.store.size if img_size is None else int(img_size)
+        if parse and not self.store.has_parse:
+            raise StoreError(
+                f"{self.store.root / 'store.json'}: store has no parse maps (built with --no-parse), "
+                "but parse=True was asked"
+            )
+        self.parse = self.store.has_parse if parse is None else bool(parse)
+        self.items = self.store.split(split)
+        if not self.items:
+            raise StoreError(f"{self.store.root / 'manifest.csv'}: no item in split {split!r}")
+        self.split, self.clip_frames, self.sample_rate, self.mode = split, clip_frames, sample_rate, mode
+        self.seed = seed
+        self.epoch = 0
+        self._stored_rate = {}  # frame_step -> sample rate in stored frames
+        for step in {it.frame_step for it in self.items}:
+            if sample_rate % step:
+                raise StoreError(
+                    f"{self.store.root / 'manifest.csv'}: items keep every {step}-th frame, cannot sample every "
+                    f"{sample_rate}-th frame; use a sample rate that is a multiple of {step}"
+                )
+            self._stored_rate[step] = sample_rate // step
+
+    @classmethod
+    def from_config(cls, root: str | os.PathLike | ClipStore, config: Any, **kwargs: Any) -> PretrainDataset:
+        """Clip length and crop size from a :class:`marlin.MarlinConfig`."""
+        return cls(root, clip_frames=config.clip_frames, img_size=config.img_size, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary the random starts per epoch when a fixed ``seed`` is used (no effect with ``seed=None``)."""
+        self.epoch = int(epoch)
+
+    def _resolve(self, key: int) -> tuple[int, int]:
+        """``key`` -> (item index, epoch): ``[0, n)`` is an item in the current epoch, ``e * n + i`` item ``i`` in
+        epoch ``e`` (for samplers that stream several epochs), negatives count from the end as usual."""
+        n = len(self)
+        if not -n <= key:
+            raise IndexError(f"PretrainDataset: index {key} out of range for {n} items")
+        if key < n:
+            return key % n, self.epoch
+        epoch, index = divmod(key, n)
+        return index, epoch
+
+    def frame_indices(self, key: int) -> np.ndarray:
+        """Stored-frame indices of the clip ``self[key]`` reads (``[clip_frames]`` int64); see :meth:`__getitem__`."""
+        index, epoch = self._resolve(int(key))
+        item = self.items[index]
+        rate = self._stored_rate[item.frame_step]
+        if self.mode == "eval":
+            start = centred_start(item.n_frames, self.clip_frames, rate)
+        else:
+            rng = None if self.seed is None else np.random.default_rng([self.seed, epoch, index])
+            start = random_start(item.n_frames, self.clip_frames, rate, rng)
+        return clip_indices(item.n_frames, self.clip_frames, rate, start)
+
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        """One clip: ``{"video": float32 [3, T, H, W] in [0, 1], "parse": uint8 [T, H, W], "index": int}``.
+
+        ``key`` is an item index in ``[0, len)``, or ``epoch * len + index`` to name the epoch explicitly (with a
+        fixed ``seed`` the clip is then a pure function of ``(seed, epoch, index)``, even in DataLoader workers,
+        where :meth:`set_epoch` on the main process's copy does not reach).
+        """
+        index, _ = self._resolve(int(key))
+        item = self.items[index]
+        frames = self.frame_indices(key)
+        video = torch.from_numpy(self.store.read_video(item, frames))  # [T, H, W, 3] uint8
+        # Transpose the uint8 frames first (4x less memory traffic than transposing floats), then convert.
+        x = video.permute(3, 0, 1, 2).contiguous().float().div_(255.0)  # [3, T, H, W] in [0, 1]
+        small = self.img_size != x.shape[-1]
+        if small:
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="area")  # [3, T, S, S]
+        out: dict[str, Any] = {"video": x}
+        if self.parse:
+            parse = torch.from_numpy(self.store.read_parse(item, frames))  # [T, H, W] uint8
+            if small:
+                parse = F.interpolate(parse[None].float(), size=(self.img_size, self.img_size), mode="nearest")[0]
+                parse = parse.to(torch.uint8)  # [T, S, S]
+            out["parse"] = parse
+        out["index"] = index
+        return out
+
+    @property
+    def has_parse(self) -> bool:
+        """Whether items carry ``"parse"`` (the trainer's dataset contract)."""
+        return self.parse
+
+    def __repr__(self) -> str:
+        return (
+            f"PretrainDataset({str(self.store.root)!r}, split={self.split!r}, items={len(self)}, "
+            f"clip_frames={self.clip_frames}, sample_rate={self.sample_rate}, mode={self.mode!r}, parse={self.parse})"
+        )
+
+
+class StoreUnion(ConcatDataset):
+    """Several `marlin prepare` stores read as one dataset (e.g. GRID + talking heads); parse maps if all have them."""
+
+    def __init__(self, datasets: Sequence[Dataset]) -> None:
+        super().__init__(datasets)
+        self.has_parse = all(getattr(d, "has_parse", False) for d in datasets)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(super().__getitem__(index))
+        if "index" in item:
+            item["index"] = index  # position in the union, not in the member store
+        if not self.has_parse:
+            item.pop("parse", None)
+        return item
+
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.datasets:
+            if hasattr(d, "set_epoch"):
+                d.set_epoch(epoch)
 
 
 class VideoFolderClips(Dataset):
@@ -116,15 +223,16 @@ class VideoFolderClips(Dataset):
         if not paths:
             raise ValueError("VideoFolderClips needs at least one video file, found none")
         self.clip_frames, self.sample_rate, self.img_size = clip_frames, sample_rate, img_size
-        span = (clip_frames - 1) * sample_rate + 1
-        self.windows: list[tuple[Path, int]] = []
-        for p in paths:
-            n = count_frames(p)
+        self.windows: list[tuple[Path, int]] = []  # (video, start frame)
+        self.n_frames: dict[Path, int] = {}
+        for p in map(Path, paths):
+            n = probe_video(p).n_frames
             if n < 1:
                 log.warning("%s: no frames, skipped", p)
                 continue
-            starts = range(0, max(1, n - span + 1), window_stride)
-            self.windows.extend((Path(p), s) for s in starts)
+            self.n_frames[p] = n
+            starts = range(0, max_start(n, clip_frames, sample_rate) + 1, window_stride)
+            self.windows.extend((p, s) for s in starts)
         if not self.windows:
             raise ValueError(f"no readable video frames in {len(paths)} file(s) (first: {paths[0]})")
         self.cache: dict[int, Tensor] | None = {} if cache else None
@@ -132,9 +240,9 @@ class VideoFolderClips(Dataset):
     def __len__(self) -> int:
         return len(self.windows)
 
-    def frame_indices(self, index: int) -> list[int]:
-        start = self.windows[index][1]
-        return [start + k * self.sample_rate for k in range(self.clip_frames)]
+    def frame_indices(self, index: int) -> np.ndarray:
+        path, start = self.windows[index]
+        return clip_indices(self.n_frames[path], self.clip_frames, self.sample_rate, start)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         clip = self.cache.get(index) if self.cache is not None else None
@@ -145,141 +253,52 @@ class VideoFolderClips(Dataset):
         return {"video": clip.float() / 255.0, "index": index}
 
 
-# ---- building ------------------------------------------------------------------------------------------------------
-def expand_video_sources(source: str) -> list[Path]:
-    """Video files from a comma-separated list of directories (searched recursively), globs and files."""
-    files: list[Path] = []
-    for part in (s.strip() for s in source.split(",")):
-        if not part:
-            continue
-        path = Path(part).expanduser()
-        if any(c in part for c in "*?["):
-            found = [Path(f) for f in sorted(glob.glob(str(path), recursive=True))]
-        elif path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in VIDEO_EXTENSIONS)
-        elif path.is_file():
-            found = [path]
-        else:
-            raise FileNotFoundError(f"{part}: no such file or directory")
-        if not found:
-            raise ValueError(f"{part}: no video files found (extensions {', '.join(VIDEO_EXTENSIONS)})")
-        files.extend(found)
-    return files
+class VideoClips(Dataset):
+    """Labelled videos as clips: one random clip per item in training, `n_clips` evenly spaced ones otherwise.
 
-
-def build_dataset(cfg: PretrainConfig, source: str | None = None, *, cache: bool | None = None) -> Dataset:
-    """The dataset named by `source` (default `cfg.data.source`): a `marlin prepare` store (its train split, with
-    parse maps for face-guided masking), "synthetic", or video files (a directory / glob / comma list)."""
-    cache = cfg.data.cache if cache is None else cache
-    source = source or cfg.data.source
-    parts = [s.strip() for s in source.split(",") if s.strip()]
-    stores = [p for p in parts if (Path(p).expanduser() / "store.json").is_file()]
-    if stores:
-        if len(stores) != len(parts):
-            raise ValueError(f"{source}: mix of `marlin prepare` stores and video files; use one kind per run")
-        from .store import PretrainDataset
-
-        sets = [
-            PretrainDataset.from_config(
-                Path(p).expanduser(), cfg.model, stride=cfg.data.temporal_sample_rate, seed=cfg.seed
-            )
-            for p in stores
-        ]
-        return sets[0] if len(sets) == 1 else StoreUnion(sets)
-    m = cfg.model
-    if source == "synthetic":
-        return SyntheticClips(cfg.data.synthetic_size, m, seed=cfg.seed)
-    return VideoFolderClips(
-        expand_video_sources(source),
-        clip_frames=m.clip_frames,
-        sample_rate=cfg.data.temporal_sample_rate,
-        img_size=m.img_size,
-        window_stride=cfg.data.window_stride,
-        cache=cache,
-    )
-
-
-class StoreUnion(ConcatDataset):
-    """Several `marlin prepare` stores read as one dataset (e.g. GRID + talking heads); parse maps if all have them."""
-
-    def __init__(self, datasets: Sequence[Dataset]) -> None:
-        super().__init__(datasets)
-        self.has_parse = all(getattr(d, "has_parse", False) for d in datasets)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = dict(super().__getitem__(index))
-        if "index" in item:
-            item["index"] = index  # position in the union, not in the member store
-        if not self.has_parse:
-            item.pop("parse", None)
-        return item
-
-    def set_epoch(self, epoch: int) -> None:
-        for d in self.datasets:
-            if hasattr(d, "set_epoch"):
-                d.set_epoch(epoch)
-
-
-def collate_clips(items: list[dict[str, Any]]) -> dict[str, Tensor | None]:
-    """Stack items into ``{"video": [B, 3, T, H, W], "parse": [B, T, H, W] or None, "index": [B] or None}``."""
-    video = torch.stack([it["video"] for it in items])
-    parses = [it.get("parse") for it in items]
-    parse = torch.stack(parses) if all(p is not None for p in parses) else None
-    index = torch.tensor([it["index"] for it in items]) if all("index" in it for it in items) else None
-    return {"video": video, "parse": parse, "index": index}
-
-
-# ---- sampling ------------------------------------------------------------------------------------------------------
-def global_positions(step: int, micro: int, batch_size: int, accum_steps: int, rank: int, world_size: int) -> Tensor:
-    """Stream positions of one micro-batch: ``[batch_size]`` long (see the module docstring)."""
-    global_batch = batch_size * accum_steps * world_size
-    first = step * global_batch + rank * batch_size * accum_steps + micro * batch_size
-    return torch.arange(first, first + batch_size)
-
-
-class StreamBatchSampler(Sampler[list[int]]):
-    """Yields this rank's micro-batches of dataset indices from `start_step` on (see the module docstring)."""
+    Items: ``{"video": uint8 [3, T, S, S] (train) or [n_clips, 3, T, S, S], "target": tensor, "index": int}``.
+    Training randomness (clip start, flip) is seeded by (seed, epoch, index): call :meth:`set_epoch` before each
+    epoch's loader is created (workers copy the dataset then).
+    """
 
     def __init__(
         self,
-        num_samples: int,
-        batch_size: int,
-        accum_steps: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
+        paths: Sequence[str | os.PathLike],
+        targets: np.ndarray,
+        *,
+        clip_frames: int,
+        img_size: int,
+        sample_rate: int = 2,
+        train: bool = True,
+        n_clips: int = 4,
+        hflip: bool = False,
         seed: int = 0,
-        start_step: int = 0,
-        total_steps: int | None = None,
     ) -> None:
-        if num_samples < 1:
-            raise ValueError(f"the dataset is empty (num_samples={num_samples})")
-        self.n, self.b, self.accum = num_samples, batch_size, accum_steps
-        self.rank, self.world, self.seed = rank, world_size, seed
-        self.start_step, self.total_steps = start_step, total_steps
-        self._perms: dict[int, Tensor] = {}
+        self.paths = [Path(p) for p in paths]
+        self.targets = torch.as_tensor(np.asarray(targets))
+        self.clip_frames, self.img_size, self.sample_rate = clip_frames, img_size, sample_rate
+        self.train, self.n_clips, self.hflip, self.seed = train, n_clips, hflip, seed
+        self.epoch = 0
 
-    def steps_per_epoch(self) -> float:
-        return self.n / (self.b * self.accum * self.world)
-
-    def _perm(self, epoch: int) -> Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
-        return self._perms[epoch]
-
-    def indices(self, positions: Tensor) -> list[int]:
-        return [int(self._perm(int(p) // self.n)[int(p) % self.n]) for p in positions]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
-        while self.total_steps is None or step < self.total_steps:
-            for micro in range(self.accum):
-                yield self.indices(global_positions(step, micro, self.b, self.accum, self.rank, self.world))
-            step += 1
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        if self.total_steps is None:
-            raise TypeError("an endless StreamBatchSampler has no length")
-        return max(0, self.total_steps - self.start_step) * self.accum
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
+        n = max(1, probe_video(path).n_frames)  # frames that fail to decode are padded by read_clip
+        rate = fit_sample_rate(n, self.clip_frames, self.sample_rate)
+        if self.train:
+            rng = np.random.default_rng(derive_seed(self.seed, "finetune-clip", self.epoch, index))
+            start = random_start(n, self.clip_frames, rate, rng)
+            video = read_clip(path, clip_indices(n, self.clip_frames, rate, start), self.img_size)  # [3, T, S, S]
+            if self.hflip and rng.random() < 0.5:
+                video = video.flip(-1)
+        else:
+            starts = spread_starts(n, self.clip_frames, rate, self.n_clips)
+            frames = np.concatenate([clip_indices(n, self.clip_frames, rate, s) for s in starts])
+            flat = read_clip(path, frames, self.img_size)  # [3, n * T, S, S]
+            video = flat.view(3, len(starts), self.clip_frames, self.img_size, self.img_size).transpose(0, 1)
+        return {"video": video.contiguous(), "target": self.targets[index], "index": index}

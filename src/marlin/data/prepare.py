@@ -44,13 +44,13 @@ from typing import Any
 import numpy as np
 
 from ..utils.fileio import atomic_write_text
+from ..video.io import VIDEO_EXTENSIONS
+from .sources import IMAGE_EXTENSIONS, read_path_csv
 from .store import CODECS, MANIFEST_FIELDS, STORE_VERSION, FrameWriter, StoreError
 
 log = logging.getLogger("marlin")
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "VIDEO_EXTENSIONS",
     "ItemResult",
     "PrepareSettings",
     "PrepareSummary",
@@ -62,8 +62,6 @@ __all__ = [
     "write_manifest",
 ]
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ERROR_FIELDS = ("id", "status", "source", "error")
 
 
@@ -205,21 +203,14 @@ def _folder_rows(root: Path, layout: str) -> list[tuple[Path, str, Path, None, N
 
 
 def _csv_rows(path: Path) -> list[tuple[Path, str, Path, str | None, str | None]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        col = next((c for c in ("path", "video", "file") if c in (reader.fieldnames or ())), None)
-        if col is None:
-            raise ValueError(f"{path}: manifest needs a 'path' (or 'video') column, found {reader.fieldnames}")
-        out = []
-        for row in reader:
-            p = Path(row[col]).expanduser()
-            p = p if p.is_absolute() else path.parent / p
-            kind = "frames" if p.is_dir() else "video"
-            try:
-                rel = p.relative_to(path.parent)
-            except ValueError:
-                rel = Path(p.name)
-            out.append((p, kind, rel, row.get("group") or None, row.get("split") or None))
+    out = []
+    for row in read_path_csv(path):
+        p = Path(row["path"])
+        try:
+            rel = p.relative_to(path.parent)
+        except ValueError:
+            rel = Path(p.name)
+        out.append((p, "frames" if p.is_dir() else "video", rel, row.get("group") or None, row.get("split") or None))
     return out
 
 

@@ -19,10 +19,10 @@ Stored as raw uint8 the same crops take 9x more disk (147 KB a frame: GRID's 75k
 1.25 GB) and fall out of the page cache; ``codec="raw"`` (bare uint8 frames in a memory-mappable ``video.raw`` /
 ``parse.raw`` per item) is there for when disk is cheap and CPU is not.
 
-:class:`PretrainDataset` turns the store into the items the pretraining trainer consumes:
+:class:`marlin.data.datasets.PretrainDataset` turns the store into the items the pretraining trainer consumes:
 ``{"video": float32 [3, T, H, W] in [0, 1], "parse": uint8 [T, H, W], "index": int}`` (``"parse"`` absent when the
-store has no parse maps). Masks are not made here: the trainer draws them per step with
-:func:`marlin.mae.masking.generate_visible`.
+store has no parse maps). Masks are not made here: the DataLoader's collate draws them per batch
+(:class:`marlin.data.collate.MaskCollator`).
 """
 
 from __future__ import annotations
@@ -38,19 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 __all__ = [
     "CODECS",
     "STORE_VERSION",
     "ClipStore",
     "FrameWriter",
-    "PretrainDataset",
     "StoreError",
     "StoreItem",
-    "clip_indices",
     "read_stream",
 ]
 
@@ -243,7 +238,7 @@ class ClipStore:
         manifest = self.root / "manifest.csv"
         if not manifest.is_file():
             raise StoreError(f"{manifest}: not found; run `marlin prepare` again with the same --out to finish it")
-        self.items: list[StoreItem] = _read_manifest(manifest)
+        self.items: list[StoreItem] = _read_store_manifest(manifest)
         self._meta: dict[str, dict[str, Any]] = {}
 
     # settings shortcuts
@@ -292,7 +287,7 @@ class ClipStore:
         return read_stream(self.item_dir(item), streams["parse"], frames)
 
 
-def _read_manifest(path: Path) -> list[StoreItem]:
+def _read_store_manifest(path: Path) -> list[StoreItem]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = {"id", "split", "n_frames", "frame_step", "has_parse"} - set(reader.fieldnames or ())
@@ -314,188 +309,3 @@ def _read_manifest(path: Path) -> list[StoreItem]:
                 )
             )
     return items
-
-
-# ---- clip sampling --------------------------------------------------------------------------------------------------
-def clip_indices(n_frames: int, clip_frames: int, stride: int, start: int) -> np.ndarray:
-    """Stored-frame indices ``start, start + stride, ...`` (``clip_frames`` of them), clipped to the last frame.
-
-    Clipping pads a clip that runs past the end by repeating the last frame (short videos).
-    """
-    if n_frames < 1 or clip_frames < 1 or stride < 1 or start < 0:
-        raise ValueError(
-            f"clip_indices: expected n_frames, clip_frames, stride >= 1 and start >= 0, "
-            f"found {n_frames}, {clip_frames}, {stride}, {start}"
-        )
-    return np.minimum(start + stride * np.arange(clip_frames), n_frames - 1)  # [clip_frames]
-
-
-class PretrainDataset(Dataset):
-    """16-frame clips from a store, as the MARLIN pretraining trainer consumes them.
-
-    Each item is one video. ``mode="train"`` takes a random start, ``mode="eval"`` the centred one; frames are
-    ``stride`` source frames apart (2, as the official pretraining). Videos shorter than a clip are padded by
-    repeating their last frame. Items are ``{"video": float32 [3, T, H, W] in [0, 1], "parse": uint8 [T, H, W],
-    "index": int}``; ``"parse"`` is absent when ``parse=False`` or the store has none (see :attr:`has_parse`). The
-    default collate stacks them into ``[B, 3, T, H, W]`` / ``[B, T, H, W]`` / ``[B]``.
-
-    Randomness: with ``seed=None`` starts come from torch's RNG (reproducible under ``torch.manual_seed``, different
-    every epoch, also in DataLoader workers). With an int ``seed`` the start of item ``i`` is a pure function of
-    ``(seed, epoch, i)``, whatever the worker count: vary it per epoch with :meth:`set_epoch` (in-process loading),
-    or by asking for key ``epoch * len + i`` (a sampler streaming several epochs, DataLoader workers).
-
-    Args:
-        root: store folder (or an open :class:`ClipStore`).
-        split: ``"train"``, ``"val"`` or ``None`` for every item.
-        clip_frames: frames per clip (``MarlinConfig.clip_frames``).
-        stride: distance between clip frames in *source* frames; must be a multiple of the store's frame step.
-        mode: ``"train"`` (random start) or ``"eval"`` (centred start).
-        parse: return parse maps (default: when the store has them). True on a store without them raises.
-        seed: see above.
-        img_size: crop side to return (``MarlinConfig.img_size``); a larger store is downscaled on read (area for
-            pixels, nearest for parse maps, so a 224 px store also serves a 112 px model); a smaller one is refused.
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike | ClipStore,
-        split: str | None = "train",
-        *,
-        clip_frames: int = 16,
-        stride: int = 2,
-        mode: str = "train",
-        parse: bool | None = None,
-        seed: int | None = None,
-        img_size: int | None = None,
-    ) -> None:
-        self.store = root if isinstance(root, ClipStore) else ClipStore(root)
-        if mode not in ("train", "eval"):
-            raise ValueError(f"PretrainDataset: mode must be 'train' or 'eval', found {mode!r}")
-        if split not in ("train", "val", None):
-            raise ValueError(f"PretrainDataset: split must be 'train', 'val' or None, found {split!r}")
-        if clip_frames < 1 or stride < 1:
-            raise ValueError(f"PretrainDataset: clip_frames and stride must be >= 1, found {clip_frames}, {stride}")
-        if img_size is not None and img_size > self.store.size:
-            raise StoreError(
-                f"{self.store.root / 'store.json'}: crops are {self.store.size} px, smaller than "
-                f"img_size={img_size}; prepare the store with --size {img_size}"
-            )
-        self.img_size = self.store.size if img_size is None else int(img_size)
-        if parse and not self.store.has_parse:
-            raise StoreError(
-                f"{self.store.root / 'store.json'}: store has no parse maps (built with --no-parse), "
-                "but parse=True was asked"
-            )
-        self.parse = self.store.has_parse if parse is None else bool(parse)
-        self.items = self.store.split(split)
-        if not self.items:
-            raise StoreError(f"{self.store.root / 'manifest.csv'}: no item in split {split!r}")
-        self.split, self.clip_frames, self.stride, self.mode, self.seed = split, clip_frames, stride, mode, seed
-        self.epoch = 0
-        self._stored_stride = {}  # frame_step -> stride in stored frames
-        for step in {it.frame_step for it in self.items}:
-            if stride % step:
-                raise StoreError(
-                    f"{self.store.root / 'manifest.csv'}: items keep every {step}-th frame, "
-                    f"cannot sample at stride {stride}; use a stride that is a multiple of {step}"
-                )
-            self._stored_stride[step] = stride // step
-
-    @classmethod
-    def from_config(cls, root: str | os.PathLike | ClipStore, config: Any, **kwargs: Any) -> PretrainDataset:
-        """Clip length and crop size from a :class:`marlin.MarlinConfig`."""
-        return cls(root, clip_frames=config.clip_frames, img_size=config.img_size, **kwargs)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Vary the random starts per epoch when a fixed ``seed`` is used (no effect with ``seed=None``)."""
-        self.epoch = int(epoch)
-
-    def _resolve(self, key: int) -> tuple[int, int]:
-        """``key`` -> (item index, epoch): ``[0, n)`` is an item in the current epoch, ``e * n + i`` item ``i`` in
-        epoch ``e`` (for samplers that stream several epochs), negatives count from the end as usual."""
-        n = len(self)
-        if not -n <= key:
-            raise IndexError(f"PretrainDataset: index {key} out of range for {n} items")
-        if key < n:
-            return key % n, self.epoch
-        epoch, index = divmod(key, n)
-        return index, epoch
-
-    def frame_indices(self, key: int) -> np.ndarray:
-        """Stored-frame indices of the clip ``self[key]`` reads (``[clip_frames]`` int64); see :meth:`__getitem__`."""
-        index, epoch = self._resolve(int(key))
-        item = self.items[index]
-        stride = self._stored_stride[item.frame_step]
-        span = (self.clip_frames - 1) * stride + 1  # stored frames one clip covers
-        n_starts = max(item.n_frames - span + 1, 1)
-        if self.mode == "eval":
-            start = (n_starts - 1) // 2
-        elif self.seed is None:
-            start = int(torch.randint(n_starts, ()))
-        else:
-            start = int(np.random.default_rng([self.seed, epoch, index]).integers(n_starts))
-        return clip_indices(item.n_frames, self.clip_frames, stride, start)
-
-    def __getitem__(self, key: int) -> dict[str, Any]:
-        """One clip: ``{"video": float32 [3, T, H, W] in [0, 1], "parse": uint8 [T, H, W], "index": int}``.
-
-        ``key`` is an item index in ``[0, len)``, or ``epoch * len + index`` to name the epoch explicitly (with a
-        fixed ``seed`` the clip is then a pure function of ``(seed, epoch, index)``, even in DataLoader workers,
-        where :meth:`set_epoch` on the main process's copy does not reach).
-        """
-        index, _ = self._resolve(int(key))
-        item = self.items[index]
-        frames = self.frame_indices(key)
-        video = torch.from_numpy(self.store.read_video(item, frames))  # [T, H, W, 3] uint8
-        # Transpose the uint8 frames first (4x less memory traffic than transposing floats), then convert.
-        x = video.permute(3, 0, 1, 2).contiguous().float().div_(255.0)  # [3, T, H, W] in [0, 1]
-        small = self.img_size != x.shape[-1]
-        if small:
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="area")  # [3, T, S, S]
-        out: dict[str, Any] = {"video": x}
-        if self.parse:
-            parse = torch.from_numpy(self.store.read_parse(item, frames))  # [T, H, W] uint8
-            if small:
-                parse = F.interpolate(parse[None].float(), size=(self.img_size, self.img_size), mode="nearest")[0]
-                parse = parse.to(torch.uint8)  # [T, S, S]
-            out["parse"] = parse
-        out["index"] = index
-        return out
-
-    @property
-    def has_parse(self) -> bool:
-        """Whether items carry ``"parse"`` (the trainer's dataset contract)."""
-        return self.parse
-
-    def __repr__(self) -> str:
-        return (
-            f"PretrainDataset({str(self.store.root)!r}, split={self.split!r}, items={len(self)}, "
-            f"clip_frames={self.clip_frames}, stride={self.stride}, mode={self.mode!r}, parse={self.parse})"
-        )
-
-
-def write_store_previews(root: str | os.PathLike, out_dir: str | os.PathLike, *, ids: Sequence[str] | None = None,
-                         n_frames: int = 8) -> list[Path]:  # fmt: skip
-    """One PNG per item for a quick look: evenly spaced crops with the face parse overlaid (plain crops without
-    parse maps). Returns the files written to `out_dir/<item id>.png`."""
-    from ..face.overlay import save_parse_overlay_sheet
-    from ..viz.preview import save_contact_sheet
-
-    store = ClipStore(root)
-    wanted = None if ids is None else set(ids)
-    written = []
-    for item in store.items:
-        if wanted is not None and item.id not in wanted:
-            continue
-        frames = np.unique(np.linspace(0, item.n_frames - 1, n_frames).round().astype(int))
-        crops = store.read_video(item, frames)  # [K, S, S, 3]
-        path = Path(out_dir) / f"{item.id}.png"
-        if item.has_parse:
-            save_parse_overlay_sheet(path, crops, store.read_parse(item, frames), cols=len(frames))
-        else:
-            save_contact_sheet(path, crops, cols=len(frames), labels=[f"frame {i * item.frame_step}" for i in frames])
-        written.append(path)
-    return written

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..models.config import MarlinConfig
-from ..utils.distributed import derive_seed
+from ..utils.seeding import derive_seed
 
 __all__ = ["SyntheticClips"]
 

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,6 +55,7 @@ __all__ = [
     "COMPONENT_REGIONS",
     "FACE_LABELS",
     "FACE_STRATEGIES",
+    "Masker",
     "NUM_LABELS",
     "REGION_LABELS",
     "STRATEGIES",
@@ -415,3 +418,57 @@ def visible_indices(visible: Tensor) -> tuple[Tensor, Tensor]:
     # Stable sort of "hidden" (0 for visible, 1 for hidden) keeps each group in ascending index order.
     order = torch.sort((~visible).to(torch.uint8), dim=1, stable=True).indices  # [B, N]
     return order[:, :n_vis], order[:, n_vis:]
+
+
+@dataclass(frozen=True)
+class Masker:
+    """A masking strategy bound once to a model's token geometry, so that call sites pass only the batch.
+
+    ``Masker.for_config(config, "fasking", 0.9)(batch_size, parse=parse, generator=g)`` equals
+    :func:`generate_visible` with the config's ``clip_frames`` / ``tubelet_size`` / ``img_size`` / ``patch_size``.
+    """
+
+    strategy: str
+    mask_ratio: float = 0.9
+    clip_frames: int = 16
+    tubelet: int = 2
+    img_size: int = 224
+    patch: int = 16
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, found {self.strategy!r}")
+        _check_ratio(self.mask_ratio)
+
+    @classmethod
+    def for_config(cls, config: Any, strategy: str, mask_ratio: float = 0.9) -> Masker:
+        """Geometry from a :class:`marlin.MarlinConfig`."""
+        return cls(strategy, mask_ratio, config.clip_frames, config.tubelet_size, config.img_size, config.patch_size)
+
+    @property
+    def needs_parse(self) -> bool:
+        return self.strategy in FACE_STRATEGIES
+
+    def __call__(
+        self,
+        batch_size: int,
+        *,
+        parse: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """``[B, N]`` bool visibility masks; see :func:`generate_visible`."""
+        return generate_visible(
+            self.strategy, batch_size, parse=parse if self.needs_parse else None, mask_ratio=self.mask_ratio,
+            clip_frames=self.clip_frames, tubelet=self.tubelet, img_size=self.img_size, patch=self.patch,
+            generator=generator, device=device,
+        )  # fmt: skip
+
+    def seeded(self, seeds: Sequence[int], parse: Tensor | None = None) -> Tensor:
+        """One mask per seed, ``[len(seeds), N]``, each from its own generator: a sample's mask is a function of its
+        seed alone, whatever batch, process or worker it is drawn in."""
+        rows = [
+            self(1, parse=parse[i : i + 1] if parse is not None else None, generator=torch.Generator().manual_seed(s))
+            for i, s in enumerate(seeds)
+        ]
+        return torch.cat(rows)  # [B, N]

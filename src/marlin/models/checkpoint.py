@@ -87,6 +87,22 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         raise _fail(path, f"truncated or corrupt safetensors file ({str(e).splitlines()[0][:160]})") from None
 
 
+def load_tagged_checkpoint(path: str | Path, fmt: str, what: str = "checkpoint") -> dict:
+    """Read a dict checkpoint whose ``"format"`` entry must be `fmt` (marlin's training / fine-tuning files; weights
+    only: no code execution); one-line errors name the file and say what was expected (`what`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise ValueError(f"{path}: not a readable {what} ({str(e).strip().splitlines()[0][:160]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: expected a {fmt} {what}, found {found!r}")
+    return ckpt
+
+
 _VIDEOMAE_RULES = [  # (pattern, replacement) applied in order to VideoMAE pretraining keys
     (re.compile(r"^encoder_to_decoder\."), "enc_dec_proj."),
     (re.compile(r"^mask_token$"), "decoder.mask_token"),

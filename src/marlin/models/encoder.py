@@ -30,6 +30,12 @@ class MarlinEncoder(nn.Module):
         self.fused = True
         self.apply(init_weights)
 
+    def group_matcher(self) -> dict[str, str]:
+        """The encoder's layer groups, declared once (timm's convention) for layer-wise lr decay: parameter names
+        matching ``stem`` are layer 0, ``blocks`` capture block k (layer k + 1); the rest (the final norm, which acts
+        on the pooled feature) sits with the head above the last block. See :func:`marlin.utils.optim.param_groups`."""
+        return {"stem": r"^(patch_embedding|pos_embedding)\.", "blocks": r"^blocks\.(\d+)\."}
+
     def check_input(self, x: Tensor) -> None:
         """Raise a one-line ValueError when `x` is not [B, C, T, H, W] of the configured size."""
         c = self.config

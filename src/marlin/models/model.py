@@ -235,15 +235,26 @@ class Marlin(nn.Module):
         atomic_write(directory / ckpt_io.WEIGHTS_FILE, lambda p: save_file(sd, p, metadata=meta))
         return directory
 
-    def export_official(self, path: str | os.PathLike, full_model: bool | None = None) -> Path:
-        """Write a plain state dict in the official `.encoder.pt` / `.full.pt` layout (loads in marlin-pytorch)."""
-        full = (not self.as_feature_extractor) if full_model is None else full_model
+    def export_official(self, path: str | os.PathLike, full: bool | None = None) -> Path:
+        """Write a plain state dict in the official `.encoder.pt` / `.full.pt` layout (loads in marlin-pytorch);
+        `full=None` exports what this model holds, `full=False` only its encoder."""
+        full = (not self.as_feature_extractor) if full is None else full
         if full and self.as_feature_extractor:
             raise ValueError("cannot export a full model from an encoder-only Marlin")
         sd = {k: v.detach().cpu() for k, v in self.state_dict().items() if full or k.startswith("encoder.")}
         path = Path(path)
         atomic_write(path, lambda p: torch.save(sd, p))
         return path
+
+    def export_all(self, directory: str | os.PathLike) -> dict[str, Path]:
+        """Every layout at once into `directory`: official ``<name>.encoder.pt`` (+ ``<name>.full.pt`` for a full
+        model) and a ``save_pretrained`` folder ``<name>/`` (what a pretraining run exports)."""
+        directory, name = Path(directory), self.config.name
+        out = {"encoder_official": self.export_official(directory / f"{name}.encoder.pt", full=False)}
+        if not self.as_feature_extractor:
+            out["full_official"] = self.export_official(directory / f"{name}.full.pt", full=True)
+        out["marlin"] = self.save_pretrained(directory / name)
+        return out
 
 
 def _config_from_official_kwargs(config: MarlinConfig | None, kwargs: dict[str, Any]) -> MarlinConfig:

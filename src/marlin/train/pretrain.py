@@ -13,8 +13,11 @@ generator steps (`g_steps > 1`) forward again, since the generator has changed. 
 micro-batches are first forwarded without a graph for the critic, then again with one for the generator, which keeps
 the same alternating semantics (and equality with one large batch) at the cost of one cheap forward.
 
-Randomness is a function of (seed, step, sample position) — masks, data order, the gradient-penalty factor — so a run
-gives the same losses on 1 or N processes for the same global batch, and a resumed run continues exactly.
+Randomness is a function of (seed, step, sample position) — masks (drawn per batch by the DataLoader's
+:class:`~marlin.data.collate.MaskCollator`), data order, the gradient-penalty factor — so a run gives the same losses
+on 1 or N processes for the same global batch, and a resumed run continues exactly. The loop itself is the shared
+engine (:func:`marlin.train.engine.train_steps`); this module adds the two players' updates, held-out evaluation,
+checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -32,27 +35,33 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.datasets import StreamBatchSampler, build_dataset, collate_clips, global_positions
+from ..data.collate import MaskCollator
+from ..data.sampling import KeyedItems, StreamBatchSampler
 from ..mae.critic import PatchCritic
 from ..mae.losses import critic_loss, generator_adv_loss, gradient_penalty, masked_targets, reconstruction_loss
-from ..mae.masking import FACE_STRATEGIES, generate_visible
+from ..mae.masking import Masker
 from ..models.model import Marlin
 from ..utils.distributed import (
     DistInfo,
     GracefulStop,
     all_reduce_grads,
     broadcast_module,
-    derive_seed,
     init_distributed,
     is_distributed,
 )
+from ..utils.fileio import copy_atomic, save_atomic
 from ..utils.monitor import Monitor, format_duration
+from ..utils.optim import make_optimizer, param_groups
+from ..utils.precision import autocast
 from ..utils.schedule import CosineSchedule, set_lr
+from ..utils.seeding import capture_rng, derive_seed, restore_rng
 from . import state as ckio
 from .config import PretrainConfig, build_schedule
-from .validate import build_val_sets, heldout_image, val_indices, validate
+from .engine import train_steps, wrap_ddp
+from .inputs import build_dataset, build_val_sets, val_indices
+from .validate import heldout_image, validate
 
-__all__ = ["NonFiniteLossError", "Pretrainer", "TrainResult", "make_visible", "train"]
+__all__ = ["NonFiniteLossError", "Pretrainer", "TrainResult", "train"]
 
 log = logging.getLogger("marlin")
 
@@ -71,63 +80,33 @@ class TrainResult:
     stopped_by: int = 0  # signal (SIGINT / SIGTERM) that stopped the run early, checkpoint saved; 0 = ran to the end
 
 
-def make_visible(
-    cfg: PretrainConfig, step: int, positions: Tensor, parse: Tensor | None, device: torch.device
-) -> Tensor:
-    """Visibility masks ``[b, N]`` for samples at stream `positions` of optimiser step `step`.
+@dataclass
+class _Prepared:
+    """One micro-batch on the device: clips, their masks and the hidden-patch targets."""
 
-    Each sample's mask is drawn from its own generator seeded from (seed, step, position), so the masks do not
-    depend on how the global batch is split over processes or micro-steps.
-    """
-    m, strategy = cfg.model, cfg.mask.strategy
-    if strategy in FACE_STRATEGIES and parse is None:
-        raise ValueError(f"mask strategy {strategy!r} needs parse maps, but the batch has none")
-    rows = []
-    for i, pos in enumerate(positions.tolist()):
-        g = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, "mask", step, pos))
-        rows.append(
-            generate_visible(
-                strategy,
-                1,
-                parse=parse[i : i + 1] if strategy in FACE_STRATEGIES else None,
-                mask_ratio=cfg.mask.ratio,
-                clip_frames=m.clip_frames,
-                tubelet=m.tubelet_size,
-                img_size=m.img_size,
-                patch=m.patch_size,
-                generator=g,
-                device=device,
-            )
-        )
-    return torch.cat(rows)  # [b, N]
+    x: Tensor  # [b, 3, T, H, W]
+    visible: Tensor  # [b, N] bool
+    target: Tensor  # [b, N_hidden, P] float32
 
 
-def _param_groups(module: nn.Module, weight_decay: float, skip: set[str]) -> list[dict[str, Any]]:
-    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    if weight_decay == 0:
-        return [{"params": [p for _, p in params], "weight_decay": 0.0}]
-    decay = [p for n, p in params if n not in skip and p.ndim > 1]
-    no_decay = [p for n, p in params if n in skip or p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+@dataclass
+class _RunState:
+    """What `Pretrainer.fit` carries from step to step besides the trainer itself."""
 
-
-def _make_optimizer(cfg: PretrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """AdamW / Adam with the fused kernel (one pass over each tensor; ~5x faster than the per-parameter loop that
-    PyTorch uses by default on CPU), falling back to the default implementation where it is unavailable."""
-    o = cfg.optim
-    cls = torch.optim.AdamW if o.type == "AdamW" else torch.optim.Adam
-    try:
-        return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
-    except (RuntimeError, ValueError):
-        return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    result: TrainResult
+    monitor: Monitor
+    val_sets: dict[str, tuple[Dataset, list[int]]]
+    ckpt_dir: Path
+    total: int  # steps of the run
+    saved_at: int | None = None  # step of the last checkpoint written
 
 
 class Pretrainer:
     """Owns the model, critic, optimisers and schedule of one run on one process (one rank of a torchrun job).
 
-    `train_step(micro_batches)` runs one optimiser step on already-collated batches; `fit()` runs the whole loop
-    (data, logging, checkpoints, exports). Batches may carry a "visible" [b, N] mask to bypass mask generation
-    (tests, benchmarks).
+    `train_step(micro_batches)` runs one optimiser step on collated batches, which carry their ``"visible"``
+    ``[b, N]`` masks (:class:`marlin.data.collate.MaskCollator` draws them); `fit()` runs the whole loop (data,
+    logging, held-out evaluation, checkpoints, exports) on the shared engine.
     """
 
     def __init__(
@@ -143,7 +122,6 @@ class Pretrainer:
         self.device = self.dist.device
         self.out_dir = Path(cfg.out_dir).expanduser()
         torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical initial weights on every rank
-
         self.model = (model or Marlin(cfg.model, as_feature_extractor=False)).to(self.device)
         if self.model.as_feature_extractor:
             raise ValueError("pretraining needs a full model (encoder + decoder), got an encoder-only Marlin")
@@ -153,28 +131,23 @@ class Pretrainer:
         self.model.train()
         self.critic = PatchCritic.from_config(cfg.model).to(self.device) if cfg.loss.adversarial else None
         torch.manual_seed(derive_seed(cfg.seed, "rank", self.dist.rank))  # per-rank stream for anything else
-
-        self.g_opt = _make_optimizer(
-            cfg, _param_groups(self.model, cfg.optim.weight_decay, self.model.no_weight_decay())
-        )
+        self.g_opt = self._optimizer(self.model, self.model.no_weight_decay())
         self.d_opt = None
         if self.critic is not None:
             broadcast_module(self.critic)
-            self.d_opt = _make_optimizer(cfg, _param_groups(self.critic, cfg.optim.weight_decay, set()))
-        self.net: nn.Module = self.model
-        if self.dist.world_size > 1:
-            self.net = DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
-                gradient_as_bucket_view=True,
-            )
+            self.d_opt = self._optimizer(self.critic, set())
+        self.net: nn.Module = wrap_ddp(self.model, self.dist, gradient_as_bucket_view=True)
         self.dataset = dataset
         self.step = 0
         self.nonfinite_streak = 0
         self.schedule: CosineSchedule | None = None
 
     # ---- setup ------------------------------------------------------------------------------------------------------
+    def _optimizer(self, module: nn.Module, no_decay: set[str]) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        groups = param_groups(module.named_parameters(), weight_decay=o.weight_decay, no_weight_decay=no_decay)
+        return make_optimizer(groups, o.lr, kind=o.type, betas=o.betas, eps=o.eps)
+
     def _load_init(self, path: str) -> None:
         """Start from a VideoMAE / marlin checkpoint: encoder (+ decoder when present), non-strict, logged."""
         from ..models.checkpoint import read_checkpoint
@@ -189,7 +162,7 @@ class Pretrainer:
             )  # fmt: skip
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        return autocast(self.device, self.cfg.precision)
 
     @property
     def world_size(self) -> int:
@@ -200,21 +173,19 @@ class Pretrainer:
             self.schedule = build_schedule(self.cfg, steps_per_epoch, self.world_size)
         return self.schedule
 
+    def masker(self) -> Masker:
+        """The run's masking strategy bound to its model geometry."""
+        return Masker.for_config(self.cfg.model, self.cfg.mask.strategy, self.cfg.mask.ratio)
+
     # ---- one step ---------------------------------------------------------------------------------------------------
-    def _prepare(self, batch: dict[str, Any], micro: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _prepare(self, batch: dict[str, Any]) -> _Prepared:
+        if batch.get("visible") is None:
+            raise ValueError("train_step needs batches with 'visible' masks [b, N]; collate them with MaskCollator")
         c = self.cfg
         x = batch["video"].to(self.device, non_blocking=True)  # [b, 3, T, H, W]
-        visible = batch.get("visible")
-        if visible is None:
-            positions = global_positions(self.step, micro, x.shape[0], c.accum_steps, self.dist.rank, self.world_size)
-            parse = batch.get("parse")
-            parse = parse.to(self.device, non_blocking=True) if parse is not None else None
-            visible = make_visible(c, self.step, positions, parse, self.device)  # [b, N]
-        visible = visible.to(self.device)
-        target = masked_targets(
-            x, visible, c.model.tubelet_size, c.model.patch_size, normalize=c.loss.norm_target
-        )  # [b, N_hidden, P] float32
-        return x, visible, target
+        visible = batch["visible"].to(self.device)  # [b, N]
+        target = masked_targets(x, visible, c.model.tubelet_size, c.model.patch_size, normalize=c.loss.norm_target)
+        return _Prepared(x, visible, target)
 
     def _all_finite(self, *values: Tensor) -> bool:
         flag = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().float()
@@ -227,10 +198,8 @@ class Pretrainer:
             nn.utils.clip_grad_norm_(list(params), self.cfg.optim.clip_grad)
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
-        """One optimiser step over `accum_steps` micro-batches; returns metrics averaged over micro-batches and ranks.
-
-        A step whose losses are not finite updates nothing and returns {"skipped": 1.0, ...}.
-        """
+        """One optimiser step over `accum_steps` micro-batches at the scheduled rate; returns metrics averaged over
+        micro-batches and ranks. A step whose losses are not finite updates nothing: {"skipped": 1.0, ...}."""
         c = self.cfg
         if self.schedule is None:
             raise RuntimeError("call ensure_schedule(steps_per_epoch) before train_step")
@@ -238,96 +207,106 @@ class Pretrainer:
             raise ValueError(f"train_step expects accum_steps={c.accum_steps} micro-batches, got {len(micro_batches)}")
         lr = self.schedule(self.step)
         set_lr((self.g_opt, self.d_opt), lr)
-        accum = len(micro_batches)
-        single = accum == 1
-        prepared = [self._prepare(b, m) for m, b in enumerate(micro_batches)]
+        prepared = [self._prepare(b) for b in micro_batches]
         sums: dict[str, Tensor] = {}
 
         def add(name: str, value: Tensor) -> None:
-            sums[name] = sums.get(name, 0.0) + value.detach().float() / accum
+            sums[name] = sums.get(name, 0.0) + value.detach().float() / len(prepared)
 
         # Forward once; with accumulation, a graph-free forward per micro-batch feeds the critic.
         pred0 = None
-        if single:
-            x, visible, _ = prepared[0]
+        if len(prepared) == 1:
             with self._autocast():
-                pred0 = self.net(x, visible)  # [b, N_hidden, P]
+                pred0 = self.net(prepared[0].x, prepared[0].visible)  # [b, N_hidden, P]
             fakes = [pred0.detach()]
         else:
             with torch.no_grad(), self._autocast():
-                fakes = [self.net(x, visible) for x, visible, _ in prepared]
+                fakes = [self.net(p.x, p.visible) for p in prepared]
+        if self.critic is not None and not self.critic_update(prepared, fakes, add):
+            return self._skip("critic", lr)
+        if not self.generator_update(prepared, pred0, add):
+            return self._skip("generator", lr)
+        self.nonfinite_streak = 0
+        return {**self._reduce(sums), "lr": lr}
 
-        # Critic: d_steps updates on the detached predictions.
-        if self.critic is not None:
-            g = torch.Generator().manual_seed(derive_seed(c.seed, "gp", self.step))
-            alpha = torch.rand(1, generator=g).to(self.device)  # one interpolation factor per global batch
-            for d_iter in range(c.loss.d_steps):
-                self.d_opt.zero_grad(set_to_none=True)
-                for (_, _, target), fake in zip(prepared, fakes, strict=True):
-                    with self._autocast():
-                        scores = self.critic(torch.cat([fake, target.to(fake.dtype)]))  # [2b, N_hidden, 1]
-                        fake_s, real_s = scores.chunk(2)
-                        d_loss = critic_loss(real_s, fake_s)
-                        total = d_loss
-                        if c.loss.gp_weight > 0:
-                            gp = gradient_penalty(self.critic, target, fake.float(), alpha)
-                            total = d_loss + c.loss.gp_weight * gp
-                            if d_iter == c.loss.d_steps - 1:
-                                add("loss/gp", gp)
-                    (total / accum).backward()
-                    if d_iter == c.loss.d_steps - 1:
-                        add("loss/critic", d_loss)
-                if not self._all_finite(*(p.grad for p in self.critic.parameters() if p.grad is not None), total):
-                    return self._skip("critic", lr)
-                all_reduce_grads(self.critic.parameters())
-                self._clip(self.critic.parameters())
-                self.d_opt.step()
+    def critic_update(self, prepared: list[_Prepared], fakes: list[Tensor], add: Any) -> bool:
+        """`d_steps` critic updates on the detached predictions `fakes`; False (no update) on a non-finite loss."""
+        c = self.cfg
+        g = torch.Generator().manual_seed(derive_seed(c.seed, "gp", self.step))
+        alpha = torch.rand(1, generator=g).to(self.device)  # one interpolation factor per global batch
+        for d_iter in range(c.loss.d_steps):
+            last = d_iter == c.loss.d_steps - 1
+            self.d_opt.zero_grad(set_to_none=True)
+            for p, fake in zip(prepared, fakes, strict=True):
+                with self._autocast():
+                    fake_s, real_s = self.critic(torch.cat([fake, p.target.to(fake.dtype)])).chunk(2)  # [b, Nh, 1]
+                    d_loss = critic_loss(real_s, fake_s)
+                    total = d_loss
+                    if c.loss.gp_weight > 0:
+                        gp = gradient_penalty(self.critic, p.target, fake.float(), alpha)
+                        total = d_loss + c.loss.gp_weight * gp
+                        if last:
+                            add("loss/gp", gp)
+                (total / len(prepared)).backward()
+                if last:
+                    add("loss/critic", d_loss)
+            if not self._all_finite(*(q.grad for q in self.critic.parameters() if q.grad is not None), total):
+                return False
+            all_reduce_grads(self.critic.parameters())
+            self._clip(self.critic.parameters())
+            self.d_opt.step()
+        return True
 
-        # Generator: g_steps updates against the (updated, frozen) critic.
-        for g_iter in range(c.loss.g_steps):
+    def generator_update(self, prepared: list[_Prepared], pred0: Tensor | None, add: Any) -> bool:
+        """`g_steps` encoder/decoder updates against the (updated, frozen) critic; `pred0` is the step's first forward
+        when it can be reused. False (nothing updated) on a non-finite loss."""
+        for g_iter in range(self.cfg.loss.g_steps):
             self.g_opt.zero_grad(set_to_none=True)
-            last = g_iter == c.loss.g_steps - 1
+            last = g_iter == self.cfg.loss.g_steps - 1
             losses = []
-            for i, (x, visible, target) in enumerate(prepared):
-                sync = i == accum - 1
-                ctx = self.net.no_sync() if (not sync and isinstance(self.net, DistributedDataParallel)) else None
-                with ctx or contextlib.nullcontext():
+            for i, p in enumerate(prepared):
+                no_sync = i < len(prepared) - 1 and isinstance(self.net, DistributedDataParallel)
+                with self.net.no_sync() if no_sync else contextlib.nullcontext():
                     if pred0 is not None and g_iter == 0:
                         pred = pred0
                     else:
                         with self._autocast():
-                            pred = self.net(x, visible)
-                    rec = reconstruction_loss(pred, target)
-                    loss = rec
-                    if self.critic is not None:
-                        self.critic.requires_grad_(False)
-                        with self._autocast():
-                            adv = generator_adv_loss(self.critic(pred))
-                        self.critic.requires_grad_(True)
-                        loss = rec + c.loss.adv_weight * adv
-                        if last:
-                            add("loss/adv", adv)
-                    if last:
-                        add("loss/rec", rec)
-                        add("loss/gen", loss)
-                    (loss / accum).backward()
+                            pred = self.net(p.x, p.visible)
+                    loss = self._generator_loss(pred, p.target, add if last else None)
+                    (loss / len(prepared)).backward()
                     losses.append(loss.detach())
             if not self._all_finite(*losses):
-                self.g_opt.zero_grad(set_to_none=True)
-                return self._skip("generator", lr)
+                return False
             self._clip(self.model.parameters())
             self.g_opt.step()
             pred0 = None
+        return True
 
-        self.nonfinite_streak = 0
+    def _generator_loss(self, pred: Tensor, target: Tensor, add: Any) -> Tensor:
+        """Reconstruction + adv_weight x the frozen critic's score of `pred`; logged through `add` when given."""
+        rec = reconstruction_loss(pred, target)
+        loss = rec
+        if self.critic is not None:
+            self.critic.requires_grad_(False)
+            with self._autocast():
+                adv = generator_adv_loss(self.critic(pred))
+            self.critic.requires_grad_(True)
+            loss = rec + self.cfg.loss.adv_weight * adv
+            if add is not None:
+                add("loss/adv", adv)
+        if add is not None:
+            add("loss/rec", rec)
+            add("loss/gen", loss)
+        return loss
+
+    def _reduce(self, sums: dict[str, Tensor]) -> dict[str, float]:
+        """Per-rank metric sums -> means over ranks."""
         names = sorted(sums)
         values = torch.stack([sums[n] for n in names])
         if is_distributed():
             torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
             values /= self.world_size
-        out = dict(zip(names, values.tolist(), strict=True))
-        out["lr"] = lr
-        return out
+        return dict(zip(names, values.tolist(), strict=True))
 
     def _skip(self, where: str, lr: float) -> dict[str, float]:
         self.g_opt.zero_grad(set_to_none=True)
@@ -345,7 +324,7 @@ class Pretrainer:
         sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         if self.critic is not None:
             sd.update({f"discriminator.{k}": v.detach().cpu() for k, v in self.critic.state_dict().items()})
-        rng = ckio.capture_rng()
+        rng = capture_rng()
         if is_distributed():
             gathered: list[Any] = [None] * self.world_size
             torch.distributed.all_gather_object(gathered, rng)
@@ -380,20 +359,27 @@ class Pretrainer:
         self.nonfinite_streak = int(ckpt.get("extra", {}).get("nonfinite_streak", 0))
         rng = ckpt.get("rng") or []
         if len(rng) == self.world_size:
-            ckio.restore_rng(rng[self.dist.rank])
+            restore_rng(rng[self.dist.rank])
 
     def save(self, path: Path) -> Path | None:
         """Collective (RNG states are gathered); rank 0 writes."""
         state = self.state_dict()
         if self.dist.is_main:
-            return ckio.save_atomic(state, path)
+            return save_atomic(state, path)
         return None
 
     def resume(self, path: str | Path) -> None:
         ckpt = ckio.load_training_checkpoint(path)
         saved = ckpt["train_config"]
         if saved.get("model") != self.cfg.model.to_dict():
-            raise ValueError(f"{path}: checkpoint model {saved.get('model', {}).get('name')!r} differs from the run's")
+            theirs, ours = saved.get("model", {}), self.cfg.model.to_dict()
+            diff = ", ".join(
+                f"{k}: checkpoint {theirs.get(k)!r}, run {v!r}" for k, v in ours.items() if theirs.get(k) != v
+            )
+            raise ValueError(
+                f"{path}: the checkpoint's model differs from the run's ({diff}); resume with the same "
+                "config (the run folder's config.yaml), or start a new --out"
+            )
         self.load_state_dict(ckpt, str(path))
         if self.dist.is_main:
             log.info("resumed from %s at step %d", path, self.step)
@@ -407,18 +393,11 @@ class Pretrainer:
     # ---- exports ----------------------------------------------------------------------------------------------------
     def export(self, directory: Path) -> dict[str, Path]:
         """The encoder and full model in the official `.pt` layouts and as a marlin `save_pretrained` directory."""
-        name = self.cfg.model.name
-        model = self.model
-        return {
-            "encoder_official": model.export_official(directory / f"{name}.encoder.pt", full_model=False),
-            "full_official": model.export_official(directory / f"{name}.full.pt", full_model=True),
-            "marlin": model.save_pretrained(directory / name),
-        }
+        return self.model.export_all(directory)
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
     def fit(self, resume: str | Path | None = None) -> TrainResult:
         """Train to the configured length. `resume`: a checkpoint path, or "auto" for `out_dir/checkpoints`."""
-        c = self.cfg
         ckpt_dir = self.out_dir / "checkpoints"
         if resume == "auto":
             resume = ckio.find_resume_checkpoint(ckpt_dir)
@@ -426,122 +405,132 @@ class Pretrainer:
                 log.info("no checkpoint in %s: starting from scratch", ckpt_dir)
         if resume:
             self.resume(resume)
+        loader, total, n_clips = self._loader()
+        val_sets = {
+            name: (ds, val_indices(len(ds), self.cfg.val.max_clips)) for name, ds in build_val_sets(self.cfg).items()
+        }
+        monitor = Monitor(self.out_dir, enabled=self.dist.is_main, tensorboard=self.cfg.log.tensorboard)
+        self._log_start(total, n_clips, val_sets)
+        run = _RunState(TrainResult(steps=self.step), monitor, val_sets, ckpt_dir, total)
+        with GracefulStop() as signals:
+            try:
+                end = train_steps(
+                    self.train_step, iter(loader), start=self.step, stop=total, schedule=self.schedule,
+                    optimizers=(self.g_opt, self.d_opt), accum_steps=self.cfg.accum_steps,
+                    on_step=lambda step, metrics, micro: self._after_step(run, step, metrics, micro),
+                    signals=signals, device=self.device,
+                )  # fmt: skip
+                run.result.stopped_by = end.stopped_by
+                if end.stopped_by:
+                    self._save_on_signal(run)
+            finally:
+                monitor.close()
+        run.result.steps = self.step
+        if not run.result.stopped_by:
+            self._finish(run.result, end.seconds)
+        return run.result
+
+    def _loader(self) -> tuple[DataLoader, int, int]:
+        """The run's DataLoader from the current step on (masks drawn in its collate), its length in steps, clips."""
+        c = self.cfg
         dataset = self.dataset if self.dataset is not None else build_dataset(c)
         has_parse = getattr(dataset, "has_parse", None)
         if has_parse is None:  # a dataset that does not say: look at its first item
             has_parse = dataset[0].get("parse") is not None
-        if c.mask.strategy in FACE_STRATEGIES and not has_parse:
+        masker = self.masker()
+        if masker.needs_parse and not has_parse:
             raise ValueError(
                 f"mask strategy {c.mask.strategy!r} needs face parse maps, but the dataset "
                 f"({type(dataset).__name__}, source {c.data.source!r}) has none; use mask.strategy=tube or random"
             )
         sampler = StreamBatchSampler(
-            len(dataset), c.batch_size, c.accum_steps, self.dist.rank, self.world_size, c.seed, start_step=self.step
-        )
-        schedule = self.ensure_schedule(sampler.steps_per_epoch())
-        total = schedule.total_steps
+            len(dataset), c.batch_size, c.accum_steps, self.dist.rank, self.world_size, c.seed, start_step=self.step,
+            keys=True,
+        )  # fmt: skip
+        total = self.ensure_schedule(sampler.steps_per_epoch()).total_steps
         sampler.total_steps = total
         loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=collate_clips,
-            num_workers=c.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
+            KeyedItems(dataset), batch_sampler=sampler, collate_fn=MaskCollator(masker, c.seed),
+            num_workers=c.data.num_workers, pin_memory=self.device.type == "cuda", persistent_workers=False,
             worker_init_fn=GracefulStop.ignore_in_worker,  # a Ctrl-C to the process group stops the loop, not them
-        )
-        val_sets = {name: (ds, val_indices(len(ds), c.val.max_clips)) for name, ds in build_val_sets(c).items()}
-        monitor = Monitor(self.out_dir, enabled=self.dist.is_main, tensorboard=c.log.tensorboard)
+        )  # fmt: skip
+        return loader, total, len(dataset)
+
+    def _log_start(self, total: int, n_clips: int, val_sets: dict[str, tuple[Dataset, list[int]]]) -> None:
+        c, schedule = self.cfg, self.schedule
+        if not self.dist.is_main:
+            return
+        (self.out_dir / "config.yaml").write_text(c.to_yaml())
+        epochs = total * c.global_batch(self.world_size) / n_clips
+        log.info(
+            "pretraining %s: %d steps (%.2f epochs of %d clips), global batch %d = %d x %d accum x %d ranks, "
+            "lr %.3g -> %.3g, warmup %d steps, device %s",
+            c.model.name, total, epochs, n_clips, c.global_batch(self.world_size), c.batch_size, c.accum_steps,
+            self.world_size, schedule.base_lr, schedule.min_lr, schedule.warmup_steps, self.device,
+        )  # fmt: skip
+        if not val_sets:
+            log.info("no held-out clips (val.source=%s): held-out reconstruction error not measured", c.val.source)
+        for name, (ds, idx) in val_sets.items():
+            log.info("held-out reconstruction error every %d steps on %d of %d clips of %s (val.source=%s)",
+                     c.val.every, len(idx), len(ds), name, c.val.source)  # fmt: skip
+
+    def _after_step(self, run: _RunState, step: int, metrics: dict[str, float], micro: list[dict[str, Any]]) -> None:
+        """Everything the loop does after optimiser step `step` (1-based): logging, evaluation, checkpoints."""
+        c = self.cfg
+        metrics["samples_per_s"] = c.global_batch(self.world_size) / max(metrics.pop("step_s"), 1e-9)
+        run.result.history.append({"step": step, **metrics})
+        run.monitor.scalars(step, metrics)
+        if metrics.get("skipped"):
+            run.monitor.event(step, "non-finite loss, step skipped", streak=self.nonfinite_streak)
+            if self.nonfinite_streak >= c.log.max_nonfinite:
+                raise NonFiniteLossError(f"{self.nonfinite_streak} consecutive steps with a non-finite loss (up to "
+                                         f"step {step}); lower optim.lr or check the data")  # fmt: skip
+        if c.log.image_every and step % c.log.image_every == 0 and self.dist.is_main:
+            self._log_image(run.monitor, step, micro[0])
+        self.step = step
+        if step % c.log.every == 0 or step == run.total:
+            run.monitor.progress(step, run.total, metrics, c.global_batch(self.world_size))
+        if run.val_sets and (step % c.val.every == 0 or step == run.total):
+            self._validate_safely(run, step)
+        if step % c.ckpt.every == 0 or step == run.total:
+            self._checkpoint(run, step)
+
+    def _validate_safely(self, run: _RunState, step: int) -> None:
+        """Held-out evaluation; a clip that cannot be read must not end a long run (single process)."""
+        try:
+            run.result.val.append(self._validate(run.monitor, step, run.val_sets))
+        except Exception as e:
+            if self.world_size > 1:
+                raise  # the other ranks wait in its all-reduce: stop all of them
+            log.warning("held-out evaluation at step %d failed (%s: %s); training goes on without it",
+                        step, type(e).__name__, e)  # fmt: skip
+            run.val_sets = {}
+
+    def _checkpoint(self, run: _RunState, step: int) -> None:
+        """`last.pt` (collective), plus a numbered copy pruned to `ckpt.keep`."""
+        path = self.save(run.ckpt_dir / ckio.LAST)
+        if self.dist.is_main and self.cfg.ckpt.keep > 0:
+            copy_atomic(path, run.ckpt_dir / f"step_{step}.pt")
+            ckio.prune_checkpoints(run.ckpt_dir, self.cfg.ckpt.keep)
+        run.result.checkpoint, run.saved_at = run.ckpt_dir / ckio.LAST, step
+
+    def _save_on_signal(self, run: _RunState) -> None:
+        if run.saved_at != self.step:
+            self.save(run.ckpt_dir / ckio.LAST)
+            run.result.checkpoint = run.ckpt_dir / ckio.LAST
         if self.dist.is_main:
-            (self.out_dir / "config.yaml").write_text(c.to_yaml())
-            log.info(
-                "pretraining %s: %d steps (%.2f epochs of %d clips), global batch %d = %d x %d accum x %d ranks, "
-                "lr %.3g -> %.3g, warmup %d steps, device %s",
-                c.model.name, total, total / sampler.steps_per_epoch(), len(dataset), c.global_batch(self.world_size),
-                c.batch_size, c.accum_steps, self.world_size, schedule.base_lr, schedule.min_lr,
-                schedule.warmup_steps, self.device,
-            )  # fmt: skip
-            if not val_sets:
-                log.info("no held-out clips (val.source=%s): held-out reconstruction error not measured", c.val.source)
-            for name, (ds, idx) in val_sets.items():
-                log.info("held-out reconstruction error every %d steps on %d of %d clips of %s (val.source=%s)",
-                         c.val.every, len(idx), len(ds), name, c.val.source)  # fmt: skip
-        result = TrainResult(steps=self.step)
-        samples_per_step = c.global_batch(self.world_size)
-        it = iter(loader)
-        t0 = time.perf_counter()
-        saved_at = None
-        with GracefulStop() as stop:
-            try:
-                while self.step < total:
-                    try:
-                        micro = [next(it) for _ in range(c.accum_steps)]
-                    except Exception:  # DataLoader workers hit by the same Ctrl-C (RuntimeError, OSError, ...)
-                        if not stop.signum or self.world_size > 1:
-                            raise
-                        result.stopped_by = stop.signum
-                        break
-                    t_step = time.perf_counter()
-                    metrics = self.train_step(micro)
-                    metrics["samples_per_s"] = samples_per_step / max(time.perf_counter() - t_step, 1e-9)
-                    step_done = self.step + 1
-                    result.history.append({"step": step_done, **metrics})
-                    monitor.scalars(step_done, metrics)
-                    if metrics.get("skipped"):
-                        monitor.event(step_done, "non-finite loss, step skipped", streak=self.nonfinite_streak)
-                        if self.nonfinite_streak >= c.log.max_nonfinite:
-                            raise NonFiniteLossError(
-                                f"{self.nonfinite_streak} consecutive steps with a non-finite loss (up to step "
-                                f"{step_done}); lower optim.lr or check the data"
-                            )
-                    if c.log.image_every and step_done % c.log.image_every == 0 and self.dist.is_main:
-                        self._log_image(monitor, step_done, micro[0])
-                    self.step = step_done
-                    if step_done % c.log.every == 0 or step_done == total:
-                        monitor.progress(step_done, total, metrics, samples_per_step)
-                    if val_sets and (step_done % c.val.every == 0 or step_done == total):
-                        try:
-                            result.val.append(self._validate(monitor, step_done, val_sets))
-                        except Exception as e:  # a held-out clip that cannot be read must not end a long run
-                            if self.world_size > 1:
-                                raise  # the other ranks wait in its all-reduce: stop all of them
-                            log.warning("held-out evaluation at step %d failed (%s: %s); training goes on without it",
-                                        step_done, type(e).__name__, e)  # fmt: skip
-                            val_sets = {}
-                    if step_done % c.ckpt.every == 0 or step_done == total:
-                        path = self.save(ckpt_dir / ckio.LAST)
-                        if self.dist.is_main and c.ckpt.keep > 0:
-                            ckio.copy_atomic(path, ckpt_dir / f"step_{step_done}.pt")
-                            ckio.prune_checkpoints(ckpt_dir, c.ckpt.keep)
-                        result.checkpoint, saved_at = ckpt_dir / ckio.LAST, step_done
-                    result.stopped_by = stop.agreed(self.device)
-                    if result.stopped_by:
-                        break
-                if self.step >= total:
-                    result.stopped_by = 0  # a signal during the last step: the run is complete anyway
-                if result.stopped_by:
-                    if saved_at != self.step:
-                        self.save(ckpt_dir / ckio.LAST)
-                        result.checkpoint = ckpt_dir / ckio.LAST
-                    if self.dist.is_main:
-                        name = signal.Signals(result.stopped_by).name
-                        log.warning("stopped by %s at step %d/%d; %s holds it: continue with --resume", name,
-                                    self.step, total, result.checkpoint)  # fmt: skip
-            finally:
-                monitor.close()
-        result.steps = self.step
-        if result.stopped_by:
-            return result
-        if self.dist.is_main:
-            log.info(
-                "done: %d steps in %s",
-                self.step - (result.history[0]["step"] - 1 if result.history else 0),
-                format_duration(time.perf_counter() - t0),
-            )
-            if c.ckpt.export:
-                result.exports = self.export(self.out_dir / "export")
-                log.info("exported %s", ", ".join(str(p) for p in result.exports.values()))
-        return result
+            name = signal.Signals(run.result.stopped_by).name
+            log.warning("stopped by %s at step %d/%d; %s holds it: continue with --resume", name, self.step,
+                        run.total, run.result.checkpoint)  # fmt: skip
+
+    def _finish(self, result: TrainResult, seconds: float) -> None:
+        if not self.dist.is_main:
+            return
+        done = self.step - (result.history[0]["step"] - 1 if result.history else 0)
+        log.info("done: %d steps in %s", done, format_duration(seconds))
+        if self.cfg.ckpt.export:
+            result.exports = self.export(self.out_dir / "export")
+            log.info("exported %s", ", ".join(str(p) for p in result.exports.values()))
 
     def _validate(self, monitor: Monitor, step: int, sets: dict[str, tuple[Dataset, list[int]]]) -> dict[str, float]:
         """Score every held-out set; keys ``val/<metric>`` for one set, ``val/<set>/<metric>`` for several."""
@@ -575,17 +564,11 @@ class Pretrainer:
 
         c = self.cfg
         x = batch["video"][:1].to(self.device)
-        visible = batch.get("visible")
-        if visible is None:
-            parse = batch.get("parse")
-            pos = global_positions(step - 1, 0, batch["video"].shape[0], c.accum_steps, self.dist.rank, self.world_size)
-            visible = make_visible(
-                c, step - 1, pos[:1], parse[:1].to(self.device) if parse is not None else None, self.device
-            )
+        visible = batch["visible"][:1].to(self.device)  # drawn by the collate
         was_training = self.model.training
         self.model.eval()
         with self._autocast():
-            pred = self.model(x, visible[:1].to(self.device)).float()
+            pred = self.model(x, visible).float()
         self.model.train(was_training)
         views = reconstruction_views(x[0], visible[0], pred[0], c.model, norm_target=c.loss.norm_target)
         monitor.image(step, "reconstruction", render_grid(*views, labels=False))

@@ -16,78 +16,26 @@ Clips are split over ranks and the sums all-reduced, so a torchrun job logs the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..mae.masking import FACE_STRATEGIES, generate_visible
-from ..utils.distributed import derive_seed, is_distributed
+from ..mae.masking import Masker
+from ..utils.distributed import is_distributed
+from ..utils.seeding import derive_seed
 from .config import PretrainConfig
 
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["build_val_sets", "heldout_image", "val_indices", "validate"]
+__all__ = ["heldout_image", "validate"]
 
 log = logging.getLogger("marlin")
-
-
-def _is_store(path: str) -> bool:
-    return (Path(path).expanduser() / "store.json").is_file()
-
-
-def build_val_sets(cfg: PretrainConfig) -> dict[str, Dataset]:
-    """The held-out sets named by `cfg.val.source`, by name; empty when validation is off or nothing is held out.
-
-    ``"auto"``: the ``val`` split of each training store (`marlin prepare` holds out whole identities), one set per
-    store that has one, named after the store's folder; none for video folders or synthetic data. Store paths
-    (comma-separated): all of their items, one set each. A directory / glob / list of videos: one set ("videos"),
-    windows cut as for training. Each set is scored apart, so a mix of easy and hard held-out data stays visible.
-    """
-    from ..data.datasets import VideoFolderClips, expand_video_sources
-    from ..data.store import PretrainDataset
-
-    source = (cfg.val.source or "none").strip()
-    if source.lower() == "none":
-        return {}
-    m = cfg.model
-    auto = source.lower() == "auto"
-    parts = [s.strip() for s in (cfg.data.source if auto else source).split(",") if s.strip()]
-    if all(_is_store(p) for p in parts):
-        sets: dict[str, Dataset] = {}
-        for p in parts:
-            path = Path(p).expanduser()
-            ds = PretrainDataset.from_config(path, m, split=None, stride=cfg.data.temporal_sample_rate, mode="eval")
-            ds.items = [it for it in ds.items if it.split == "val"] if auto else ds.items
-            if ds.items:
-                base = path.name or path.resolve().name  # the folder name as given ("." -> its real name)
-                name, k = base, 2
-                while name in sets:  # two stores with the same folder name
-                    name, k = f"{base}_{k}", k + 1
-                sets[name] = ds
-        return sets
-    if auto:  # synthetic data or plain videos: no split to hold out
-        return {}
-    videos = VideoFolderClips(
-        expand_video_sources(source),
-        clip_frames=m.clip_frames,
-        sample_rate=cfg.data.temporal_sample_rate,
-        img_size=m.img_size,
-        window_stride=cfg.data.window_stride,
-    )
-    return {"videos": videos}
-
-
-def val_indices(n: int, max_clips: int) -> list[int]:
-    """At most `max_clips` indices spread evenly over ``range(n)`` (all of them when n <= max_clips)."""
-    if n <= max_clips:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (max_clips - 1)) for i in range(max_clips)}) if max_clips > 1 else [0]
 
 
 def _clip_metrics(video: Tensor, visible: Tensor, pred: Tensor, cfg: PretrainConfig) -> dict[str, float]:
@@ -108,14 +56,10 @@ def _clip_metrics(video: Tensor, visible: Tensor, pred: Tensor, cfg: PretrainCon
 def _clip_mask(item: dict[str, Any], index: int, cfg: PretrainConfig) -> Tensor:
     """The fixed mask ``[1, N]`` of held-out clip `index`: the run's strategy (tube without parse maps), seeded by
     the clip's position so every evaluation, on any number of ranks, hides the same patches."""
-    m, parse = cfg.model, item.get("parse")
-    face = cfg.mask.strategy in FACE_STRATEGIES
-    strategy = cfg.mask.strategy if (not face or parse is not None) else "tube"
-    return generate_visible(
-        strategy, 1, parse=parse[None] if face and parse is not None else None, mask_ratio=cfg.mask.ratio,
-        clip_frames=m.clip_frames, tubelet=m.tubelet_size, img_size=m.img_size, patch=m.patch_size,
-        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "val", index)),
-    )  # fmt: skip
+    masker, parse = Masker.for_config(cfg.model, cfg.mask.strategy, cfg.mask.ratio), item.get("parse")
+    if masker.needs_parse and parse is None:
+        masker = dataclasses.replace(masker, strategy="tube")
+    return masker.seeded([derive_seed(cfg.seed, "val", index)], parse[None] if parse is not None else None)
 
 
 @torch.no_grad()

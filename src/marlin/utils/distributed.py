@@ -6,7 +6,6 @@ every helper here is a no-op. The backend is NCCL on GPUs and gloo on CPUs.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 log = logging.getLogger("marlin")
 
@@ -26,9 +25,7 @@ __all__ = [
     "DistInfo",
     "GracefulStop",
     "all_reduce_grads",
-    "all_reduce_mean",
     "broadcast_module",
-    "derive_seed",
     "init_distributed",
     "is_distributed",
     "shutdown_distributed",
@@ -83,15 +80,6 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(t: Tensor) -> Tensor:
-    """Mean over ranks (in place on a copy); the tensor itself when not distributed."""
-    if not is_distributed():
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / dist.get_world_size()
-
-
 def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
     """Average `.grad` over ranks with one flat all-reduce (for small modules kept outside DDP, e.g. the critic)."""
     if not is_distributed():
@@ -115,12 +103,6 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src)
-
-
-def derive_seed(*keys: int | str) -> int:
-    """A 63-bit seed from a tuple of keys (e.g. seed, step, sample position), independent across keys."""
-    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class GracefulStop:

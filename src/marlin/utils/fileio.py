@@ -42,6 +42,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, write)
 
 
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` `obj` to `path` atomically, fsynced before the rename (checkpoints must survive a power cut)."""
+    import torch
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)
+
+
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a file to `dst` through a temporary name in the target folder."""
+    import shutil
+
+    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
 def image_format(path: str | os.PathLike, where: str = "save") -> str:
     """PIL format name for the file suffix, or a one-line ValueError before anything is written."""
     from PIL import Image

@@ -35,7 +35,8 @@ class CosineSchedule:
 
 
 def set_lr(optimizers: Iterable[torch.optim.Optimizer | None], lr: float) -> None:
+    """Set every group's rate to ``lr`` times its ``lr_scale`` (1 when absent; see :mod:`marlin.utils.optim`)."""
     for opt in optimizers:
         if opt is not None:
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)

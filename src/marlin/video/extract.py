@@ -31,42 +31,10 @@ from .pipeline import Timings, clip_windows, encode_windows
 
 log = logging.getLogger("marlin")
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".gif")
 INDEX_FIELDS = ["input", "output", "status", "windows", "frames", "faceless_frames", "seconds", "track", "error"]
 
 
-# ---- inputs ---------------------------------------------------------------------------------------------------------
-def collect_inputs(specs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files, directories (recursive), globs and CSV manifests (a `path` or `video` column) into video paths.
-
-    A spec that matches nothing is kept as is, so it is reported as a failed input rather than silently dropped.
-    """
-    out: list[Path] = []
-    for spec in map(str, specs):
-        p = Path(spec).expanduser()
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
-        elif p.suffix.lower() == ".csv" and p.is_file():
-            out += _read_manifest(p)
-        elif any(ch in spec for ch in "*?["):
-            out += sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
-        else:
-            out.append(p)
-    seen: set[Path] = set()
-    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
-
-
-def _read_manifest(path: Path) -> list[Path]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return []
-    col = next((c for c in ("path", "video", "file", "filename") if c in rows[0]), None)
-    if col is None:
-        raise ValueError(f"{path}: manifest needs a 'path' (or 'video') column, found {list(rows[0])}")
-    return [p if (p := Path(r[col]).expanduser()).is_absolute() else path.parent / p for r in rows]
-
-
+# ---- outputs ------------------------------------------------------------------------------------------------------
 def output_paths(inputs: Sequence[Path], out_dir: Path) -> dict[Path, Path]:
     """Map each input to `out_dir / <path relative to the inputs' common folder>.npy` (mirrors the input tree)."""
     if not inputs:

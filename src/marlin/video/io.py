@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -40,14 +40,19 @@ from av.video.reformatter import VideoReformatter
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "VIDEO_EXTENSIONS",
     "VideoError",
     "VideoInfo",
     "VideoWarning",
     "iter_frames",
     "probe_video",
+    "read_frames",
     "read_video",
     "write_video",
 ]
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".gif")
+"""File suffixes taken as videos when a folder is searched (every command uses this one list)."""
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """Largest frame area accepted by default: above 8K UHD (7680x4320), below what would exhaust memory per frame."""
@@ -240,26 +245,39 @@ def _iter_frames(
     p: Path, start: int, step: int, stop: int | None, size: tuple[int, int] | None, max_pixels: int
 ) -> Iterator[np.ndarray]:
     """The generator behind :func:`iter_frames`."""
-    reformatter = VideoReformatter()  # caches the swscale context across frames
+    to_rgb = _RGBConverter(p, size, max_pixels)
     with _open_video(p, max_pixels) as (container, stream):
         for index, frame in enumerate(_decode(container, stream, p)):
             if stop is not None and index >= stop:
                 return
-            if index < start or (index - start) % step:
-                continue
-            if frame.width * frame.height > max_pixels:
-                raise VideoError(f"{p}: frame {index} is {frame.width}x{frame.height}, above max_pixels={max_pixels}")
-            rotation = _rotation(frame)
-            if size is None:  # keep the first frame's size, so a mid-stream size change cannot break stacking
-                size = (frame.height, frame.width) if rotation in (0, 180) else (frame.width, frame.height)
-            height, width = size if rotation in (0, 180) else size[::-1]  # resize before rotating
-            rgb = reformatter.reformat(
-                frame, width=width, height=height, format="rgb24", interpolation="BILINEAR", threads=1
-            ).to_ndarray()  # [h, w, 3], a view of the frame's buffer, rows possibly padded
-            # threads=1: swscale's default thread pool made conversion several times slower and erratic.
-            if rotation:
-                rgb = np.rot90(rgb, k=rotation // 90)  # counter-clockwise, [H, W, 3]
-            yield np.array(rgb, dtype=np.uint8, order="C")  # an owned, contiguous copy
+            if index >= start and (index - start) % step == 0:
+                yield to_rgb(frame, index)
+
+
+class _RGBConverter:
+    """Decoded frame -> upright ``[H, W, 3]`` uint8 RGB of one output size (that of the first frame by default, so a
+    mid-stream size change cannot break stacking)."""
+
+    def __init__(self, path: Path, size: tuple[int, int] | None, max_pixels: int) -> None:
+        self.path, self.size, self.max_pixels = path, size, max_pixels
+        self.reformatter = VideoReformatter()  # caches the swscale context across frames
+
+    def __call__(self, frame: av.VideoFrame, index: int) -> np.ndarray:
+        if frame.width * frame.height > self.max_pixels:
+            raise VideoError(
+                f"{self.path}: frame {index} is {frame.width}x{frame.height}, above max_pixels={self.max_pixels}"
+            )
+        rotation = _rotation(frame)
+        if self.size is None:
+            self.size = (frame.height, frame.width) if rotation in (0, 180) else (frame.width, frame.height)
+        height, width = self.size if rotation in (0, 180) else self.size[::-1]  # resize before rotating
+        rgb = self.reformatter.reformat(
+            frame, width=width, height=height, format="rgb24", interpolation="BILINEAR", threads=1
+        ).to_ndarray()  # [h, w, 3], a view of the frame's buffer, rows possibly padded
+        # threads=1: swscale's default thread pool made conversion several times slower and erratic.
+        if rotation:
+            rgb = np.rot90(rgb, k=rotation // 90)  # counter-clockwise, [H, W, 3]
+        return np.array(rgb, dtype=np.uint8, order="C")  # an owned, contiguous copy
 
 
 def read_video(
@@ -279,6 +297,43 @@ def read_video(
     if not frames:
         raise VideoError(f"{Path(path)}: no frames selected by start={start}, step={step}, stop={stop}")
     return np.stack(frames)  # [T, H, W, 3]
+
+
+def read_frames(
+    path: str | os.PathLike,
+    indices: Sequence[int],
+    *,
+    size: int | tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Frames ``indices`` (decoder order, any order, repeats allowed) as one ``[len(indices), H, W, 3]`` uint8 array.
+
+    The clip reader of every consumer (pretraining on video folders, fine-tuning, reconstructions, mask sheets): the
+    same decoding, rotation and colour conversion as :func:`iter_frames`, and only the selected frames are converted
+    and kept. An index past the frames that actually decode (a container that over-reports its length, a truncated
+    file) repeats the last frame that decodes, so a clip is always complete; :class:`VideoError` when nothing decodes.
+    """
+    wanted = sorted({int(i) for i in indices})
+    if not wanted or wanted[0] < 0:
+        raise ValueError(f"{path}: expected non-empty frame indices >= 0, got {list(indices)[:8]}")
+    if isinstance(size, int):
+        size = (size, size)
+    p, keep = Path(path), set(wanted)
+    to_rgb = _RGBConverter(p, size, max_pixels)
+    got: dict[int, np.ndarray] = {}
+    last: tuple[int, av.VideoFrame] | None = None
+    with _open_video(p, max_pixels) as (container, stream):
+        for index, frame in enumerate(_decode(container, stream, p)):
+            if index in keep:
+                got[index] = to_rgb(frame, index)
+            last = (index, frame)
+            if index >= wanted[-1]:
+                break
+        if last is not None and last[0] not in got:  # the stream ended early: its last frame pads the clip
+            got[last[0]] = to_rgb(last[1], last[0])
+    decoded = sorted(got)
+    pick = [i if i in got else max((d for d in decoded if d <= i), default=decoded[0]) for i in map(int, indices)]
+    return np.stack([got[i] for i in pick])  # [T, H, W, 3]
 
 
 def write_video(

@@ -7,7 +7,6 @@ encoder over them in batches; `extract_video` ties both together for `Marlin.ext
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..utils.precision import autocast
 from .io import VideoError, iter_frames, probe_video
 from .windows import iter_windows, window_indices
 
@@ -204,18 +204,6 @@ def to_clip_tensor(windows: np.ndarray | list[np.ndarray]) -> Tensor:
     return x.permute(0, 4, 1, 2, 3).float().div_(255)
 
 
-def autocast_for(dtype: str | torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast context for "bf16"/"fp16", nothing for "fp32"/None."""
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, dtype)  # type: ignore
-    if name in (None, "fp32", "float32"):
-        return contextlib.nullcontext()
-    if name in ("bf16", "bfloat16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if name in ("fp16", "float16"):
-        return torch.autocast(device.type, dtype=torch.float16)
-    raise ValueError(f"dtype must be one of fp32, bf16, fp16, got {dtype!r}")
-
-
 @torch.inference_mode()
 def encode_windows(
     model: Any,
@@ -231,7 +219,7 @@ def encode_windows(
 
     def flush() -> None:
         t0 = time.perf_counter()
-        with autocast_for(dtype, model.device):
+        with autocast(model.device, dtype):
             feats = model.extract_features(to_clip_tensor(batch).to(model.device), keep_seq=keep_seq)
         outs.append(feats.float().cpu())
         batch.clear()

@@ -120,11 +120,24 @@ def mask_sheet(
     Returns:
         A PIL RGB image.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    frames, grid = _check_sheet_inputs(frames, visible, parse, frame_labels, tubelet, patch)  # [T, H, W, 3], [t, h, w]
+    n_frames, height, width = frames.shape[:3]
+    side = tile or width
+    panel_h = round(height * (side / width))
+    names = frame_labels if frame_labels is not None else [str(i) for i in range(n_frames)]
+    rows = _sheet_rows(frames, grid, parse, tubelet, patch)
+    return _draw_sheet(rows, grid, names, tubelet, title, (side, panel_h), with_parse=parse is not None)
 
-    from ..face.overlay import overlay_parse
-    from ..face.parse import LAPA_LABELS, LAPA_PALETTE
 
+def _check_sheet_inputs(
+    frames: np.ndarray,
+    visible: np.ndarray,
+    parse: np.ndarray | None,
+    frame_labels: Sequence[str] | None,
+    tubelet: int,
+    patch: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate :func:`mask_sheet`'s inputs so a bad clip fails clearly; returns frames and the ``[t, h, w]`` grid."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] % tubelet:
         raise ValueError(f"mask_sheet: expected uint8 frames [T, H, W, 3] with T divisible by tubelet={tubelet}, "
@@ -135,21 +148,45 @@ def mask_sheet(
     if visible.dtype != bool or visible.size != t * h * w:
         raise ValueError(f"mask_sheet: expected a bool mask of {t}x{h}x{w}={t * h * w} tokens, "
                          f"found {visible.dtype} {visible.shape}")  # fmt: skip
-    grid = visible.reshape(t, h, w)
     if parse is not None and np.asarray(parse).shape != frames.shape[:3]:
         raise ValueError(f"mask_sheet: expected parse [T, H, W] = {frames.shape[:3]}, found {np.asarray(parse).shape}")
     if frame_labels is not None and len(frame_labels) != n_frames:
         raise ValueError(f"mask_sheet: expected {n_frames} frame labels, found {len(frame_labels)}")
-    side = tile or width
-    scale = side / width
-    panel_h = round(height * scale)
+    return frames, visible.reshape(t, h, w)
 
+
+def _sheet_rows(
+    frames: np.ndarray, grid: np.ndarray, parse: np.ndarray | None, tubelet: int, patch: int
+) -> list[tuple[str, list[np.ndarray]]]:
+    """The sheet's rows as (name, one ``[H, W, 3]`` panel per tubelet's first frame): crop, parse overlay, masked."""
+    from ..face.overlay import overlay_parse
+
+    t = grid.shape[0]
     rows: list[tuple[str, list[np.ndarray]]] = [("crop", [frames[k * tubelet] for k in range(t)])]
     if parse is not None:
         rows.append(("parse", [_patch_grid(overlay_parse(frames[k * tubelet], parse[k * tubelet]), patch)
                                for k in range(t)]))  # fmt: skip
     rows.append(("masked", [mask_frame(frames[k * tubelet], grid[k], patch) for k in range(t)]))
+    return rows
 
+
+def _draw_sheet(
+    rows: list[tuple[str, list[np.ndarray]]],
+    grid: np.ndarray,
+    names: Sequence[str],
+    tubelet: int,
+    title: str,
+    panel_size: tuple[int, int],
+    *,
+    with_parse: bool,
+) -> Image.Image:
+    """Draw the title and column heads, each row's label and panels (resized to ``panel_size``), then the legend."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from ..face.parse import LAPA_LABELS, LAPA_PALETTE
+
+    side, panel_h = panel_size
+    t = grid.shape[0]  # grid: [t, h, w]
     font = _font(ImageFont, 13)
     pad, label_w, head_h, title_h = 4, 62, 36, 26 if title else 0
     legend_h = 24
@@ -159,23 +196,30 @@ def mask_sheet(
     draw = ImageDraw.Draw(sheet)
     if title:
         draw.text((pad + 2, 7), title, fill=_TEXT, font=font)
-    for k in range(t):
-        x = label_w + pad + k * (side + pad)
-        first, last = k * tubelet, k * tubelet + tubelet - 1
-        names = frame_labels if frame_labels is not None else [str(i) for i in range(n_frames)]
-        n_vis = int(grid[k].sum())
-        draw.text((x + 2, title_h + 2), f"t={k}  frames {names[first]}-{names[last]}", fill=_TEXT, font=font)
-        draw.text((x + 2, title_h + 17), f"{n_vis}/{h * w} visible", fill=VISIBLE_OUTLINE, font=font)
+    xs = [label_w + pad + k * (side + pad) for k in range(t)]  # left edge of each tubelet's column
+    _draw_column_heads(draw, grid, names, tubelet, xs, title_h, font)
     for r, (name, panels) in enumerate(rows):
         y = title_h + head_h + r * (panel_h + pad)
         draw.text((pad + 2, y + panel_h // 2 - 6), name, fill=_TEXT, font=font)
-        for k, panel in enumerate(panels):
+        for x, panel in zip(xs, panels, strict=True):
             img = Image.fromarray(panel)
             if img.size != (side, panel_h):
                 img = img.resize((side, panel_h), Image.Resampling.BOX)
-            sheet.paste(img, (label_w + pad + k * (side + pad), y))
-    _draw_legend(draw, (pad + 2, sheet_h - legend_h + 4), LAPA_LABELS if parse is not None else (), LAPA_PALETTE, font)
+            sheet.paste(img, (x, y))
+    _draw_legend(draw, (pad + 2, sheet_h - legend_h + 4), LAPA_LABELS if with_parse else (), LAPA_PALETTE, font)
     return sheet
+
+
+def _draw_column_heads(  # noqa: ANN001
+    draw, grid: np.ndarray, names: Sequence[str], tubelet: int, xs: Sequence[int], top: int, font
+) -> None:
+    """Caption each tubelet's column with its frame range and how many of its ``h * w`` patches are visible."""
+    h, w = grid.shape[1:]  # grid: [t, h, w]
+    for k, x in enumerate(xs):
+        first, last = k * tubelet, k * tubelet + tubelet - 1
+        n_vis = int(grid[k].sum())
+        draw.text((x + 2, top + 2), f"t={k}  frames {names[first]}-{names[last]}", fill=_TEXT, font=font)
+        draw.text((x + 2, top + 17), f"{n_vis}/{h * w} visible", fill=VISIBLE_OUTLINE, font=font)
 
 
 def _font(image_font, size: int):  # noqa: ANN001, ANN202
@@ -221,48 +265,45 @@ def load_face_clip(
     path: str | os.PathLike,
     *,
     start: int = 0,
-    stride: int = 2,
+    sample_rate: int = 2,
     clip_frames: int = 16,
     size: int = 224,
     crop_face: bool | str = "auto",
     detector: str = "mediapipe",
 ) -> tuple[np.ndarray, list[int], bool]:
-    """Read one clip of a video as square face crops: frames ``start, start + stride, ...``.
+    """Read one clip of a video as square face crops: frames ``start, start + sample_rate, ...`` (the one clip
+    sampler, :func:`marlin.data.clips.clip_indices`: a clip that runs past the end repeats the last frame).
 
-    A clip that runs past the end repeats the last frame. ``crop_face="auto"`` crops unless the video already is
-    ``size`` x ``size`` (a face crop); without cropping, a non-square video is cut to its centre square and resized.
+    ``crop_face="auto"`` crops unless the video already is ``size`` x ``size`` (a face crop); without cropping, a
+    non-square video is cut to its centre square and resized (:func:`marlin.data.clips.center_crop`).
 
     Returns:
         ``(uint8 [clip_frames, size, size, 3], source frame index per clip frame, whether the face was cropped)``.
     """
-    from ..face.crop import crop_face as crop
-    from ..video.io import VideoError, iter_frames, probe_video
+    from ..data.clips import center_crop, clip_indices
+    from ..video.io import VideoError, probe_video, read_frames
 
-    if start < 0 or stride < 1 or clip_frames < 1:
-        raise ValueError(f"expected start >= 0, stride >= 1, clip_frames >= 1, found {start}, {stride}, {clip_frames}")
+    if start < 0 or sample_rate < 1 or clip_frames < 1:
+        raise ValueError(f"expected start >= 0, sample_rate >= 1, clip_frames >= 1, found {start}, {sample_rate}, "
+                         f"{clip_frames}")  # fmt: skip
+    if crop_face not in (True, False, "auto"):
+        raise ValueError(f"crop_face must be True, False or 'auto', found {crop_face!r}")
     info = probe_video(path)
     if start >= info.n_frames:
         raise VideoError(f"{path}: start={start} is past the end (the video has {info.n_frames} frames)")
-    if crop_face not in (True, False, "auto"):
-        raise ValueError(f"crop_face must be True, False or 'auto', found {crop_face!r}")
     do_crop = (info.width, info.height) != (size, size) if crop_face == "auto" else bool(crop_face)
-    wanted = list(range(start, start + stride * clip_frames, stride))
-    if do_crop:
-        from ..face.detect import create_detector
-        from ..face.stream import iter_face_crops, plan_face_crops
+    indices = clip_indices(info.n_frames, clip_frames, sample_rate, start).tolist()
+    if not do_crop:
+        return np.stack([center_crop(f, size) for f in read_frames(path, indices)]), indices, False
+    from ..face.detect import create_detector
+    from ..face.stream import iter_face_crops, plan_face_crops
 
-        keep = set(wanted)
-        with create_detector(detector) as det:
-            plan = plan_face_crops(path, det, select=keep.__contains__)[0]
-        got = dict(iter_face_crops(plan, keep, size=size))
-    else:
-        got = {}
-        for i, frame in zip(wanted, iter_frames(path, start=start, step=stride, stop=wanted[-1] + 1), strict=False):
-            side = min(frame.shape[:2])
-            x1, y1 = (frame.shape[1] - side) / 2, (frame.shape[0] - side) / 2
-            got[i] = crop(frame, (x1, y1, x1 + side, y1 + side), size=size)
+    keep = set(indices)
+    with create_detector(detector) as det:
+        plan = plan_face_crops(path, det, select=keep.__contains__)[0]
+    got = dict(iter_face_crops(plan, keep, size=size))
     if not got:
         raise VideoError(f"{path}: no frame at or after start={start} (the video has {info.n_frames} frames)")
     last = max(got)
-    indices = [min(i, last) for i in wanted]  # pad a short clip with its last frame
-    return np.stack([got[i] for i in indices]), indices, do_crop
+    indices = [min(i, last) for i in indices]  # frames past those that decode repeat the last one
+    return np.stack([got[i] for i in indices]), indices, True

@@ -128,3 +128,27 @@ def draw_boxes(
         if text:
             draw.text((x1 + width + 1, y1 + width), text, fill=color)
     return np.asarray(img)
+
+
+def write_store_previews(root: str | os.PathLike, out_dir: str | os.PathLike, *, ids: Sequence[str] | None = None,
+                         n_frames: int = 8) -> list[Path]:  # fmt: skip
+    """One PNG per item for a quick look: evenly spaced crops with the face parse overlaid (plain crops without
+    parse maps). Returns the files written to `out_dir/<item id>.png`."""
+    from ..data.store import ClipStore
+    from ..face.overlay import save_parse_overlay_sheet
+
+    store = ClipStore(root)
+    wanted = None if ids is None else set(ids)
+    written = []
+    for item in store.items:
+        if wanted is not None and item.id not in wanted:
+            continue
+        frames = np.unique(np.linspace(0, item.n_frames - 1, n_frames).round().astype(int))
+        crops = store.read_video(item, frames)  # [K, S, S, 3]
+        path = Path(out_dir) / f"{item.id}.png"
+        if item.has_parse:
+            save_parse_overlay_sheet(path, crops, store.read_parse(item, frames), cols=len(frames))
+        else:
+            save_contact_sheet(path, crops, cols=len(frames), labels=[f"frame {i * item.frame_step}" for i in frames])
+        written.append(path)
+    return written

@@ -27,7 +27,6 @@ from ..models.config import MarlinConfig
 
 __all__ = [
     "Reconstruction",
-    "evaluate_reconstruction",
     "masked_patch_mse",
     "reconstruct_clip",
     "reconstruct_video",
@@ -159,45 +158,6 @@ def masked_patch_mse(video: Tensor, visible: Tensor, pred: Tensor, config: Marli
     }
 
 
-@torch.no_grad()
-def evaluate_reconstruction(
-    model: torch.nn.Module,
-    clips: Sequence[Tensor],
-    *,
-    strategy: str = "tube",
-    mask_ratio: float = 0.9,
-    seed: int = 0,
-    batch_size: int = 4,
-) -> dict[str, float]:
-    """Mean hidden-patch MSE over `clips` (each ``[3, T, H, W]`` in [0, 1]) and of the two trivial baselines.
-
-    Non-face strategies only (no parse maps); clip `i` is masked with a generator seeded from (`seed`, `i`).
-    """
-    from ..mae.masking import generate_visible
-
-    config: MarlinConfig = model.config
-    totals: dict[str, float] = {}
-    for start in range(0, len(clips), batch_size):
-        video = torch.stack(list(clips[start : start + batch_size]))  # [b, 3, T, H, W]
-        visible = torch.cat([
-            generate_visible(
-                strategy, 1, mask_ratio=mask_ratio, clip_frames=config.clip_frames, tubelet=config.tubelet_size,
-                img_size=config.img_size, patch=config.patch_size,
-                generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i),
-            )
-            for i in range(video.shape[0])
-        ])  # fmt: skip
-        dev = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        pred = model(video.to(dev), visible.to(dev)).float().cpu()  # [b, N_hidden, P]
-        model.train(was_training)
-        for i in range(video.shape[0]):
-            for k, v in masked_patch_mse(video[i], visible[i], pred[i], config).items():
-                totals[k] = totals.get(k, 0.0) + v
-    return {k: v / len(clips) for k, v in totals.items()}
-
-
 @dataclass
 class Reconstruction:
     """The three views of one clip plus what produced them."""
@@ -274,46 +234,31 @@ def reconstruct_video(
     strategies parse the frames with `marlin.face.parse.FaceParser`; without mediapipe they fall back to tube masking
     with a warning.
     """
-    from ..data.datasets import count_frames, read_clip
-    from ..mae.masking import FACE_STRATEGIES, generate_visible
+    from ..data.clips import clip_indices, read_clip
+    from ..mae.masking import Masker
+    from ..video.io import probe_video
 
     config: MarlinConfig = model.config
-    n = count_frames(path)
-    if start >= n:
-        raise ValueError(f"{path}: start frame {start} is past the end ({n} frames)")
-    indices = [min(start + k * sample_rate, n - 1) for k in range(config.clip_frames)]
+    info = probe_video(path)
+    if start >= info.n_frames:
+        raise ValueError(f"{path}: start frame {start} is past the end ({info.n_frames} frames)")
+    indices = clip_indices(info.n_frames, config.clip_frames, sample_rate, start).tolist()
     if crop_face:
         clip = _face_clip(path, indices, config.img_size, crop_face)
     else:
         clip = read_clip(path, indices, config.img_size)  # [3, T, S, S] uint8
     video = clip.float() / 255.0
+    masker = Masker.for_config(config, strategy, mask_ratio)
     parse = None
-    if strategy in FACE_STRATEGIES:
+    if masker.needs_parse:
         labels = _parse_frames(clip.permute(1, 2, 3, 0).contiguous().numpy())  # [T, S, S, 3] -> [T, S, S]
         if labels is None:
-            strategy = "tube"
+            masker = Masker.for_config(config, "tube", mask_ratio)
         else:
             parse = torch.from_numpy(labels)[None]  # [1, T, S, S]
-    g = torch.Generator().manual_seed(seed)
-    visible = generate_visible(
-        strategy,
-        1,
-        parse=parse,
-        mask_ratio=mask_ratio,
-        clip_frames=config.clip_frames,
-        tubelet=config.tubelet_size,
-        img_size=config.img_size,
-        patch=config.patch_size,
-        generator=g,
-    )[0]  # [N]
+    visible = masker(1, parse=parse, generator=torch.Generator().manual_seed(seed))[0]  # [N]
     pred = reconstruct_clip(model, video, visible)
     gt, masked, recon = reconstruction_views(video, visible, pred, config, norm_target=norm_target)
     metrics = masked_patch_mse(video, visible, pred, config) if not norm_target else {}
-    try:
-        import av
-
-        with av.open(str(path)) as c:
-            fps = float(c.streams.video[0].average_rate or 25)
-    except Exception:  # noqa: BLE001 - the frame rate only sets the output video's speed
-        fps = 25.0
-    return Reconstruction(gt, masked, recon, visible, strategy, metrics, fps)
+    fps = info.fps or 25.0  # sets the output video's speed only
+    return Reconstruction(gt, masked, recon, visible, masker.strategy, metrics, fps)
