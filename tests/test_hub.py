@@ -83,7 +83,7 @@ def test_missing_file_on_server_and_non_downloadable(tmp_path, monkeypatch, serv
 
 def test_default_urls_are_the_official_release_urls(monkeypatch):
     monkeypatch.delenv(hub.URL_ENV, raising=False)
-    assert hub.release_url("marlin_vit_base_ytf", full_model=True) == (
+    assert hub.release_url("marlin_vit_base_ytf", full=True) == (
         "https://github.com/ControlNet/MARLIN/releases/download/model_v1/marlin_vit_base_ytf.full.pt"
     )
     assert hub.release_url("marlin_vit_small_ytf").endswith("/model_v1/marlin_vit_small_ytf.encoder.pt")

@@ -405,8 +405,9 @@ def generate_visible(
 def visible_indices(visible: Tensor) -> tuple[Tensor, Tensor]:
     """Token indices of a normalised mask, ascending: ``(idx_visible [B, n_vis], idx_hidden [B, N - n_vis])`` long.
 
-    This is how the encoder gathers its tokens and the decoder places its mask tokens. Every row must have the
-    same number of visible tokens (see :func:`normalize_visible`).
+    The model itself selects with the boolean mask (``x[visible]``, the same ascending order); these indices are
+    for code that needs positions, e.g. to scatter predictions back. Every row must have the same number of visible
+    tokens (see :func:`normalize_visible`).
     """
     if visible.ndim != 2 or visible.dtype != torch.bool:
         raise ValueError(f"visible must be a [B, N] bool tensor, found {visible.dtype} {tuple(visible.shape)}")

@@ -22,14 +22,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "marlin"
 
 
-def release_url(name: str, full_model: bool = False) -> str:
+def release_url(name: str, full: bool = False) -> str:
     entry = get_entry(name)
     if not entry.downloadable:
         raise ValueError(f"model {name!r} has no released weights; downloadable: marlin_vit_{{small,base,large}}_ytf")
     base = os.environ.get(URL_ENV)
     if base:
-        return f"{base.rstrip('/')}/{name}.{'full' if full_model else 'encoder'}.pt"
-    return entry.url(full_model)
+        return f"{base.rstrip('/')}/{name}.{'full' if full else 'encoder'}.pt"
+    return entry.url(full)
 
 
 def download(url: str, dest: Path, *, progress: bool = True, timeout: float = 60.0) -> Path:
@@ -61,10 +61,10 @@ def download(url: str, dest: Path, *, progress: bool = True, timeout: float = 60
     return dest
 
 
-def fetch_release(name: str, full_model: bool = False, *, progress: bool = True) -> Path:
+def fetch_release(name: str, full: bool = False, *, progress: bool = True) -> Path:
     """Path of the cached release file for `name`, downloading it once."""
-    url = release_url(name, full_model)
-    dest = cache_dir() / f"{name}.{'full' if full_model else 'encoder'}.pt"
+    url = release_url(name, full)
+    dest = cache_dir() / f"{name}.{'full' if full else 'encoder'}.pt"
     if dest.is_file():
         return dest
     return download(url, dest, progress=progress)

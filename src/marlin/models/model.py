@@ -100,6 +100,12 @@ class Marlin(nn.Module):
         return self.encoder.norm.weight.dtype
 
     @property
+    def full(self) -> bool:
+        """Whether the model holds the decoder (reconstruction); the official API calls the opposite
+        ``as_feature_extractor``, which stays as the constructor argument and attribute for drop-in code."""
+        return not self.as_feature_extractor
+
+    @property
     def embed_dim(self) -> int:
         return self.config.encoder_embed_dim
 
@@ -194,7 +200,7 @@ class Marlin(nn.Module):
         """Download (once, into the cache; see `marlin.models.hub`) and load a released MARLIN checkpoint."""
         from .hub import fetch_release
 
-        return load(fetch_release(model_name, full_model), name=model_name)
+        return load(fetch_release(model_name, full=full_model), name=model_name)
 
     @classmethod
     def clean_cache(cls, verbose: bool = True) -> None:

@@ -18,8 +18,8 @@ class ModelEntry:
     downloadable: bool = False  # released weights exist at RELEASE_URL
     description: str = ""
 
-    def url(self, full_model: bool = False) -> str:
-        return RELEASE_URL.format(name=self.config.name, kind="full" if full_model else "encoder")
+    def url(self, full: bool = False) -> str:
+        return RELEASE_URL.format(name=self.config.name, kind="full" if full else "encoder")
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

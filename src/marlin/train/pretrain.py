@@ -123,7 +123,7 @@ class Pretrainer:
         self.out_dir = Path(cfg.out_dir).expanduser()
         torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical initial weights on every rank
         self.model = (model or Marlin(cfg.model, as_feature_extractor=False)).to(self.device)
-        if self.model.as_feature_extractor:
+        if not self.model.full:
             raise ValueError("pretraining needs a full model (encoder + decoder), got an encoder-only Marlin")
         if cfg.init:
             self._load_init(cfg.init)

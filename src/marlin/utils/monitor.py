@@ -1,7 +1,8 @@
-"""Run monitoring on rank 0: JSONL scalars (always), TensorBoard (when installed), console progress with ETA, images.
+"""Run monitoring on rank 0: JSONL scalars (always), TensorBoard (when installed), progress lines, images.
 
 TensorBoard is optional (`pip install 'marlin[train]'`): without it scalars still go to ``metrics.jsonl`` (one JSON
-object per logged step) and images to ``images/step_N.png``.
+object per logged step) and images to ``images/<tag>_step_N.png``. Progress lines go to the ``marlin`` logger, which
+the CLI prints to the console; library callers see them once they configure logging.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Monitor:
         return path
 
     def event(self, step: int, message: str, **fields: Any) -> None:
-        """A non-scalar record (e.g. a skipped step) in metrics.jsonl and the console."""
+        """A non-scalar record (e.g. a skipped step) in metrics.jsonl (the trainer also logs a warning for it)."""
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({"step": step, "event": message, **fields}) + "\n")
