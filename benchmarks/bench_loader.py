@@ -4,7 +4,7 @@ On a store written by ``marlin prepare`` (or a synthetic one), measured in one r
 
 1. loader alone: ``DataLoader(PretrainDataset)`` with 0 / 1 / 2 workers, samples/s in steady state (worker start-up
    and the first batch excluded);
-2. masks: ``generate_visible("fasking")`` on each batch's parse maps, ms per batch (done in the trainer's step);
+2. masks: fasking on each batch's parse maps, ms per batch (pretraining draws them in the DataLoader's collate);
 3. train step: ``marlin_vit_tiny`` full model, forward + MSE on the hidden patches + backward + AdamW step, on a fixed
    batch, samples/s;
 4. fed: the same train step pulling its batches (and making its masks) from the loader, samples/s, per worker count.
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from marlin import Marlin, get_config
     from marlin.data.datasets import PretrainDataset
-    from marlin.mae.masking import generate_visible
+    from marlin.mae.masking import Masker
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, float] = {}
 
     def masks(batch: dict) -> torch.Tensor:
-        return generate_visible("fasking", batch["parse"].shape[0], parse=batch["parse"], clip_frames=cfg.clip_frames,
-                                tubelet=cfg.tubelet_size, img_size=cfg.img_size, patch=cfg.patch_size)  # fmt: skip
+        return Masker.for_config(cfg, "fasking")(batch["parse"].shape[0], parse=batch["parse"])
 
     def batches(workers: int):  # noqa: ANN202
         # persistent workers: a small store ends an epoch every few batches, and re-forking workers each time would

@@ -27,18 +27,15 @@ import torch
 def _batches(cfg, n: int, batch: int) -> list[dict]:
     from marlin.data.collate import collate_clips
     from marlin.data.synthetic import SyntheticClips
-    from marlin.mae.masking import generate_visible
+    from marlin.mae.masking import Masker
 
     data = SyntheticClips(n * batch, cfg.model, seed=cfg.seed)
     out = []
     g = torch.Generator().manual_seed(0)
+    masker = Masker.for_config(cfg.model, cfg.mask.strategy, cfg.mask.ratio)
     for i in range(n):
         b = collate_clips([data[i * batch + j] for j in range(batch)])
-        m = cfg.model
-        b["visible"] = generate_visible(
-            cfg.mask.strategy, batch, parse=b["parse"], mask_ratio=cfg.mask.ratio, clip_frames=m.clip_frames,
-            tubelet=m.tubelet_size, img_size=m.img_size, patch=m.patch_size, generator=g,
-        )  # fmt: skip
+        b["visible"] = masker(batch, parse=b["parse"], generator=g)
         out.append(b)
     return out
 

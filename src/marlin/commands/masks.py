@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from marlin.face.track import NoFaceError
-    from marlin.mae.masking import generate_visible
+    from marlin.mae.masking import Masker
     from marlin.models.registry import get_config
     from marlin.video.io import VideoError
     from marlin.viz.masks import load_face_clip, save_mask_sheet
@@ -67,11 +67,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"marlin masks: {e}", file=sys.stderr)
                 return 2
             print(f"marlin masks: no parse overlay ({e})", file=sys.stderr)
-    visible = generate_visible(
-        args.strategy, 1, parse=None if parse is None else torch.from_numpy(parse)[None], mask_ratio=args.mask_ratio,
-        clip_frames=cfg.clip_frames, tubelet=cfg.tubelet_size, img_size=cfg.img_size, patch=cfg.patch_size,
-        generator=torch.Generator().manual_seed(args.seed),
-    )[0].numpy()  # fmt: skip
+    masker = Masker.for_config(cfg, args.strategy, args.mask_ratio)
+    parse_t = None if parse is None else torch.from_numpy(parse)[None]  # [1, T, S, S]
+    visible = masker(1, parse=parse_t, generator=torch.Generator().manual_seed(args.seed))[0].numpy()  # [N]
     n_vis, n = int(visible.sum()), visible.size
     padded = " (padded)" if len(set(indices)) < len(indices) else ""
     span = f"frames {indices[0]}-{indices[-1]} step {args.sample_rate}{padded}"
