@@ -314,3 +314,27 @@ def test_write_video_odd_sides_with_yuv444p(tmp_path: Path) -> None:
     frames = np.stack([make_frame(i, 97, 221) for i in range(4)])
     out = mv.write_video(tmp_path / "odd.mp4", frames, pix_fmt="yuv444p")
     assert read_video(out).shape == (4, 97, 221, 3)
+
+
+# ---- read_frames: frame-accurate seeking ---------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_read_frames_seeks_to_exactly_the_frames_sequential_decoding_numbers(
+    tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long clip with B-frames and a keyframe every 50 frames: seeking gives the frames decoding from the start
+    gives, bit for bit, and it is the seek path that served them (the sequential one is never entered)."""
+    n = mv.SEEK_AFTER + 200
+    path = write_video(tmp_path / f"long{suffix}", n, 32, 96, codec_options={"g": "50", "bf": "2"})
+    wanted = [mv.SEEK_AFTER + 7, mv.SEEK_AFTER + 3, mv.SEEK_AFTER + 3, mv.SEEK_AFTER + 120, mv.SEEK_AFTER + 61]
+    sequential = mv.read_frames(path, wanted, seek=False)
+    assert [frame_index(f) for f in sequential] == wanted
+    monkeypatch.setattr(mv, "_read_sequentially", lambda *a: pytest.fail("decoded from the start instead of seeking"))
+    seeked = mv.read_frames(path, wanted)
+    np.testing.assert_array_equal(seeked, sequential)
+
+
+def test_read_frames_falls_back_to_decoding_from_the_start_near_the_end(tmp_path: Path) -> None:
+    n = mv.SEEK_AFTER + 20
+    path = write_video(tmp_path / "v.mp4", n, 32, 96, codec_options={"g": "10"})
+    got = mv.read_frames(path, [n - 1, n + 5])  # the last frame, then past the end: padded with the last frame
+    assert [frame_index(f) for f in got] == [n - 1, n - 1]

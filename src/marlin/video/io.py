@@ -299,12 +299,18 @@ def read_video(
     return np.stack(frames)  # [T, H, W, 3]
 
 
+SEEK_AFTER = 250
+"""``read_frames`` seeks when the first wanted frame is at least this far in: below it, decoding from the start costs
+less than indexing the file's packets for a seek."""
+
+
 def read_frames(
     path: str | os.PathLike,
     indices: Sequence[int],
     *,
     size: int | tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    seek: bool = True,
 ) -> np.ndarray:
     """Frames ``indices`` (decoder order, any order, repeats allowed) as one ``[len(indices), H, W, 3]`` uint8 array.
 
@@ -312,15 +318,32 @@ def read_frames(
     same decoding, rotation and colour conversion as :func:`iter_frames`, and only the selected frames are converted
     and kept. An index past the frames that actually decode (a container that over-reports its length, a truncated
     file) repeats the last frame that decodes, so a clip is always complete; :class:`VideoError` when nothing decodes.
+
+    Frame-accurate seeking: when the first wanted frame lies :data:`SEEK_AFTER` frames or more into the video, the
+    packets are indexed (demuxed, not decoded) and decoding starts at the keyframe before it, so a clip an hour into a
+    film costs about what a clip at its start costs. Frames are identified by their timestamps against that index;
+    whenever the index cannot be trusted (packets without or with repeated timestamps, discarded packets, a packet that
+    fails to decode, wanted frames near the end) the reader decodes from the start instead, so the frames are always
+    the ones sequential decoding numbers ``indices``. ``seek=False`` always decodes from the start.
     """
     wanted = sorted({int(i) for i in indices})
     if not wanted or wanted[0] < 0:
         raise ValueError(f"{path}: expected non-empty frame indices >= 0, got {list(indices)[:8]}")
     if isinstance(size, int):
         size = (size, size)
-    p, keep = Path(path), set(wanted)
+    p = Path(path)
     to_rgb = _RGBConverter(p, size, max_pixels)
-    got: dict[int, np.ndarray] = {}
+    got = _read_by_seeking(p, wanted, to_rgb, max_pixels) if seek and wanted[0] >= SEEK_AFTER else None
+    if got is None:
+        got = _read_sequentially(p, wanted, to_rgb, max_pixels)
+    decoded = sorted(got)
+    pick = [i if i in got else max((d for d in decoded if d <= i), default=decoded[0]) for i in map(int, indices)]
+    return np.stack([got[i] for i in pick])  # [T, H, W, 3]
+
+
+def _read_sequentially(p: Path, wanted: list[int], to_rgb: _RGBConverter, max_pixels: int) -> dict[int, np.ndarray]:
+    """Decode from the start up to ``wanted[-1]``; the last decoded frame is kept too (it pads indices past the end)."""
+    keep, got = set(wanted), {}
     last: tuple[int, av.VideoFrame] | None = None
     with _open_video(p, max_pixels) as (container, stream):
         for index, frame in enumerate(_decode(container, stream, p)):
@@ -331,9 +354,52 @@ def read_frames(
                 break
         if last is not None and last[0] not in got:  # the stream ended early: its last frame pads the clip
             got[last[0]] = to_rgb(last[1], last[0])
-    decoded = sorted(got)
-    pick = [i if i in got else max((d for d in decoded if d <= i), default=decoded[0]) for i in map(int, indices)]
-    return np.stack([got[i] for i in pick])  # [T, H, W, 3]
+    return got
+
+
+def _frame_timestamps(container: av.container.InputContainer, stream: av.VideoStream) -> list[int] | None:
+    """Every frame's pts in presentation (= decoder output) order, from the packets alone; None when they cannot
+    identify frames reliably."""
+    pts = []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue
+            if packet.pts is None or packet.is_discard:
+                return None
+            pts.append(int(packet.pts))
+    except av.FFmpegError:
+        return None
+    if len(set(pts)) != len(pts) or (stream.frames and len(pts) != stream.frames):
+        return None
+    return sorted(pts)
+
+
+def _read_by_seeking(
+    p: Path, wanted: list[int], to_rgb: _RGBConverter, max_pixels: int
+) -> dict[int, np.ndarray] | None:
+    """The wanted frames, decoded from the keyframe before the first one; None to fall back to sequential decoding."""
+    with _open_video(p, max_pixels) as (container, stream):
+        pts = _frame_timestamps(container, stream)
+        if pts is None or wanted[-1] >= len(pts) - 1:  # near the end: let sequential decoding handle the padding
+            return None
+        index_of = {v: i for i, v in enumerate(pts)}
+        container.seek(pts[wanted[0]], stream=stream, backward=True, any_frame=False)
+        keep, got, started = set(wanted), {}, False
+        try:
+            for packet in container.demux(stream):
+                for frame in packet.decode():
+                    i = index_of.get(frame.pts)
+                    if i is None or (not started and i > wanted[0]):
+                        return None  # an unknown timestamp, or the seek landed after the first wanted frame
+                    started = True
+                    if i in keep:
+                        got[i] = to_rgb(frame, i)
+                    if i >= wanted[-1]:
+                        return got if len(got) == len(keep) else None
+        except av.FFmpegError:
+            return None
+    return None
 
 
 def write_video(
