@@ -11,7 +11,7 @@ their frames here, so they agree on padding and on what "centred" means:
   before padding, so a 20-frame video still gives 16 distinct frames).
 * :func:`read_clip` -- the clip's frames from a video file through :func:`marlin.video.io.read_frames` (the one reader:
   rotation, colour conversion, padding past a truncated end), centre-cropped square and resized by
-  :func:`center_crop`.
+  :func:`center_crop`; :func:`read_face_clip` -- the same frames cropped around the tracked face instead.
 
 (Feature *extraction* follows the official sliding-window rule instead: :mod:`marlin.video.windows`.)
 """
@@ -33,6 +33,7 @@ __all__ = [
     "max_start",
     "random_start",
     "read_clip",
+    "read_face_clip",
     "spread_starts",
 ]
 
@@ -109,3 +110,22 @@ def read_clip(path: str | os.PathLike, indices: Sequence[int], size: int) -> Ten
     frames = read_frames(path, indices)  # [T, H, W, 3], upright
     crops = np.stack([center_crop(f, size) for f in frames])  # [T, S, S, 3]
     return torch.from_numpy(crops).permute(3, 0, 1, 2).contiguous()  # [3, T, S, S]
+
+
+def read_face_clip(
+    path: str | os.PathLike, indices: Sequence[int], size: int, detector: str = "mediapipe"
+) -> np.ndarray:
+    """Frames `indices` cropped around the video's main face (detected on those frames, tracked and smoothed as
+    `marlin extract --crop-face` does): uint8 ``[len(indices), size, size, 3]``. Indices past the frames that decode
+    repeat the last one; a video without a face raises :class:`marlin.face.NoFaceError`."""
+    from ..face.detect import create_detector
+    from ..face.stream import iter_face_crops, plan_face_crops
+
+    wanted = {int(i) for i in indices}
+    with create_detector(detector) as det:
+        plan = plan_face_crops(path, det, select=wanted.__contains__)[0]
+    got = dict(iter_face_crops(plan, wanted, size=size))  # frame index -> [S, S, 3]
+    if not got:
+        raise ValueError(f"{path}: none of the frames {min(wanted)}..{max(wanted)} decodes")
+    last = max(got)
+    return np.stack([got[min(int(i), last)] for i in indices])  # [T, S, S, 3]

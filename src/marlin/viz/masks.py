@@ -280,7 +280,7 @@ def load_face_clip(
     Returns:
         ``(uint8 [clip_frames, size, size, 3], source frame index per clip frame, whether the face was cropped)``.
     """
-    from ..data.clips import center_crop, clip_indices
+    from ..data.clips import center_crop, clip_indices, read_face_clip
     from ..video.io import VideoError, probe_video, read_frames
 
     if start < 0 or sample_rate < 1 or clip_frames < 1:
@@ -295,15 +295,4 @@ def load_face_clip(
     indices = clip_indices(info.n_frames, clip_frames, sample_rate, start).tolist()
     if not do_crop:
         return np.stack([center_crop(f, size) for f in read_frames(path, indices)]), indices, False
-    from ..face.detect import create_detector
-    from ..face.stream import iter_face_crops, plan_face_crops
-
-    keep = set(indices)
-    with create_detector(detector) as det:
-        plan = plan_face_crops(path, det, select=keep.__contains__)[0]
-    got = dict(iter_face_crops(plan, keep, size=size))
-    if not got:
-        raise VideoError(f"{path}: no frame at or after start={start} (the video has {info.n_frames} frames)")
-    last = max(got)
-    indices = [min(i, last) for i in indices]  # frames past those that decode repeat the last one
-    return np.stack([got[i] for i in indices]), indices, True
+    return read_face_clip(path, indices, size, detector), indices, True

@@ -202,18 +202,6 @@ def _parse_frames(frames: np.ndarray) -> np.ndarray | None:
         return None
 
 
-def _face_clip(path: str | os.PathLike, indices: Sequence[int], size: int, detector: str) -> Tensor:
-    """Face crops of frames `indices`: uint8 ``[3, T, size, size]`` (boxes tracked and smoothed over those frames)."""
-    from ..face.detect import create_detector
-    from ..face.stream import iter_face_crops, plan_face_crops
-
-    wanted = set(indices)
-    with create_detector(detector) as det:
-        plan = plan_face_crops(path, det, select=lambda i: i in wanted)[0]  # raises NoFaceError without a face
-    crops = dict(iter_face_crops(plan, wanted, size=size))  # frame index -> [S, S, 3]
-    return torch.from_numpy(np.stack([crops[i] for i in indices])).permute(3, 0, 1, 2).contiguous()
-
-
 def reconstruct_video(
     model: torch.nn.Module,
     path: str | os.PathLike,
@@ -234,7 +222,7 @@ def reconstruct_video(
     strategies parse the frames with `marlin.face.parse.FaceParser`; without mediapipe they fall back to tube masking
     with a warning.
     """
-    from ..data.clips import clip_indices, read_clip
+    from ..data.clips import clip_indices, read_clip, read_face_clip
     from ..mae.masking import Masker
     from ..video.io import probe_video
 
@@ -244,7 +232,7 @@ def reconstruct_video(
         raise ValueError(f"{path}: start frame {start} is past the end ({info.n_frames} frames)")
     indices = clip_indices(info.n_frames, config.clip_frames, sample_rate, start).tolist()
     if crop_face:
-        clip = _face_clip(path, indices, config.img_size, crop_face)
+        clip = torch.from_numpy(read_face_clip(path, indices, config.img_size, crop_face)).permute(3, 0, 1, 2)
     else:
         clip = read_clip(path, indices, config.img_size)  # [3, T, S, S] uint8
     video = clip.float() / 255.0
