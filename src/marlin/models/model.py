@@ -120,17 +120,18 @@ class Marlin(nn.Module):
             )
         if mask is None:
             raise ValueError("forward needs a visibility mask [B, N] (True = visible) for the hidden patches")
-        self._check_mask(x, mask)
-        z = self.encoder(x, mask)  # [B, N_vis, D]
-        return self.decoder(self.enc_dec_proj(z), mask)  # [B, N_masked, patch_dim]
+        visible = mask  # the official signature says `mask`; it is a visibility mask (True = visible)
+        self._check_visible(x, visible)
+        z = self.encoder(x, visible)  # [B, N_vis, D]
+        return self.decoder(self.enc_dec_proj(z), visible)  # [B, N_masked, patch_dim]
 
-    def _check_mask(self, x: Tensor, mask: Tensor) -> None:
+    def _check_visible(self, x: Tensor, visible: Tensor) -> None:
         n = self.config.num_tokens
-        if mask.dtype != torch.bool or mask.shape != (x.shape[0], n):
+        if visible.dtype != torch.bool or visible.shape != (x.shape[0], n):
             raise ValueError(
-                f"mask must be a bool tensor of shape [{x.shape[0]}, {n}], got {mask.dtype} {tuple(mask.shape)}"
+                f"mask must be a bool tensor of shape [{x.shape[0]}, {n}], got {visible.dtype} {tuple(visible.shape)}"
             )
-        counts = mask.sum(1)
+        counts = visible.sum(1)
         if (counts != counts[0]).any():
             raise ValueError(f"every mask row needs the same number of visible tokens, got {counts.tolist()}")
 
