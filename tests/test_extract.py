@@ -130,6 +130,27 @@ def test_batch_isolates_failures_and_writes_index(tmp_path, model, workers):
     assert not (tmp_path / "out" / ".marlin-tmp").exists()
 
 
+class WorkerKillingPath(type(Path())):
+    """A path that kills the worker process unpickling it: a stand-in for a decoder segfault or an OOM kill."""
+
+    def __reduce__(self):
+        return (os._exit, (1,))
+
+
+def test_a_dead_worker_fails_its_video_only(tmp_path, model):
+    src = tmp_path / "in"
+    inputs = [crop_video(src / f"v{i}.mp4", 12) for i in range(4)]
+    inputs[1] = WorkerKillingPath(inputs[1])
+    summary = extract_many(model, inputs, tmp_path / "out", ExtractOptions(workers=1, batch_size=3, progress=False))
+    assert [r.status for r in summary.results] == ["ok", "failed", "ok", "ok"]  # the batch went on
+    row = read_index(tmp_path / "out" / "index.csv")["v1.mp4"]
+    assert row["status"] == "failed" and "v1.mp4: worker process died" in row["error"]
+    for i in (0, 2, 3):
+        feats = np.load(tmp_path / "out" / f"v{i}.npy")
+        torch.testing.assert_close(torch.from_numpy(feats), model.extract_video(inputs[i]))
+    assert not (tmp_path / "out" / "v1.npy").exists() and not (tmp_path / "out" / ".marlin-tmp").exists()
+
+
 def test_cli_exit_code_resume_overwrite_and_combined(tmp_path, model_path):
     src = tmp_path / "in"
     for i in range(3):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from marlin.cli import main
 from marlin.data.datasets import PretrainDataset
 from marlin.data.prepare import (
     PrepareSettings,
+    Source,
     _StoreLock,
     assign_splits,
     collect_sources,
@@ -219,6 +221,27 @@ def test_worker_processes_give_the_same_store(tmp_path, videos):
     summary = prepare_store(collect_sources([videos]), tmp_path / "s", FAST, workers=2, progress=False)
     assert summary.counts == {"ok": 4}
     assert [frame_index(f) for f in ClipStore(tmp_path / "s").read_video("ann__c2", [0, 11])] == [0, 11]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerKillingSource(Source):
+    """A source that kills the worker process unpickling it: a stand-in for a decoder segfault or an OOM kill."""
+
+    def __reduce__(self):
+        return (os._exit, (1,))
+
+
+@pytest.mark.slow  # spawns worker processes that import torch, three pools: ~10 s
+def test_a_dead_worker_fails_its_item_only(tmp_path, videos):
+    sources = collect_sources([videos])
+    sources[2] = WorkerKillingSource(*dataclasses.astuple(sources[2]))
+    summary = prepare_store(sources, tmp_path / "s", FAST, workers=1, progress=False)
+    assert summary.counts == {"ok": 3, "failed": 1}
+    (dead,) = summary.failed
+    assert dead.id == sources[2].id and dead.error.startswith("worker process died")
+    with open(tmp_path / "s" / "errors.csv", newline="") as f:
+        assert [e["id"] for e in csv.DictReader(f)] == [sources[2].id]
+    assert len(read_manifest(tmp_path / "s")) == 3
 
 
 def test_resume_skips_finished_items_and_redoes_changed_sources(tmp_path, videos):

@@ -35,15 +35,15 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..utils.fileio import atomic_write_text
+from ..utils.pool import WorkerDied, run_jobs
 from ..video.io import VIDEO_EXTENSIONS
 from .sources import IMAGE_EXTENSIONS, read_path_csv
 from .store import CODECS, MANIFEST_FIELDS, STORE_VERSION, FrameWriter, StoreError
@@ -281,36 +281,6 @@ class ItemResult:
 
 
 _TOOLS: dict[str, Any] = {}  # per process: the detector and the parser, built on first use
-
-
-def _worker_init(parent: int | None = None) -> None:
-    """Per worker process: one OpenCV thread (the workers are the parallelism); die with the parent on Linux."""
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
-    if parent is not None:
-        _die_with_parent(parent)
-
-
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies, so a killed run leaves no orphan still writing."""
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the request: nothing would deliver the signal
-        os._exit(1)
 
 
 def _detector(name: str) -> Any:
@@ -612,41 +582,6 @@ def write_manifest(
     return len(rows) - n_val, n_val
 
 
-def _run_items(todo: Sequence[Source], settings: PrepareSettings, root: Path, workers: int) -> Iterator[ItemResult]:
-    """Yield the result of every source as it finishes; a crashed worker fails only the items it held."""
-    if workers <= 0:
-        _worker_init()
-        try:
-            for s in todo:
-                yield prepare_item(s, settings, root)
-        finally:
-            _close_tools()
-        return
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")  # no fork of a process holding mediapipe / torch threads
-    queue = list(reversed(todo))
-    while queue:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)) as ex:
-            running: dict[Future, Source] = {}
-            broken = False
-            while (queue or running) and not broken:
-                while queue and len(running) < 2 * workers:
-                    s = queue.pop()
-                    running[ex.submit(prepare_item, s, settings, root)] = s
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    s = running.pop(fut)
-                    try:
-                        yield fut.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        yield ItemResult(s.id, str(s.path), "failed", "worker process died while preparing it")
-            if broken:  # every item still held by the dead pool fails; the rest go to a new pool
-                for s in running.values():
-                    yield ItemResult(s.id, str(s.path), "failed", "worker process died while preparing it")
-
-
 def prepare_store(
     sources: Sequence[Source],
     out: str | os.PathLike,
@@ -673,8 +608,6 @@ def prepare_store(
     Returns:
         The summary; ``manifest.csv`` and ``errors.csv`` are written in ``out``.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     settings = settings or PrepareSettings()
     root = Path(out)
@@ -684,39 +617,10 @@ def prepare_store(
         raise ValueError("prepare_store: source ids must be unique (collect_sources makes them so)")
     with _StoreLock(root):
         _check_settings(root, settings)
-        items = root / "items"
-        items.mkdir(exist_ok=True)
-        for leftover in items.glob(".*-*"):  # .tmp-* / .trash-* of a killed run
-            shutil.rmtree(leftover, ignore_errors=True)
-        finished = _finished_meta(root)
-        results: list[ItemResult] = []
-        todo = []
-        for s in sources:
-            meta = finished.get(s.id)
-            try:
-                same = meta is not None and meta.get("signature") == source_signature(s.path)
-            except OSError:
-                same = False  # missing source: let the item fail with the reason
-            if same:
-                results.append(ItemResult(s.id, str(s.path), "skipped", n_frames=int(meta["n_frames"])))
-            else:
-                todo.append(s)
-        if results:
-            log.info("%d of %d sources already prepared, skipped", len(results), len(sources))
-        todo.sort(key=_work_estimate, reverse=True)  # longest first: the last item finishing alone is a short one
-        bar = tqdm(total=len(todo), unit="video", desc="prepare", disable=not progress, dynamic_ncols=True,
-                   mininterval=1.0)  # fmt: skip
+        results, todo = _plan(root, sources)
         try:
-            for r in _run_items(todo, settings, root, workers):
-                results.append(r)
-                if r.status != "ok":
-                    log.warning("%s: %s", r.status, r.error if r.source in r.error else f"{r.source}: {r.error}")
-                if on_result is not None:
-                    on_result(r)
-                bar.update(1)
-                bar.set_postfix(failed=sum(x.status in ("failed", "no_face") for x in results), refresh=False)
+            _run(todo, settings, root, workers, results, progress=progress, on_result=on_result)
         finally:
-            bar.close()
             failed = [asdict(r) for r in results if r.status in ("failed", "no_face")]
             atomic_write_text(root / "errors.csv", _csv_text(ERROR_FIELDS, failed))
             groups = {s.id: s.group for s in sources}
@@ -725,5 +629,66 @@ def prepare_store(
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    size = sum(f.stat().st_size for f in items.rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in (root / "items").rglob("*") if f.is_file())
     return PrepareSummary(root, results, time.perf_counter() - t0, n_train, n_val, n_train + n_val, size, counts)
+
+
+def _plan(root: Path, sources: Sequence[Source]) -> tuple[list[ItemResult], list[Source]]:
+    """Clear what a killed run left in ``items/``; return the skipped results and the sources to do, longest first.
+
+    A source is skipped when its finished item was made from the same content (see :func:`source_signature`).
+    """
+    items = root / "items"
+    items.mkdir(exist_ok=True)
+    for leftover in items.glob(".*-*"):  # .tmp-* / .trash-* of a killed run
+        shutil.rmtree(leftover, ignore_errors=True)
+    finished = _finished_meta(root)
+    skipped: list[ItemResult] = []
+    todo = []
+    for s in sources:
+        meta = finished.get(s.id)
+        try:
+            same = meta is not None and meta.get("signature") == source_signature(s.path)
+        except OSError:
+            same = False  # missing source: let the item fail with the reason
+        if same:
+            skipped.append(ItemResult(s.id, str(s.path), "skipped", n_frames=int(meta["n_frames"])))
+        else:
+            todo.append(s)
+    if skipped:
+        log.info("%d of %d sources already prepared, skipped", len(skipped), len(sources))
+    todo.sort(key=_work_estimate, reverse=True)  # longest first: the last item finishing alone is a short one
+    return skipped, todo
+
+
+def _run(
+    todo: Sequence[Source], settings: PrepareSettings, root: Path, workers: int, results: list[ItemResult], *,
+    progress: bool, on_result: Callable[[ItemResult], None] | None,
+) -> None:  # fmt: skip
+    """Prepare ``todo`` in the job pool, appending each result to ``results`` as it finishes (with a progress bar).
+
+    A worker process that dies fails the item it was preparing only (see :func:`marlin.utils.pool.run_jobs`).
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), unit="video", desc="prepare", disable=not progress, dynamic_ncols=True,
+               mininterval=1.0)  # fmt: skip
+    n_failed = sum(r.status in ("failed", "no_face") for r in results)
+    jobs = run_jobs(partial(prepare_item, settings=settings, root=root), todo, workers=workers)
+    try:
+        for s, r in jobs:
+            if isinstance(r, WorkerDied):
+                r = ItemResult(s.id, str(s.path), "failed", f"{r.message} while preparing it")
+            results.append(r)
+            if r.status != "ok":
+                n_failed += r.status in ("failed", "no_face")
+                log.warning("%s: %s", r.status, r.error if r.source in r.error else f"{r.source}: {r.error}")
+            if on_result is not None:
+                on_result(r)
+            bar.update(1)
+            bar.set_postfix(failed=n_failed, refresh=False)
+    finally:
+        jobs.close()  # on an error: no worker writes into the store once its lock is released
+        bar.close()
+        if workers <= 0:
+            _close_tools()  # inline: this process built the detector / parser

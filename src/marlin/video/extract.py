@@ -3,7 +3,8 @@
 Workers decode / detect / crop videos into temporary uint8 window files (memory-mapped, so long videos cost disk, not
 RAM) while the main process batches windows *across videos* through the encoder. Each finished video is written as
 one `.npy` mirroring the input tree (write-then-rename: a kill never leaves a partial output), and `index.csv` accounts
-for every input: status, windows, frames, face-less frames, seconds, error.
+for every input: status, windows, frames, face-less frames, seconds, error. A bad video, or one whose worker process
+dies (:func:`marlin.utils.pool.run_jobs`), fails alone.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import tempfile
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 from ..utils.fileio import atomic_write
-from .pipeline import Timings, clip_windows, encode_windows
+from ..utils.pool import WorkerDied, run_jobs
+from .pipeline import ClipStream, Timings, clip_windows, encode_windows
 
 log = logging.getLogger("marlin")
 
@@ -77,11 +79,25 @@ class VideoResult:
 
 
 @dataclass
+class _Track:
+    """One window file a worker wrote: the complete windows of one video (or of one face track in it)."""
+
+    file: str  # uint8 [n_planned, T, S, S, 3] .npy in the temporary folder; the first `n` windows are complete
+    n: int
+    frames: int
+    faceless: int
+    track: int | None  # face-track number with all_faces, else None
+    timings: Timings
+    samples: list[np.ndarray] = field(default_factory=list)  # a few crops, for previews
+    sample_frames: list[int] = field(default_factory=list)
+
+
+@dataclass
 class _Produced:
-    """What a worker returns for one video: window files per face track, or an error."""
+    """What a worker returns for one video: its tracks, or an error."""
 
     path: Path
-    tracks: list[dict[str, Any]] = field(default_factory=list)
+    tracks: list[_Track] = field(default_factory=list)
     error: str = ""
     status: str = "ok"
     seconds: float = 0.0
@@ -89,10 +105,6 @@ class _Produced:
 
 # ---- worker side ----------------------------------------------------------------------------------------------------
 _WORKER_DETECTOR: Any = None
-
-
-def _worker_init(detector: str, threads: int = 1) -> None:
-    torch.set_num_threads(threads)
 
 
 def _get_detector(name: str) -> Any:
@@ -122,29 +134,7 @@ def produce(path: Path, tmp_dir: Path, opts: ExtractOptions, clip_frames: int, i
             all_faces=opts.all_faces,
             resize=opts.resize,
         )
-        for s in streams:
-            n_planned = len(s.window_frames)
-            fd, name = tempfile.mkstemp(suffix=".npy", dir=tmp_dir)
-            os.close(fd)
-            shape = (n_planned, clip_frames, img_size, img_size, 3)
-            arr = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=shape)
-            n = 0
-            for n, w in enumerate(s.windows, start=1):
-                arr[n - 1] = w
-            arr.flush()
-            del arr
-            result.tracks.append(
-                dict(
-                    file=name,
-                    n=n,
-                    frames=s.n_frames,
-                    faceless=s.n_faceless,
-                    track=s.track,
-                    timings=asdict(s.timings),
-                    samples=s.samples,
-                    sample_frames=s.sample_frames,
-                )  # fmt: skip
-            )
+        result.tracks = [_write_track(s, tmp_dir, clip_frames, img_size) for s in streams]
     except NoFaceError as e:
         result.status, result.error = "no_face", str(e)
     except (ValueError, OSError, RuntimeError) as e:  # VideoError is a ValueError
@@ -154,6 +144,21 @@ def produce(path: Path, tmp_dir: Path, opts: ExtractOptions, clip_frames: int, i
         log.debug("unexpected error on %s:\n%s", path, traceback.format_exc())
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _write_track(stream: ClipStream, tmp_dir: Path, clip_frames: int, img_size: int) -> _Track:
+    """Decode one stream's windows into a memory-mapped uint8 file (long videos cost disk, not RAM)."""
+    fd, name = tempfile.mkstemp(suffix=".npy", dir=tmp_dir)
+    os.close(fd)
+    shape = (len(stream.window_frames), clip_frames, img_size, img_size, 3)
+    arr = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=shape)
+    n = 0
+    for n, w in enumerate(stream.windows, start=1):
+        arr[n - 1] = w
+    arr.flush()
+    del arr
+    return _Track(name, n, stream.n_frames, stream.n_faceless, stream.track, stream.timings, stream.samples,
+                  stream.sample_frames)  # fmt: skip
 
 
 def _one_line(e: BaseException) -> str:
@@ -210,126 +215,172 @@ class ExtractSummary:
 
 
 def extract_many(model: Any, inputs: Sequence[Path], out_dir: Path, opts: ExtractOptions) -> ExtractSummary:
-    """Extract features for every input into `out_dir`; returns per-input results (also in `out_dir/index.csv`)."""
-    from tqdm.auto import tqdm
+    """Extract features for every input into `out_dir`; returns per-input results (also in `out_dir/index.csv`).
 
+    Workers (:func:`produce` in :func:`marlin.utils.pool.run_jobs`, in input order) decode videos into window files;
+    this process encodes their windows in batches that span videos and writes a video's output once its last window
+    is encoded. A worker process that dies fails its video only.
+    """
     t_start = time.perf_counter()
+    tmp_dir = _fresh_tmp_dir(out_dir)
+    run = _Extraction(model, inputs, out_dir, opts)
+    cfg = model.config
+    job = partial(produce, tmp_dir=tmp_dir, opts=opts, clip_frames=cfg.clip_frames, img_size=cfg.img_size)
+    jobs = run_jobs(job, run.todo, workers=opts.workers, ordered=True)
+    try:
+        for path, prod in jobs:
+            run.accept(prod if isinstance(prod, _Produced) else _died(path, prod))
+        run.encode_ready(flush=True)
+    finally:
+        jobs.close()  # on an error: no worker writes into tmp_dir any more
+        run.close()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return ExtractSummary(list(run.results.values()), run.total, time.perf_counter() - t_start, run.index_path)
+
+
+def _fresh_tmp_dir(out_dir: Path) -> Path:
+    """Create `out_dir` and an empty window folder in it, removing what a killed run left behind."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir / ".marlin-tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers of a killed run: window files...
     for stale in out_dir.rglob(".*.tmp"):  # ...and half-written outputs under their hidden temporary names
         stale.unlink(missing_ok=True)
     tmp_dir.mkdir()
-    outputs = output_paths(inputs, out_dir)
-    results = {p: VideoResult(str(p), str(outputs[p])) for p in inputs}
-    index_path = out_dir / "index.csv"
-    todo = []
-    for p in inputs:
-        if not opts.overwrite and _is_done(outputs[p], opts.all_faces):
-            results[p].status = "skipped"
-        else:
-            todo.append(p)
-    cfg = model.config
-    total = Timings()
-    bar = tqdm(total=len(todo), unit="video", desc="extract", disable=not opts.progress, dynamic_ncols=True)
-    pending: deque[tuple[Path, dict[str, Any], int]] = deque()  # (video, track info, next window) awaiting encoding
-    done_windows: dict[tuple[Path, int], list[torch.Tensor]] = {}
-    n_windows_done = 0
+    return tmp_dir
 
-    def finish_track(p: Path, info: dict[str, Any]) -> None:
-        key = (p, id(info))
-        feats = torch.cat(done_windows.pop(key)) if info["n"] else torch.empty(0)
-        os.unlink(info["file"])
-        r = results[p]
-        out = _track_output(outputs[p], info["track"])
-        if info["n"] == 0:
-            r.status, r.error = "failed", "no complete window"
-            return
-        arr = _reduce(feats, opts.reduction).numpy()
-        _save_npy(out, arr)
-        if opts.preview_dir is not None and info["samples"]:
-            from ..viz.preview import save_contact_sheet
 
-            rel = out.relative_to(out_dir).with_suffix(".png")
-            labels = [f"frame {i}" for i in info["sample_frames"]]
-            save_contact_sheet(opts.preview_dir / rel, np.stack(info["samples"]), labels=labels)
+def _died(path: Path, died: WorkerDied) -> _Produced:
+    return _Produced(path, status="failed", error=f"{path}: {died.message}")
 
-    def encode_ready(flush: bool) -> None:
-        """Encode full batches of pending windows (all of them when flushing)."""
-        nonlocal n_windows_done
-        while pending and (flush or sum(i["n"] - k for _, i, k in pending) >= opts.batch_size):
-            batch, owners = [], []
-            while pending and len(batch) < opts.batch_size:
-                p, info, k = pending[0]
-                arr = np.load(info["file"], mmap_mode="r")
-                take = min(opts.batch_size - len(batch), info["n"] - k)
-                batch.extend(arr[k : k + take])
-                owners.append((p, info, take))
-                if k + take >= info["n"]:
-                    pending.popleft()
-                else:
-                    pending[0] = (p, info, k + take)
-                del arr
-            t0 = time.perf_counter()
-            feats = encode_windows(model, batch, batch_size=len(batch), keep_seq=opts.keep_seq, dtype=opts.dtype)
-            total.encode += time.perf_counter() - t0
-            n_windows_done += len(batch)
-            offset = 0
-            for p, info, take in owners:
-                done_windows.setdefault((p, id(info)), []).append(feats[offset : offset + take])
-                offset += take
-                if sum(len(f) for f in done_windows[(p, id(info))]) == info["n"]:
-                    finish_track(p, info)
-                    info["finished"] = True
-                    _maybe_complete(p)
 
-    track_infos: dict[Path, list[dict[str, Any]]] = {}
+@dataclass
+class _Encoding:
+    """A produced track on its way through the encoder: how many of its windows are batched, and their features."""
 
-    def _maybe_complete(p: Path) -> None:
-        infos = track_infos.get(p, [])
-        if all(i.get("finished") for i in infos):
-            r = results[p]
-            if r.status == "pending":
-                r.status = "ok"
-            bar.update(1)
-            bar.set_postfix(windows=n_windows_done, failed=sum(x.status in ("failed", "no_face") for x in
-                                                               results.values()))  # fmt: skip
-            write_index(index_path, list(results.values()))
+    video: Path
+    track: _Track
+    next: int = 0  # first window not yet put in a batch
+    feats: list[torch.Tensor] = field(default_factory=list)  # per batch that held some of its windows
 
-    def accept(prod: _Produced) -> None:
-        r = results[prod.path]
-        r.seconds = prod.seconds
-        if prod.error:
-            r.status, r.error = prod.status, prod.error
-            log.warning("%s", prod.error)
-            bar.update(1)
-            write_index(index_path, list(results.values()))
-            return
-        track_infos[prod.path] = prod.tracks
-        r.windows = sum(t["n"] for t in prod.tracks)
-        r.frames = max(t["frames"] for t in prod.tracks)
-        r.faceless_frames = sum(t["faceless"] for t in prod.tracks)
-        r.track = ",".join(str(t["track"]) for t in prod.tracks if t["track"] is not None)
-        for t in prod.tracks:
-            total.add(Timings(**{k: v for k, v in t["timings"].items() if k != "encode"}))
-            done_windows[(prod.path, id(t))] = []
-            if t["n"] == 0:
-                finish_track(prod.path, t)
-                t["finished"] = True
+    @property
+    def encoded(self) -> int:
+        return sum(len(f) for f in self.feats)
+
+
+class _Extraction:
+    """The main side of one :func:`extract_many` run: results, windows awaiting the encoder, open tracks per video."""
+
+    def __init__(self, model: Any, inputs: Sequence[Path], out_dir: Path, opts: ExtractOptions) -> None:
+        from tqdm.auto import tqdm
+
+        self.model, self.out_dir, self.opts = model, out_dir, opts
+        self.outputs = output_paths(inputs, out_dir)
+        self.results = {p: VideoResult(str(p), str(self.outputs[p])) for p in inputs}
+        self.index_path = out_dir / "index.csv"
+        self.todo: list[Path] = []  # what is not done yet (finished outputs are skipped unless overwriting)
+        for p in inputs:
+            if not opts.overwrite and _is_done(self.outputs[p], opts.all_faces):
+                self.results[p].status = "skipped"
             else:
-                pending.append((prod.path, t, 0))
-        _maybe_complete(prod.path)
-        encode_ready(flush=False)
+                self.todo.append(p)
+        self.pending: deque[_Encoding] = deque()  # tracks with windows not yet batched, in arrival order
+        self.open_tracks: dict[Path, int] = {}  # video -> its tracks not finished yet
+        self.total = Timings()
+        self.n_windows = self.n_failed = 0
+        self.bar = tqdm(total=len(self.todo), unit="video", desc="extract", disable=not opts.progress,
+                        dynamic_ncols=True)  # fmt: skip
 
-    try:
-        for prod in _produce_all(todo, tmp_dir, opts, cfg.clip_frames, cfg.img_size):
-            accept(prod)
-        encode_ready(flush=True)
-    finally:
-        bar.close()
-        write_index(index_path, list(results.values()))
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return ExtractSummary(list(results.values()), total, time.perf_counter() - t_start, index_path)
+    def accept(self, prod: _Produced) -> None:
+        """Take one produced video: record it, queue its windows, encode whatever fills a batch."""
+        r = self.results[prod.path]
+        r.seconds = prod.seconds
+        if prod.error or not prod.tracks:
+            r.status, r.error = (prod.status, prod.error) if prod.error else ("failed", "no complete window")
+            log.warning("%s", r.error)
+            self.complete(prod.path)
+            return
+        r.windows = sum(t.n for t in prod.tracks)
+        r.frames = max(t.frames for t in prod.tracks)
+        r.faceless_frames = sum(t.faceless for t in prod.tracks)
+        r.track = ",".join(str(t.track) for t in prod.tracks if t.track is not None)
+        self.open_tracks[prod.path] = len(prod.tracks)
+        for t in prod.tracks:
+            self.total.add(replace(t.timings, encode=0.0))  # encoding is timed here
+            if t.n:
+                self.pending.append(_Encoding(prod.path, t))
+            else:
+                self.finish_track(_Encoding(prod.path, t))
+        self.encode_ready(flush=False)
+
+    def encode_ready(self, flush: bool) -> None:
+        """Encode full batches of pending windows (all of them when flushing)."""
+        while self.pending and (flush or sum(e.track.n - e.next for e in self.pending) >= self.opts.batch_size):
+            self._encode_batch()
+
+    def _encode_batch(self) -> None:
+        """Encode up to `batch_size` windows from the oldest pending tracks (a batch may span videos)."""
+        batch: list[np.ndarray] = []
+        owners: list[tuple[_Encoding, int]] = []  # (track, how many of the batch's windows are its)
+        while self.pending and len(batch) < self.opts.batch_size:
+            enc = self.pending[0]
+            take = min(self.opts.batch_size - len(batch), enc.track.n - enc.next)
+            windows = np.load(enc.track.file, mmap_mode="r")
+            batch.extend(windows[enc.next : enc.next + take])
+            del windows
+            owners.append((enc, take))
+            enc.next += take
+            if enc.next >= enc.track.n:
+                self.pending.popleft()
+        t0 = time.perf_counter()
+        opts = self.opts
+        feats = encode_windows(self.model, batch, batch_size=len(batch), keep_seq=opts.keep_seq, dtype=opts.dtype)
+        self.total.encode += time.perf_counter() - t0
+        self.n_windows += len(batch)
+        offset = 0
+        for enc, take in owners:
+            enc.feats.append(feats[offset : offset + take])
+            offset += take
+            if enc.encoded == enc.track.n:
+                self.finish_track(enc)
+
+    def finish_track(self, enc: _Encoding) -> None:
+        """Write a fully encoded track (atomically) and its preview; complete the video after its last track."""
+        track, video = enc.track, enc.video
+        os.unlink(track.file)
+        if track.n == 0:
+            r = self.results[video]
+            r.status, r.error = "failed", "no complete window"
+        else:
+            out = _track_output(self.outputs[video], track.track)
+            _save_npy(out, _reduce(torch.cat(enc.feats), self.opts.reduction).numpy())
+            self._save_preview(out, track)
+        self.open_tracks[video] -= 1
+        if self.open_tracks[video] == 0:
+            del self.open_tracks[video]
+            self.complete(video)
+
+    def _save_preview(self, out: Path, track: _Track) -> None:
+        if self.opts.preview_dir is None or not track.samples:
+            return
+        from ..viz.preview import save_contact_sheet
+
+        rel = out.relative_to(self.out_dir).with_suffix(".png")
+        labels = [f"frame {i}" for i in track.sample_frames]
+        save_contact_sheet(self.opts.preview_dir / rel, np.stack(track.samples), labels=labels)
+
+    def complete(self, video: Path) -> None:
+        """A video is done (written or failed): count it and rewrite `index.csv`."""
+        r = self.results[video]
+        if r.status == "pending":
+            r.status = "ok"
+        self.n_failed += r.status in ("failed", "no_face")
+        self.bar.update(1)
+        self.bar.set_postfix(windows=self.n_windows, failed=self.n_failed)
+        write_index(self.index_path, list(self.results.values()))
+
+    def close(self) -> None:
+        self.bar.close()
+        write_index(self.index_path, list(self.results.values()))
 
 
 def _reduce(feats: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -340,31 +391,6 @@ def _reduce(feats: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "max":
         return feats.max(0).values
     raise ValueError(f"reduction must be none, mean or max, got {reduction!r}")
-
-
-def _produce_all(todo: list[Path], tmp_dir: Path, opts: ExtractOptions, clip_frames: int, img_size: int
-                 ) -> Iterator[_Produced]:  # fmt: skip
-    """Yield produced videos in input order, keeping at most 2 x workers in flight (bounded temp disk)."""
-    if opts.workers <= 0:
-        for p in todo:
-            yield produce(p, tmp_dir, opts, clip_frames, img_size)
-        return
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")  # no fork of a process holding torch / mediapipe threads
-    with ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_worker_init, initargs=(opts.detector,)) as ex:
-        queue: deque[Future] = deque()
-        it = iter(todo)
-        for p in it:
-            queue.append(ex.submit(produce, p, tmp_dir, opts, clip_frames, img_size))
-            if len(queue) >= 2 * opts.workers:
-                break
-        while queue:
-            prod = queue.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                queue.append(ex.submit(produce, nxt, tmp_dir, opts, clip_frames, img_size))
-            yield prod
 
 
 def write_combined(path: Path, summary: ExtractSummary, out_dir: Path) -> Path:
