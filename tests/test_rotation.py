@@ -244,7 +244,7 @@ def test_face_crops_of_a_rotated_real_face(tmp_path: Path, rotation: int) -> Non
     """``plan_face_crops`` + ``iter_face_crops`` find the face in every frame of a sideways-stored portrait clip and
     crop the same upright face as from the unrotated clip."""
     from marlin.face.detect import create_detector
-    from marlin.face.stream import iter_face_crops, plan_face_crops
+    from marlin.video.faces import iter_face_crops, plan_face_crops
     from marlin.viz.sample import sample_frames
 
     frames = sample_frames(4)  # [T, 480, 640, 3], an upright face

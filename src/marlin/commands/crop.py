@@ -24,8 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from marlin.data.sources import collect_inputs
     from marlin.face import NoFaceError
     from marlin.face.detect import create_detector
-    from marlin.face.stream import iter_face_crops, plan_face_crops
     from marlin.video.extract import output_paths
+    from marlin.video.faces import iter_face_crops, plan_face_crops
     from marlin.video.io import probe_video, write_video
 
     inputs = collect_inputs(args.inputs)

@@ -119,7 +119,7 @@ def read_face_clip(
     `marlin extract --crop-face` does): uint8 ``[len(indices), size, size, 3]``. Indices past the frames that decode
     repeat the last one; a video without a face raises :class:`marlin.face.NoFaceError`."""
     from ..face.detect import create_detector
-    from ..face.stream import iter_face_crops, plan_face_crops
+    from ..video.faces import iter_face_crops, plan_face_crops
 
     wanted = {int(i) for i in indices}
     with create_detector(detector) as det:

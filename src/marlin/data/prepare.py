@@ -3,7 +3,7 @@
 Sources are video files, folders of videos (recursive), CSV manifests, or folders of frame images in the YouTube
 Faces layout ``frame_images_DB/<person>/<n>/*.jpg`` (each leaf folder is one video). Per item a worker decodes the
 frames it keeps (every ``frame_step``-th, at most ``max_frames``), detects, tracks and crops the face
-(:mod:`marlin.face.stream`), parses every crop (:class:`marlin.face.parse.FaceParser`) and writes them in the format of
+(:mod:`marlin.video.faces`), parses every crop (:class:`marlin.face.parse.FaceParser`) and writes them in the format of
 :mod:`marlin.data.store`.
 
 Guarantees:
@@ -333,7 +333,7 @@ def _iter_crops(source: Source, settings: PrepareSettings, info: dict[str, Any])
         from ..video.io import iter_frames, probe_video
 
         if settings.crop_face:
-            from ..face.stream import iter_face_crops, plan_face_crops
+            from ..video.faces import iter_face_crops, plan_face_crops
 
             plan = plan_face_crops(source.path, _detector(settings.detector), select=keep)[0]
             info["source_frames"], info["faceless"] = plan.n_frames, plan.n_faceless

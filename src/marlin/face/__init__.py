@@ -1,4 +1,5 @@
-"""Face detection, tracking and cropping. Submodules load on first use, so importing this is cheap.
+"""Per-frame face tools: detection, tracking, cropping, parsing. Submodules load on first use, so importing this is
+cheap. (A whole video's face track -- decode, detect, track, crop -- is :mod:`marlin.video.faces`.)
 
 Detection needs the ``[face]`` extra (``pip install 'marlin[face]'``); tracking and cropping need only numpy and PIL.
 """
@@ -30,9 +31,6 @@ _EXPORTS = {
     "overlay_parse": "overlay",
     "parse_overlay_sheet": "overlay",
     "save_parse_overlay_sheet": "overlay",
-    "FacePlan": "stream",
-    "plan_face_crops": "stream",
-    "iter_face_crops": "stream",
 }
 
 __all__ = sorted(_EXPORTS)

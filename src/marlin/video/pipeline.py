@@ -105,7 +105,7 @@ def clip_windows(
         return [stream]
 
     from ..face.detect import create_detector
-    from ..face.stream import plan_face_crops
+    from .faces import plan_face_crops
 
     timings = Timings()
     own = detector is None or isinstance(detector, str)

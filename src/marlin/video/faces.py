@@ -1,4 +1,4 @@
-"""Face crops of a whole video, streamed: detect -> track (smooth, fill) -> crop, at flat memory.
+"""A video's face track, streamed: decode -> detect -> track (smooth, fill) -> crop, at flat memory.
 
 Two passes over the file: the first decodes every frame and detects faces on the frames that will be used; the
 second decodes again and crops them with the smoothed boxes. Decoding is cheap next to detection and the model, and
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ..video.io import iter_frames
-from .crop import MEDIAPIPE_OFFICIAL_FRAMING, crop_face
-from .track import FaceTrack, track_face, track_faces
+from ..face.crop import MEDIAPIPE_OFFICIAL_FRAMING, crop_face
+from ..face.track import FaceTrack, track_face, track_faces
+from .io import iter_frames
 
 
 @dataclass
