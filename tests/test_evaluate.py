@@ -22,7 +22,15 @@ from marlin.evaluate.manifest import (
     read_grid,
     read_labels,
 )
-from marlin.evaluate.metrics import binary_auc, compute_metrics, confusion_matrix, macro_f1
+from marlin.evaluate.metrics import (
+    PRIMARY,
+    binary_auc,
+    compute_metrics,
+    confusion_matrix,
+    macro_f1,
+    primary_metric,
+    primary_value,
+)
 from marlin.evaluate.probe import ProbeConfig, run_probe, write_probe
 from marlin.evaluate.splits import SplitError, kfold, split_indices, subsample
 
@@ -166,6 +174,23 @@ def test_kfold_and_split_keep_groups_whole():
         kfold(30, 5, groups=["a", "b", "c"] * 10)
 
 
+def test_kfold_groups_and_labels_together_and_tiny_classes():
+    rng = np.random.default_rng(1)
+    groups = [f"id{g}" for g in rng.integers(0, 30, 240)]
+    y = rng.integers(0, 3, 240)
+    folds = kfold(240, 4, y=y, groups=groups, seed=5)
+    assert sorted(np.concatenate([te for _, te in folds]).tolist()) == list(range(240))
+    for tr, te in folds:
+        assert not {groups[i] for i in tr} & {groups[i] for i in te}  # whole groups ...
+        assert min(np.bincount(y[te], minlength=3)) > 0  # ... and every class in every test fold
+    assert [te.tolist() for _, te in kfold(240, 4, y=y, groups=groups, seed=5)] == [te.tolist() for _, te in folds]
+    # every class smaller than k: no stratification possible, still k folds partitioning the data
+    tiny = kfold(6, 4, y=np.array([0, 0, 1, 1, 2, 2]), seed=0)
+    assert sorted(np.concatenate([te for _, te in tiny]).tolist()) == list(range(6)) and len(tiny) == 4
+    with pytest.raises(SplitError, match="cannot make 5 folds from 3 samples"):
+        kfold(3, 5)
+
+
 def test_split_indices_stratified_proportions_and_subsample():
     y = np.repeat(np.arange(3), 100)
     parts = split_indices(300, (0.7, 0.1, 0.2), y=y, seed=0)
@@ -196,6 +221,42 @@ def test_macro_f1_and_confusion_by_hand():
     assert macro_f1(y, p, 3) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
     m = compute_metrics("multiclass", y, np.eye(3)[p] * 5)
     assert m["accuracy"] == pytest.approx(0.6) and 0 <= m["auc"] <= 1
+
+
+def test_metric_edge_cases_are_nan_or_left_out():
+    assert macro_f1(np.array([0, 0]), np.array([0, 0]), 3) == 1.0  # classes 1, 2: never seen nor predicted
+    y = np.array([[1, 0, 0], [0, 1, 0]])
+    m = compute_metrics("multilabel", y, np.array([[1.0, -1, -1], [-1, -1, -1]]))
+    assert m["macro_f1"] == pytest.approx(0.5) and m["auc"] == pytest.approx(0.75)  # label 2: no F1, no AUC
+    r = compute_metrics(
+        "regression", np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]]), np.array([[1.0, 5], [2, 6], [4, 5]])
+    )
+    assert r["r2"] == pytest.approx(0.5)  # the constant second output has no R2 and is left out
+    assert all(math.isnan(v) for v in compute_metrics("binary", np.zeros(0), np.zeros(0)).values())
+
+
+def test_primary_value_is_the_primary_metric():
+    rng = np.random.default_rng(2)
+    cases = {
+        "multiclass": (rng.integers(0, 4, 40), rng.normal(size=(40, 4))),
+        "binary": (rng.integers(0, 2, 40), rng.normal(size=40)),
+        "multilabel": (rng.integers(0, 2, (40, 3)), rng.normal(size=(40, 3))),
+        "regression": (rng.normal(size=(40, 2)), rng.normal(size=(40, 2))),
+    }
+    assert set(cases) == set(PRIMARY)
+    for task, (y, s) in cases.items():
+        assert primary_value(task, y, s) == pytest.approx(compute_metrics(task, y, s)[primary_metric(task)])
+
+
+def test_missing_scikit_learn_names_the_extra(monkeypatch):
+    import sys
+
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    for call in (lambda: binary_auc([0, 1], [0.0, 1.0]), lambda: kfold(10, 2),
+                 lambda: LinearProbe("binary", 1).fit(np.zeros((4, 2)), np.array([0, 1, 0, 1]))):  # fmt: skip
+        with pytest.raises(ImportError, match=r"pip install 'marlin\[eval\]'"):
+            call()
 
 
 def test_multilabel_official_flat_metrics_and_regression():

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = finetune(config_from_args(args))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"marlin finetune: {one_line(e)}", file=sys.stderr)
         return 2
     if result.results is not None:

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, extra={"features": str(feats_src), "labels": str(args.labels), "reduce": args.reduce},
         )  # fmt: skip
         results = run_probe(x, labels, cfg)
-    except (ManifestError, FeatureError, SplitError, ValueError) as e:
+    except (ManifestError, FeatureError, SplitError, ValueError, ImportError) as e:
         print(f"marlin probe: {e}", file=sys.stderr)
         return 2
     paths = write_probe(results, args.out, plot=not args.no_plot)

@@ -1,7 +1,11 @@
-"""Evaluation metrics as pure numpy functions (no scikit-learn needed).
+"""Evaluation metrics: thin wrappers over ``sklearn.metrics`` that fix the edge cases the probe needs.
 
 ``scores`` are what a linear head outputs: multiclass logits ``[N, K]``; binary logits ``[N]`` (or ``[N, 1]``);
 multilabel logits ``[N, L]``; regression predictions ``[N, L]``. Targets follow :mod:`marlin.evaluate.manifest`.
+
+The wrappers return NaN where a metric is undefined (AUC with a single class present, F1 of a label never seen nor
+predicted, R2 of a constant target, anything on no samples), and the means skip NaNs. scikit-learn is imported on
+first use (``pip install 'marlin[eval]'``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ __all__ = [
     "confusion_matrix",
     "macro_f1",
     "primary_metric",
+    "primary_value",
 ]
 
 # the metric model selection (early stopping, best checkpoint) maximises, per task
@@ -28,56 +33,71 @@ def primary_metric(task: str) -> str:
     return PRIMARY[task]
 
 
+def _sk():  # noqa: ANN202
+    try:
+        from sklearn import metrics
+    except ImportError:
+        raise ImportError("evaluation metrics need scikit-learn: pip install 'marlin[eval]'") from None
+    return metrics
+
+
 def accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    return float(np.mean(np.asarray(y) == np.asarray(pred))) if len(y) else math.nan
+    return float(_sk().accuracy_score(np.asarray(y), np.asarray(pred))) if len(y) else math.nan
 
 
 def confusion_matrix(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
     """``[n_classes, n_classes]`` counts, rows = true class, columns = predicted class."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(y, np.int64), np.asarray(pred, np.int64)), 1)
-    return cm
+    cm = _sk().confusion_matrix(np.asarray(y, np.int64), np.asarray(pred, np.int64), labels=np.arange(n_classes))
+    return cm.astype(np.int64)
 
 
 def macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
     """Mean F1 over the classes present in `y` or `pred` (a class never seen nor predicted is left out)."""
-    cm = confusion_matrix(y, pred, n_classes)
-    tp = np.diag(cm).astype(np.float64)
-    support, predicted = cm.sum(1), cm.sum(0)
-    present = (support + predicted) > 0
-    if not present.any():
+    y, pred = np.asarray(y, np.int64), np.asarray(pred, np.int64)
+    present = np.union1d(y, pred)
+    if len(present) == 0:
         return math.nan
-    f1 = 2 * tp[present] / (support[present] + predicted[present])
-    return float(f1.mean())
+    if present.min() < 0 or present.max() >= n_classes:
+        raise ValueError(f"class ids must lie in [0, {n_classes}), found {present.min()}..{present.max()}")
+    return float(_sk().f1_score(y, pred, labels=present, average="macro", zero_division=0.0))
 
 
 def binary_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC by the rank statistic (ties count half); NaN when `y` has a single class."""
+    """ROC AUC (ties count half); NaN when `y` has a single class."""
     y = np.asarray(y).astype(bool).ravel()
-    score = np.asarray(score, dtype=np.float64).ravel()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return math.nan
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score), dtype=np.float64)
-    sorted_scores = score[order]
-    # average ranks over ties
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(score)]
-    for s, e in zip(starts, ends, strict=True):
-        ranks[order[s:e]] = (s + e + 1) / 2.0  # 1-based mean rank of the tie block
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(_sk().roc_auc_score(y, np.asarray(score, dtype=np.float64).ravel()))
 
 
-def _nanmean(values: list[float]) -> float:
-    vals = [v for v in values if not math.isnan(v)]
+def _nanmean(values: list[float] | np.ndarray) -> float:
+    vals = [float(v) for v in values if not math.isnan(v)]
     return float(np.mean(vals)) if vals else math.nan
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+_KEYS = {
+    "multiclass": ("accuracy", "macro_f1", "auc"),
+    "binary": ("accuracy", "macro_f1", "auc"),
+    "multilabel": ("accuracy", "macro_f1", "auc", "flat_accuracy", "flat_auc"),
+    "regression": ("mse", "mae", "r2", "neg_mse"),
+}
+
+
+def primary_value(task: str, targets: np.ndarray, scores: np.ndarray) -> float:
+    """``compute_metrics(task, targets, scores)[primary_metric(task)]`` without computing the other metrics (model
+    selection calls this once per candidate fit)."""
+    targets, scores = np.asarray(targets), np.asarray(scores, dtype=np.float64)
+    if len(targets) == 0:
+        return math.nan
+    if task == "multiclass":
+        return accuracy(targets, scores.argmax(1))
+    if task == "binary":
+        return binary_auc(targets, scores.reshape(-1))
+    if task == "multilabel":
+        return binary_auc(targets.astype(bool).ravel(), scores.ravel())
+    if task == "regression":
+        return -float(_sk().mean_squared_error(targets.reshape(len(targets), -1), scores.reshape(len(scores), -1)))
+    raise ValueError(f"unknown task {task!r}")
 
 
 def compute_metrics(task: str, targets: np.ndarray, scores: np.ndarray) -> dict[str, float]:
@@ -90,10 +110,17 @@ def compute_metrics(task: str, targets: np.ndarray, scores: np.ndarray) -> dict[
     - regression: mse, mae, r2 (mean over outputs), and ``neg_mse`` for model selection.
     """
     targets, scores = np.asarray(targets), np.asarray(scores, dtype=np.float64)
+    if task not in _KEYS:
+        raise ValueError(f"unknown task {task!r}")
+    if len(targets) == 0:
+        return dict.fromkeys(_KEYS[task], math.nan)
+    sk = _sk()
     if task == "multiclass":
+        from scipy.special import softmax  # a scikit-learn dependency
+
         k = scores.shape[1]
         pred = scores.argmax(1)
-        prob = _softmax(scores)
+        prob = softmax(scores, axis=1)
         aucs = [binary_auc(targets == c, prob[:, c]) for c in range(k) if (targets == c).any()]
         return {"accuracy": accuracy(targets, pred), "macro_f1": macro_f1(targets, pred, k), "auc": _nanmean(aucs)}
     if task == "binary":
@@ -105,11 +132,7 @@ def compute_metrics(task: str, targets: np.ndarray, scores: np.ndarray) -> dict[
         y = targets.astype(bool)
         pred = scores > 0
         per_acc = (pred == y).mean(0)
-        f1s = []
-        for j in range(y.shape[1]):
-            tp = float((pred[:, j] & y[:, j]).sum())
-            denom = float(pred[:, j].sum() + y[:, j].sum())
-            f1s.append(2 * tp / denom if denom else math.nan)
+        f1s = sk.f1_score(y, pred, average=None, zero_division=np.nan)  # NaN: label never present nor predicted
         return {
             "accuracy": float(per_acc.mean()),
             "macro_f1": _nanmean(f1s),
@@ -117,12 +140,11 @@ def compute_metrics(task: str, targets: np.ndarray, scores: np.ndarray) -> dict[
             "flat_accuracy": float((pred == y).mean()),
             "flat_auc": binary_auc(y.ravel(), scores.ravel()),
         }
-    if task == "regression":
-        y = targets.reshape(len(targets), -1).astype(np.float64)
-        p = scores.reshape(len(scores), -1)
-        err = p - y
-        var = ((y - y.mean(0)) ** 2).sum(0)
-        r2 = [1 - float((err[:, j] ** 2).sum() / var[j]) if var[j] > 0 else math.nan for j in range(y.shape[1])]
-        mse = float((err**2).mean())
-        return {"mse": mse, "mae": float(np.abs(err).mean()), "r2": _nanmean(r2), "neg_mse": -mse}
-    raise ValueError(f"unknown task {task!r}")
+    # regression
+    y = targets.reshape(len(targets), -1).astype(np.float64)
+    p = scores.reshape(len(scores), -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = sk.r2_score(y, p, multioutput="raw_values", force_finite=False)
+    r2[~np.isfinite(r2)] = np.nan  # a constant target has no R2 (not sklearn's forced 0 or 1)
+    mse = float(sk.mean_squared_error(y, p))
+    return {"mse": mse, "mae": float(sk.mean_absolute_error(y, p)), "r2": _nanmean(r2), "neg_mse": -mse}

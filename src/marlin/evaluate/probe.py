@@ -22,7 +22,7 @@ import numpy as np
 from ..utils.fileio import atomic_write_text, json_safe
 from .linear import DEFAULT_L2_GRID, LinearProbe, select_l2
 from .manifest import LabelSet
-from .metrics import binary_auc, compute_metrics, confusion_matrix, primary_metric
+from .metrics import binary_auc, compute_metrics, confusion_matrix, primary_value
 from .splits import kfold, split_indices, subsample
 
 __all__ = ["ProbeConfig", "plot_probe", "run_probe", "write_probe"]
@@ -107,7 +107,7 @@ def run_probe(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig | None = None) -
                 table = {}
                 for cand in cfg.l2_grid:
                     p = LinearProbe(task, k, l2=cand, **kw).fit(x[tr], y[tr])
-                    table[cand] = compute_metrics(task, y[va], p.scores(x[va]))[primary_metric(task)]
+                    table[cand] = primary_value(task, y[va], p.scores(x[va]))
                 l2 = max(table, key=lambda c: (-math.inf if math.isnan(table[c]) else table[c], c))
             else:
                 l2, _ = select_l2(x[tr], y[tr], task, k, grid=cfg.l2_grid, folds=cfg.inner_folds, seed=cfg.seed,
