@@ -29,7 +29,7 @@ import torch
 
 from ..utils.fileio import atomic_write
 from ..utils.pool import WorkerDied, run_jobs
-from .pipeline import ClipStream, Timings, clip_windows, encode_windows
+from .pipeline import ClipStream, Timings, clip_windows, encode_windows, reduce_windows
 
 log = logging.getLogger("marlin")
 
@@ -352,7 +352,7 @@ class _Extraction:
             r.status, r.error = "failed", "no complete window"
         else:
             out = _track_output(self.outputs[video], track.track)
-            _save_npy(out, _reduce(torch.cat(enc.feats), self.opts.reduction).numpy())
+            _save_npy(out, reduce_windows(torch.cat(enc.feats), self.opts.reduction).numpy())
             self._save_preview(out, track)
         self.open_tracks[video] -= 1
         if self.open_tracks[video] == 0:
@@ -381,16 +381,6 @@ class _Extraction:
     def close(self) -> None:
         self.bar.close()
         write_index(self.index_path, list(self.results.values()))
-
-
-def _reduce(feats: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return feats
-    if reduction == "mean":
-        return feats.mean(0)
-    if reduction == "max":
-        return feats.max(0).values
-    raise ValueError(f"reduction must be none, mean or max, got {reduction!r}")
 
 
 def write_combined(path: Path, summary: ExtractSummary, out_dir: Path) -> Path:

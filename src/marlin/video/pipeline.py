@@ -253,13 +253,18 @@ class VideoFeatures:
 
     def reduce(self, reduction: str = "none") -> Tensor:
         """ "none" -> all windows; "mean" / "max" -> pooled over windows (official `reduction`)."""
-        if reduction == "none":
-            return self.features
-        if reduction == "mean":
-            return self.features.mean(dim=0)
-        if reduction == "max":
-            return self.features.max(dim=0).values
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        return reduce_windows(self.features, reduction)
+
+
+def reduce_windows(features: Tensor, reduction: str = "none") -> Tensor:
+    """Pool a video's window features ``[n, ...]`` over windows: "none" keeps them, "mean" / "max" pool them."""
+    if reduction == "none":
+        return features
+    if reduction == "mean":
+        return features.mean(dim=0)
+    if reduction == "max":
+        return features.max(dim=0).values
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def extract_video_tracks(
