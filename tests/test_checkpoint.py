@@ -183,3 +183,36 @@ def test_full_requested_from_encoder_only(tmp_path, full_model):
 
 def test_package_exports():
     assert marlin.load is load and callable(marlin.create_model)
+
+
+# ---- corrupt values and shapes are named ----------------------------------------------------------------------------
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, full_model, capsys):
+    from marlin.cli import main
+
+    sd = {k: v.clone() for k, v in full_model.state_dict().items()}
+    sd["encoder.blocks.1.mlp.layers.0.linear.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.full.pt"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.mlp\.layers\.0\.linear\.weight' holds 1 NaN and 0 inf"):
+        load(path)
+    with pytest.raises(CheckpointError, match="holds 1 NaN"):
+        Marlin.from_file(NAME, str(path))  # the drop-in path too
+    assert main(["info", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "NOT USABLE" in err and "blocks.1.mlp.layers.0.linear.weight" in err
+
+
+def test_a_wrong_shape_names_the_tensor(tmp_path):
+    Marlin("marlin_vit_small_ytf").export_official(tmp_path / "s.encoder.pt")
+    with pytest.raises(CheckpointError, match=r"tensor 'encoder\.[\w.]+' is \[\d+(, \d+)*\], expected \[\d+"):
+        Marlin.from_file("marlin_vit_base_ytf", str(tmp_path / "s.encoder.pt"))
+
+
+def test_info_on_a_bad_file_is_one_line(tmp_path, capsys):
+    from marlin.cli import main
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    for path in (tmp_path / "junk.pt", tmp_path / "absent.pt"):
+        assert main(["info", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("marlin info: ") and str(path) in err and "\n" not in err

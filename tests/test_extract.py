@@ -254,3 +254,31 @@ def test_all_faces_gives_one_feature_file_per_track(tmp_path):
     assert files == ["two.face0.npy", "two.face1.npy"]
     a, b = (np.load(tmp_path / "out" / f) for f in files)
     assert a.shape == b.shape == (1, CFG.encoder_embed_dim)
+
+
+def test_same_stem_inputs_get_their_own_outputs(tmp_path, model):
+    """clip.avi and clip.mp4 in one folder used to both write clip.npy (both rows ok, one result lost)."""
+    src = tmp_path / "in"
+    a = write_video(crop_video(src / "clip.mp4", 20).with_name("clip.avi"), 20, CFG.img_size, CFG.img_size,
+                    codec="mpeg4")  # fmt: skip
+    b = src / "clip.mp4"
+    other = crop_video(src / "other.mp4", 9)
+    outs = output_paths([a, b, other], tmp_path / "out")
+    assert outs == {a: tmp_path / "out" / "clip.avi.npy", b: tmp_path / "out" / "clip.mp4.npy",
+                    other: tmp_path / "out" / "other.npy"}  # fmt: skip
+    summary = extract_many(model, [a, b, other], tmp_path / "out", ExtractOptions(workers=0, progress=False))
+    assert [r.status for r in summary.results] == ["ok", "ok", "ok"]
+    assert len({r.output for r in summary.results}) == 3 and all(Path(r.output).is_file() for r in summary.results)
+    again = extract_many(model, [a, b, other], tmp_path / "out", ExtractOptions(workers=0, progress=False))
+    assert [r.status for r in again.results] == ["skipped"] * 3  # resume sees each output
+
+
+def test_non_finite_features_are_never_written_as_ok(tmp_path):
+    broken = Marlin(CFG).eval()
+    with torch.no_grad():
+        broken.encoder.norm.weight[0] = float("nan")  # what diverged training or a bad precision would produce
+    video = crop_video(tmp_path / "in" / "v.mp4", 9)
+    summary = extract_many(broken, [video], tmp_path / "out", ExtractOptions(workers=0, progress=False))
+    r = summary.results[0]
+    assert r.status == "failed" and "NaN / inf features" in r.error
+    assert not (tmp_path / "out" / "v.npy").exists()

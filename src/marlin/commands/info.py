@@ -10,7 +10,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marlin.models.checkpoint import describe, infer_config, read_checkpoint
+    import sys
+
+    from marlin.models.checkpoint import CheckpointError, describe, infer_config, nonfinite_tensors, read_checkpoint
     from marlin.models.registry import get_entry, list_models
 
     if not args.checkpoint:
@@ -23,8 +25,12 @@ def run(args: argparse.Namespace) -> int:
                 f"{'released' if e.downloadable else '':<9}{e.description}"
             )
         return 0
-    ckpt = read_checkpoint(args.checkpoint)
-    cfg = ckpt.config or infer_config(ckpt.state_dict, ckpt.path)
+    try:
+        ckpt = read_checkpoint(args.checkpoint)
+        cfg = ckpt.config or infer_config(ckpt.state_dict, ckpt.path)
+    except (CheckpointError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"marlin info: {e}", file=sys.stderr)
+        return 2
     n = sum(v.numel() for v in ckpt.state_dict.values())
     print(
         f"{ckpt.path}: format {ckpt.format}, variant {cfg.name}, {'full' if ckpt.has_decoder else 'encoder-only'}, "
@@ -33,4 +39,9 @@ def run(args: argparse.Namespace) -> int:
     print("  " + ", ".join(f"{k}={v}" for k, v in describe(ckpt.state_dict).items()))
     if ckpt.dropped:
         print(f"  dropped on load: {len(ckpt.dropped)} keys ({ckpt.dropped[0]}, ...)")
+    bad = nonfinite_tensors(ckpt.state_dict)
+    if bad:
+        print(f"  NOT USABLE: {len(bad)} tensors hold NaN / inf values, e.g. {bad[0][0]} ({bad[0][1]} NaN, "
+              f"{bad[0][2]} inf); loading refuses them", file=sys.stderr)  # fmt: skip
+        return 1
     return 0

@@ -255,7 +255,8 @@ def _infer_geometry(num_tokens: int, patch: int, tubelet: int) -> tuple[int, int
 
 
 def check_compatible(sd: dict[str, Tensor], expected: dict[str, Tensor], path: str, name: str) -> None:
-    """Raise a one-line CheckpointError when tensor shapes disagree with the model `name` expects."""
+    """Raise a one-line CheckpointError when tensor shapes disagree with the model `name` expects (naming the first
+    tensor that differs), or when a tensor holds NaN / inf values."""
     bad = [k for k, v in sd.items() if k in expected and tuple(expected[k].shape) != tuple(v.shape)]
     enc_depth_ckpt = describe(sd).get("encoder_depth")
     enc_depth_model = describe(expected).get("encoder_depth")
@@ -265,8 +266,26 @@ def check_compatible(sd: dict[str, Tensor], expected: dict[str, Tensor], path: s
         except CheckpointError:
             found = "unknown"
         found = f"{found} ({_summary(describe(sd))})" if found == "marlin_custom" else found
+        first = (
+            f"; tensor {bad[0]!r} is {list(sd[bad[0]].shape)}, expected {list(expected[bad[0]].shape)}" if bad else ""
+        )
         raise _fail(
             path,
             f"wrong variant: {name!r} expects {_summary(describe(expected))}, "
-            f"the file holds {found} ({_summary(describe(sd))})",
+            f"the file holds {found} ({_summary(describe(sd))}){first}",
         )
+    nonfinite = nonfinite_tensors(sd)
+    if nonfinite:
+        k, n_nan, n_inf = nonfinite[0]
+        more = f" (and {len(nonfinite) - 1} more tensors)" if len(nonfinite) > 1 else ""
+        raise _fail(path, f"tensor {k!r} holds {n_nan} NaN and {n_inf} inf values{more}: the weights are corrupt or "
+                          "the training that wrote them diverged; refusing to load them")  # fmt: skip
+
+
+def nonfinite_tensors(sd: dict[str, Tensor]) -> list[tuple[str, int, int]]:
+    """``(name, NaN count, inf count)`` of every floating-point tensor that is not all finite."""
+    out = []
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            out.append((k, int(torch.isnan(v).sum()), int(torch.isinf(v).sum())))
+    return out

@@ -38,12 +38,23 @@ INDEX_FIELDS = ["input", "output", "status", "windows", "frames", "faceless_fram
 
 # ---- outputs ------------------------------------------------------------------------------------------------------
 def output_paths(inputs: Sequence[Path], out_dir: Path) -> dict[Path, Path]:
-    """Map each input to `out_dir / <path relative to the inputs' common folder>.npy` (mirrors the input tree)."""
+    """Map each input to `out_dir / <path relative to the inputs' common folder>.npy` (mirrors the input tree).
+
+    Inputs of one folder that share a stem (``clip.avi`` and ``clip.mp4``) keep their extension instead, so no two
+    inputs ever write one output: ``clip.avi.npy`` and ``clip.mp4.npy``.
+    """
     if not inputs:
         return {}
     parents = [str(p.resolve().parent) for p in inputs]
     root = Path(os.path.commonpath(parents))
-    return {p: out_dir / p.resolve().relative_to(root).with_suffix(".npy") for p in inputs}
+    rel = {p: p.resolve().relative_to(root) for p in inputs}
+    stems: dict[Path, int] = {}
+    for r in rel.values():
+        stems[r.with_suffix("")] = stems.get(r.with_suffix(""), 0) + 1
+    return {
+        p: out_dir / (r.with_name(r.name + ".npy") if stems[r.with_suffix("")] > 1 else r.with_suffix(".npy"))
+        for p, r in rel.items()
+    }
 
 
 # ---- options and results --------------------------------------------------------------------------------------------
@@ -350,6 +361,9 @@ class _Extraction:
         if track.n == 0:
             r = self.results[video]
             r.status, r.error = "failed", "no complete window"
+        elif not all(bool(torch.isfinite(f).all()) for f in enc.feats):
+            r = self.results[video]  # garbage must never be marked ok: the weights or the precision are broken
+            r.status, r.error = "failed", f"{video}: the encoder gave NaN / inf features (check weights and --dtype)"
         else:
             out = _track_output(self.outputs[video], track.track)
             _save_npy(out, reduce_windows(torch.cat(enc.feats), self.opts.reduction).numpy())
