@@ -60,3 +60,29 @@ def test_demo_runs_end_to_end_offline(tmp_path, capsys):
     feats = np.load(out / "features" / "sample_face.npy")
     assert feats.shape == (n_windows(75, clip_frames=4), 32) and np.isfinite(feats).all()
     assert "features:" in (out / "report.txt").read_text()
+
+
+def test_expected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    """Unknown model, a pickle that needs code execution, an impossible mask ratio: one line naming what is wrong,
+    exit code 2 (they used to be 16-24 line tracebacks); --debug / MARLIN_DEBUG=1 give the traceback back."""
+    from videogen import write_video
+
+    video = write_video(tmp_path / "v.mp4", 4, 32, 32)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x05posix\x94\x8c\x06system\x94\x93\x94\x8c\x05true"
+                     b"\x94\x85\x94R\x94.")  # os.system("true"), pickled: must be refused, never run  # fmt: skip
+    cases = [
+        (["extract", str(video), "-o", str(tmp_path / "o"), "--model", "nosuchmodel"], "unknown model 'nosuchmodel'"),
+        (["extract", str(video), "-o", str(tmp_path / "o"), "--model", str(evil)], "refused to unpickle"),
+        (["masks", str(video), "--mask-ratio", "1.0", "--strategy", "tube", "-o", str(tmp_path / "m.png")],
+         "mask_ratio must be in [0, 1)"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"marlin {argv[0]}: ") and message in err[0], err
+    with pytest.raises(ValueError, match="unknown model"):
+        cli(["--debug", *cases[0][0]])
+    monkeypatch.setenv("MARLIN_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
+        cli(cases[2][0])

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+# What a user can cause and fix (a wrong value or file, no network, a full disk): reported in one line, exit code 2.
+# Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, OSError, ImportError)
 
 # name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marlin", description="MARLIN facial video representation toolkit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also MARLIN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -58,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except EXPECTED_ERRORS as e:  # bad input, missing file, offline, full disk: one line, not a traceback
+        if args.debug or os.environ.get("MARLIN_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"marlin {args.command}: {_one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from marlin.viz.masks import load_face_clip, save_mask_sheet
 
     cfg = get_config(args.model)
+    masker = Masker.for_config(cfg, args.strategy, args.mask_ratio)  # checks the ratio before any work
     face_strategy = args.strategy in ("fasking", "fasking_opp")
     if args.no_parse and face_strategy:
         print(f"marlin masks: --strategy {args.strategy} needs the face parse; drop --no-parse", file=sys.stderr)
@@ -67,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"marlin masks: {e}", file=sys.stderr)
                 return 2
             print(f"marlin masks: no parse overlay ({e})", file=sys.stderr)
-    masker = Masker.for_config(cfg, args.strategy, args.mask_ratio)
     parse_t = None if parse is None else torch.from_numpy(parse)[None]  # [1, T, S, S]
     visible = masker(1, parse=parse_t, generator=torch.Generator().manual_seed(args.seed))[0].numpy()  # [N]
     n_vis, n = int(visible.sum()), visible.size

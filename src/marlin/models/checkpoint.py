@@ -19,6 +19,7 @@ import json
 import logging
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def _fail(path: str | Path, reason: str) -> CheckpointError:
 
 def _torch_load(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg) or re.search(r"global '([\w.]+)'", msg)
