@@ -69,7 +69,7 @@ def test_csv_manifest_errors_name_the_problem(tmp_path):
     m = write_csv(tmp_path / "m.csv", [{"path": "a.mp4", "y": "1"}, {"path": "b.mp4", "y": ""}])
     with pytest.raises(ManifestError, match="no column 'label'.*columns: path, y"):
         read_csv_manifest(m, ["label"])
-    with pytest.raises(ManifestError, match="empty value in label column 'y'"):
+    with pytest.raises(ManifestError, match="row 2: missing value '' in label column 'y'"):
         read_csv_manifest(m, ["y"])
     with pytest.raises(ManifestError, match="no such manifest"):
         read_csv_manifest(tmp_path / "none.csv", ["y"])
@@ -80,6 +80,21 @@ def test_csv_manifest_errors_name_the_problem(tmp_path):
         read_csv_manifest(m2, ["y"], split_col="s")
     with pytest.raises(ManifestError, match="binary task needs 2 classes"):
         read_csv_manifest(write_csv(tmp_path / "m3.csv", [{"path": "a", "y": "1"}] * 3), ["y"], task="binary")
+
+
+def test_labels_that_cannot_be_learned_are_refused_by_name(tmp_path):
+    """A single-class label used to report accuracy 1.0 (exit 0); NaN labels gave all-nan metrics, an error naming no
+    column, or a class called "nan"."""
+    one = write_csv(tmp_path / "one.csv", [{"path": f"{i}.mp4", "y": "smile"} for i in range(4)])
+    with pytest.raises(ManifestError, match=r"one.csv: label column 'y' has one class \('smile'\) in all 4 rows"):
+        read_csv_manifest(one, ["y"])
+    for missing in ("nan", "NaN", "None", "NA"):
+        rows = [{"path": "a.mp4", "y": "1"}, {"path": "b.mp4", "y": "2"}, {"path": "c.mp4", "y": missing}]
+        with pytest.raises(ManifestError, match=f"row 3: missing value '{missing}' in label column 'y'"):
+            read_csv_manifest(write_csv(tmp_path / "n.csv", rows), ["y"])
+    inf = write_csv(tmp_path / "inf.csv", [{"path": "a", "y": "1.5"}, {"path": "b", "y": "inf"}])
+    with pytest.raises(ManifestError, match=r"row 2: regression labels must be finite numbers, found \['inf'\]"):
+        read_csv_manifest(inf, ["y"])
 
 
 def make_celebvhq(root: Path, n: int = 12, with_splits: bool = False, n_app: int = 5, n_act: int = 3) -> Path:

@@ -34,6 +34,7 @@ __all__ = [
 TASKS = ("multiclass", "binary", "multilabel", "regression")
 GRID_SLOTS = ("command", "color", "preposition", "letter", "digit", "adverb")
 SPLITS = ("train", "val", "test")
+MISSING_VALUES = ("", "nan", "na", "n/a", "none", "null")  # label cells that mean "no label", refused by name
 
 
 class ManifestError(ValueError):
@@ -119,8 +120,10 @@ def build_targets(columns: dict[str, list[str]], task: str | None, where: str) -
     """Targets, task and names from label columns of strings (``task=None``: infer it, see :func:`read_labels`)."""
     names = list(columns)
     for name, vals in columns.items():
-        if any(v.strip() == "" for v in vals):
-            raise ManifestError(f"{where}: empty value in label column {name!r}")
+        for i, v in enumerate(vals):
+            if v.strip().lower() in MISSING_VALUES:
+                raise ManifestError(f"{where}: row {i + 1}: missing value {v.strip()!r} in label column {name!r}; "
+                                    "give every video a label or leave it out of the manifest")  # fmt: skip
     if task is None:
         if len(names) > 1:
             binary = all(set(v.strip() for v in vals) <= {"0", "1", "0.0", "1.0"} for vals in columns.values())
@@ -139,12 +142,19 @@ def build_targets(columns: dict[str, list[str]], task: str | None, where: str) -
         if task == "binary" and len(classes) != 2:
             raise ManifestError(f"{where}: binary task needs 2 classes in {names[0]!r}, found {len(classes)}: "
                                 f"{classes[:5]}")  # fmt: skip
+        if len(classes) < 2:
+            raise ManifestError(f"{where}: label column {names[0]!r} has one class ({classes[0]!r}) in all "
+                                f"{len(vals)} rows: there is nothing to learn or measure")  # fmt: skip
         lookup = {c: i for i, c in enumerate(classes)}
         return np.array([lookup[v] for v in vals], dtype=np.int64), task, classes
     try:
         mat = np.array([[float(columns[n][i]) for n in names] for i in range(len(columns[names[0]]))], np.float32)
     except ValueError as e:
         raise ManifestError(f"{where}: {task} labels must be numbers ({e})") from None
+    if not np.isfinite(mat).all():
+        row = int(np.flatnonzero(~np.isfinite(mat).all(1))[0])
+        raise ManifestError(f"{where}: row {row + 1}: {task} labels must be finite numbers, found "
+                            f"{[columns[n][row] for n in names]}")  # fmt: skip
     if task == "multilabel" and not np.isin(mat, (0.0, 1.0)).all():
         raise ManifestError(f"{where}: multilabel columns must hold 0 / 1")
     if task not in TASKS:
