@@ -338,3 +338,16 @@ def test_read_frames_falls_back_to_decoding_from_the_start_near_the_end(tmp_path
     path = write_video(tmp_path / "v.mp4", n, 32, 96, codec_options={"g": "10"})
     got = mv.read_frames(path, [n - 1, n + 5])  # the last frame, then past the end: padded with the last frame
     assert [frame_index(f) for f in got] == [n - 1, n - 1]
+
+
+def test_written_videos_get_the_usual_file_mode(tmp_path: Path) -> None:
+    """write_video's temporary file used to keep mkstemp's 0600 (reconstruct MP4s were private, the rest 0644)."""
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        path = mv.write_video(tmp_path / "v.mp4", np.zeros((2, 16, 16, 3), np.uint8))
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

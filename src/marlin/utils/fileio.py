@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _file_mode() -> int:
+def default_file_mode() -> int:
     """Permissions a plainly created file gets (0666 minus the umask); mkstemp alone would leave 0600."""
     mask = os.umask(0)
     os.umask(mask)
@@ -26,7 +26,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

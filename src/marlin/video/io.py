@@ -38,6 +38,8 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from ..utils.fileio import default_file_mode
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "VIDEO_EXTENSIONS",
@@ -475,6 +477,7 @@ def write_video(
             if stream is None:
                 raise ValueError(f"{path}: no frames to write")
             container.mux(stream.encode(None))  # flush the encoder
+        os.chmod(tmp, default_file_mode())  # as any plainly created file (mkstemp alone leaves 0600)
         os.replace(tmp, path)
     except av.FFmpegError as err:
         raise VideoError(f"{path}: cannot encode ({_reason(err)})") from err
