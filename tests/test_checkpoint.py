@@ -216,3 +216,24 @@ def test_info_on_a_bad_file_is_one_line(tmp_path, capsys):
         assert main(["info", str(path)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("marlin info: ") and str(path) in err and "\n" not in err
+
+
+def test_a_crafted_config_is_checked_against_the_tensors_before_allocating(tmp_path, full_model):
+    """config.json saying encoder_embed_dim=3000000 used to make marlin allocate ~18 GB before looking at a tensor."""
+    import json
+
+    folder = full_model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["encoder_embed_dim"] = 3_000_000
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config does not match its weights.*encoder_embed_dim=3000000 but the "
+                                              "tensors hold 32"):  # fmt: skip
+        load(folder)
+
+
+@pytest.mark.parametrize("field", ["encoder_depth", "img_size", "decoder_num_heads"])
+def test_config_sizes_must_be_positive(field):
+    from marlin.train.config import load_config
+
+    with pytest.raises(ValueError, match=f"{field} must be a positive integer, got -1"):
+        load_config(NAME, [f"model.{field}=-1"])  # used to be accepted and export a file nothing could load

@@ -204,6 +204,23 @@ def describe(sd: dict[str, Tensor]) -> dict[str, int]:
     return out
 
 
+def check_config_matches(config: MarlinConfig, sd: dict[str, Tensor], path: str) -> None:
+    """Raise a one-line CheckpointError when a config disagrees with the sizes its tensors show, before a model of
+    that config is built (a crafted ``config.json`` must not make marlin allocate gigabytes or build a broken model).
+    Only sizes the tensors reveal are compared; a VideoMAE encoder without decoder says nothing of the decoder."""
+    found = describe(sd)
+    wanted = {
+        "encoder_embed_dim": config.encoder_embed_dim, "in_chans": config.in_chans,
+        "tubelet_size": config.tubelet_size, "patch_size": config.patch_size, "encoder_depth": config.encoder_depth,
+        "num_tokens": config.num_tokens, "decoder_embed_dim": config.decoder_embed_dim,
+        "decoder_depth": config.decoder_depth,
+    }  # fmt: skip
+    diff = [f"{k}={wanted[k]} but the tensors hold {found[k]}" for k in wanted if k in found and found[k] != wanted[k]]
+    if diff:
+        raise _fail(path, f"its config does not match its weights ({'; '.join(diff)}); the file is corrupt or was "
+                          "edited")  # fmt: skip
+
+
 def _summary(d: dict[str, int]) -> str:
     keys = ("encoder_embed_dim", "encoder_depth", "decoder_embed_dim", "decoder_depth", "num_tokens")
     return ", ".join(f"{k}={d[k]}" for k in keys if k in d)

@@ -37,6 +37,17 @@ class MarlinConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form notes (e.g. provenance)
 
     def __post_init__(self) -> None:
+        sizes = ("img_size", "patch_size", "clip_frames", "tubelet_size", "in_chans", "encoder_embed_dim",
+                 "encoder_depth", "encoder_num_heads", "decoder_embed_dim", "decoder_depth",
+                 "decoder_num_heads")  # fmt: skip
+        for field_name in sizes:
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"invalid MarlinConfig {self.name!r}: {field_name} must be a positive integer, got {value!r}"
+                )
+        if not (isinstance(self.mlp_ratio, int | float) and self.mlp_ratio > 0):
+            raise ValueError(f"invalid MarlinConfig {self.name!r}: mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         checks = [
             (self.img_size % self.patch_size == 0, f"img_size {self.img_size} not divisible by patch_size"),
             (self.clip_frames % self.tubelet_size == 0, f"clip_frames {self.clip_frames} not divisible by tubelet"),

@@ -312,6 +312,9 @@ def load(
     if full and not ckpt.has_decoder:
         raise ckpt_io.CheckpointError(f"{ckpt.path}: full model requested but the file holds only an encoder")
     full = ckpt.has_decoder if full is None else full
+    if name is None and ckpt.config is not None:  # a config read from the file: check it before allocating a model
+        sd = ckpt.state_dict if full else {k: v for k, v in ckpt.state_dict.items() if k.startswith("encoder.")}
+        ckpt_io.check_config_matches(config, sd, ckpt.path)
     model = Marlin(config, as_feature_extractor=not full)
     strict = ckpt.format != "videomae"
     report = model.load_checkpoint(ckpt, strict=strict)
