@@ -17,9 +17,10 @@ from marlin import Marlin, get_config
 from marlin.cli import main as cli
 from marlin.data.sources import collect_inputs
 from marlin.video.extract import ExtractOptions, extract_many, output_paths, write_combined
+from marlin.video.io import VideoWarning, iter_frames
 from marlin.video.pipeline import extract_video
 from marlin.video.windows import n_windows
-from videogen import write_audio_only, write_video
+from videogen import truncate, write_audio_only, write_video
 
 CFG = get_config("marlin_vit_tiny_test")  # 32x32 crops, 4-frame clips
 HAS_FACE = importlib.util.find_spec("mediapipe") is not None
@@ -282,3 +283,30 @@ def test_non_finite_features_are_never_written_as_ok(tmp_path):
     r = summary.results[0]
     assert r.status == "failed" and "NaN / inf features" in r.error
     assert not (tmp_path / "out" / "v.npy").exists()
+
+
+def test_the_index_counts_the_frames_that_decoded(tmp_path, model):
+    """A truncated file used to be indexed with the frame count its header declares (120) though far fewer decoded."""
+    full = write_video(tmp_path / "full.mp4", 120, CFG.img_size, CFG.img_size, faststart=True)
+    (tmp_path / "in").mkdir()
+    cut = truncate(full, tmp_path / "in" / "cut.mp4")
+    summary = extract_many(model, [cut], tmp_path / "out", ExtractOptions(workers=0, progress=False))
+    r = summary.results[0]
+    with pytest.warns(VideoWarning):
+        decoded = len(list(iter_frames(cut)))
+    assert r.status == "ok" and 0 < decoded < 120
+    assert r.frames == decoded  # not the 120 the header declares
+    assert read_index(tmp_path / "out" / "index.csv")["cut.mp4"]["frames"] == str(decoded)
+
+
+def test_a_resumed_run_keeps_the_statistics_of_finished_videos(tmp_path, model):
+    """Rows of videos a resumed run skips used to lose their windows / frames / seconds (all 0)."""
+    videos = [crop_video(tmp_path / "in" / f"v{i}.mp4", n) for i, n in enumerate((9, 40))]
+    first = extract_many(model, videos, tmp_path / "out", ExtractOptions(workers=0, progress=False))
+    again = extract_many(model, videos, tmp_path / "out", ExtractOptions(workers=0, progress=False))
+    for a, b in zip(first.results, again.results, strict=True):
+        assert (a.status, b.status) == ("ok", "skipped")
+        assert (b.windows, b.frames, b.faceless_frames) == (a.windows, a.frames, a.faceless_frames) != (0, 0, 0)
+        assert b.seconds == pytest.approx(a.seconds, abs=1e-3)
+    rows = read_index(tmp_path / "out" / "index.csv")
+    assert rows["v1.mp4"]["windows"] == str(n_windows(40, CFG.clip_frames))

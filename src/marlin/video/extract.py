@@ -207,6 +207,28 @@ def _is_done(out: Path, all_faces: bool) -> bool:
     return any(out.parent.glob(f"{glob.escape(out.stem)}.face*.npy")) if out.parent.is_dir() else False
 
 
+def _previous_rows(index_path: Path) -> dict[str, dict[str, str]]:
+    """The rows of an earlier run's ``index.csv`` by input (empty when there is none or it cannot be read)."""
+    try:
+        with open(index_path, newline="") as f:
+            return {row["input"]: row for row in csv.DictReader(f) if row.get("input")}
+    except (OSError, csv.Error, KeyError):
+        return {}
+
+
+def _skipped(result: VideoResult, before: dict[str, str] | None) -> VideoResult:
+    """A finished input's row of a resumed run: status ``skipped``, with the statistics the run that made it wrote."""
+    result.status = "skipped"
+    if before is not None and before.get("status") in ("ok", "skipped"):
+        try:
+            result.windows, result.frames = int(before["windows"]), int(before["frames"])
+            result.faceless_frames, result.seconds = int(before["faceless_frames"]), float(before["seconds"])
+            result.track = before.get("track", "")
+        except (KeyError, ValueError):
+            pass  # an index from another version: the row stays without statistics
+    return result
+
+
 @dataclass
 class ExtractSummary:
     results: list[VideoResult]
@@ -289,9 +311,10 @@ class _Extraction:
         self.results = {p: VideoResult(str(p), str(self.outputs[p])) for p in inputs}
         self.index_path = out_dir / "index.csv"
         self.todo: list[Path] = []  # what is not done yet (finished outputs are skipped unless overwriting)
+        before = _previous_rows(self.index_path)
         for p in inputs:
             if not opts.overwrite and _is_done(self.outputs[p], opts.all_faces):
-                self.results[p].status = "skipped"
+                self.results[p] = _skipped(self.results[p], before.get(str(p)))
             else:
                 self.todo.append(p)
         self.pending: deque[_Encoding] = deque()  # tracks with windows not yet batched, in arrival order

@@ -45,7 +45,7 @@ class ClipStream:
 
     path: Path
     windows: Iterator[np.ndarray]  # each uint8 [T, S, S, 3]
-    n_frames: int  # frames that decoded (crop_face) or that the container declares
+    n_frames: int  # frames that decoded (with crop_face; without it once the windows are consumed, before: declared)
     window_frames: list[list[int]]  # frame indices of every window
     track: int | None = None  # face-track number with all_faces, else None
     n_faceless: int = 0  # used frames without a detected face (their box came from the nearest detection)
@@ -96,12 +96,11 @@ def clip_windows(
                 f"use crop_face=True (--crop-face) for uncropped video, or resize=True to squash the frames"
             )
         timings = Timings()
-        frames = _timed(iter_frames(path, size=img_size if resize else None), timings, "decode")
+        frames = _Counted(_timed(iter_frames(path, size=img_size if resize else None), timings, "decode"))
         windows = window_indices(info.n_frames, clip_frames, sample_rate, stride)
         stream = ClipStream(path, iter([]), info.n_frames, windows, timings=timings)
-        stream.windows = _sampled(
-            iter_windows(frames, info.n_frames, clip_frames, sample_rate, stride), stream, max_samples
-        )
+        planned = iter_windows(frames, info.n_frames, clip_frames, sample_rate, stride)
+        stream.windows = _sampled(_then_count(planned, frames, stream), stream, max_samples)
         return [stream]
 
     from ..face.detect import create_detector
@@ -141,6 +140,30 @@ def clip_windows(
         s.windows = _sampled(_crop_windows(plan, windows, img_size, s.timings), s, max_samples)
         streams.append(s)
     return streams
+
+
+class _Counted:
+    """An iterator of frames that counts what it handed out (the frames that really decoded)."""
+
+    def __init__(self, frames: Iterable[np.ndarray]) -> None:
+        self.frames, self.n = iter(frames), 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        frame = next(self.frames)
+        self.n += 1
+        return frame
+
+
+def _then_count(windows: Iterator[np.ndarray], frames: _Counted, stream: ClipStream) -> Iterator[np.ndarray]:
+    """Pass the windows through, then decode the few frames after the last one, so that ``stream.n_frames`` is the
+    number of frames that decoded rather than the count the container declares (truncated and damaged files)."""
+    yield from windows
+    for _ in frames:
+        pass
+    stream.n_frames = frames.n
 
 
 def _timed(it: Iterable[np.ndarray], timings: Timings, stage: str) -> Iterator[np.ndarray]:
