@@ -255,6 +255,11 @@ def test_all_faces_gives_one_feature_file_per_track(tmp_path):
     assert files == ["two.face0.npy", "two.face1.npy"]
     a, b = (np.load(tmp_path / "out" / f) for f in files)
     assert a.shape == b.shape == (1, CFG.encoder_embed_dim)
+    # the index names the files really written (it used to say two.npy, which does not exist)
+    outputs = read_index(tmp_path / "out" / "index.csv")["two.mp4"]["output"].split(";")
+    assert [Path(o).name for o in outputs] == files and all(Path(o).is_file() for o in outputs)
+    combined = np.load(write_combined(tmp_path / "all.npz", summary, tmp_path / "out"))
+    assert sorted(combined.files) == ["two.face0", "two.face1"]
 
 
 def test_same_stem_inputs_get_their_own_outputs(tmp_path, model):

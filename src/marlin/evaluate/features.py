@@ -62,6 +62,11 @@ def _index_map(folder: Path) -> dict[str, Path]:
     with open(index, newline="") as f:
         for row in csv.DictReader(f):
             if row.get("status") in ("ok", "skipped") and row.get("output"):
+                if ";" in row["output"]:
+                    raise FeatureError(
+                        f"{index}: {row['input']} has one feature file per face track "
+                        f"({row['output']}); a probe needs one per video: extract without --all-faces"
+                    )
                 p = Path(row["output"])
                 out[str(Path(row["input"]).resolve())] = p if p.is_absolute() else folder / p
     return out

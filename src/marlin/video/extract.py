@@ -33,6 +33,7 @@ from .pipeline import ClipStream, Timings, clip_windows, encode_windows, reduce_
 
 log = logging.getLogger("marlin")
 
+OUTPUT_SEP = ";"  # between the output files of one input in index.csv (--all-faces: one per face track)
 INDEX_FIELDS = ["input", "output", "status", "windows", "frames", "faceless_frames", "seconds", "track", "error"]
 
 
@@ -337,6 +338,8 @@ class _Extraction:
         r.frames = max(t.frames for t in prod.tracks)
         r.faceless_frames = sum(t.faceless for t in prod.tracks)
         r.track = ",".join(str(t.track) for t in prod.tracks if t.track is not None)
+        if self.opts.all_faces:  # the files really written: one per face track
+            r.output = OUTPUT_SEP.join(str(_track_output(self.outputs[prod.path], t.track)) for t in prod.tracks)
         self.open_tracks[prod.path] = len(prod.tracks)
         for t in prod.tracks:
             self.total.add(replace(t.timings, encode=0.0))  # encoding is timed here
@@ -428,8 +431,9 @@ def write_combined(path: Path, summary: ExtractSummary, out_dir: Path) -> Path:
     for r in summary.results:
         if r.status not in ("ok", "skipped"):
             continue
-        out = Path(r.output)
-        files = [out] if out.is_file() else sorted(out.parent.glob(f"{glob.escape(out.stem)}.face*.npy"))
+        files = [Path(f) for f in r.output.split(OUTPUT_SEP)]
+        if not all(f.is_file() for f in files):  # a skipped --all-faces input: its row names the planned output
+            files = sorted(files[0].parent.glob(f"{glob.escape(files[0].stem)}.face*.npy"))
         for f in files:
             arrays[str(f.relative_to(out_dir).with_suffix(""))] = np.load(f)
     if path.suffix == ".safetensors":
