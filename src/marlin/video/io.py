@@ -404,6 +404,13 @@ def _read_by_seeking(
     return None
 
 
+def _check_rgb(frame: object, path: Path, index: int) -> None:
+    """A one-line ValueError unless `frame` is a uint8 ``[H, W, 3]`` array."""
+    if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3):
+        found = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+        raise ValueError(f"{path}: frame {index} must be a uint8 [H, W, 3] RGB array, got {found}")
+
+
 def write_video(
     path: str | os.PathLike,
     frames: np.ndarray | Iterable[np.ndarray],
@@ -449,14 +456,7 @@ def write_video(
         with container:
             stream: av.VideoStream | None = None
             for index, frame in enumerate(frames):
-                if not (
-                    isinstance(frame, np.ndarray)
-                    and frame.dtype == np.uint8
-                    and frame.ndim == 3
-                    and frame.shape[2] == 3
-                ):
-                    found = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
-                    raise ValueError(f"{path}: frame {index} must be a uint8 [H, W, 3] RGB array, got {found}")
+                _check_rgb(frame, path, index)
                 height, width = frame.shape[:2]
                 if stream is None:
                     if (fmt.chroma_width(2) == 1 and width % 2) or (fmt.chroma_height(2) == 1 and height % 2):
