@@ -180,3 +180,25 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp
     assert sorted(got) == list(range(1, 41))
     for step in range(stopped_at + 1, 41):
         assert _losses(got[step]) == _losses(want[step]), step
+
+
+def test_the_readme_resume_form_reuses_the_runs_config(tmp_path) -> None:
+    """`marlin pretrain --out RUN --resume` after a run with overrides (model.img_size=64) used to fail with "checkpoint
+    model differs from the run's" (it rebuilt the default config); it now continues with RUN/config.yaml."""
+    from marlin.cli import main
+
+    run = tmp_path / "run"
+    first = ["pretrain", "--config", "marlin_vit_tiny_test", "--data", "synthetic", "--out", str(run), "--max-steps",
+             "2", *ARGS, "model.img_size=64", "ckpt.export=false"]  # fmt: skip
+    assert main(first) == 0
+    assert main(["pretrain", "--out", str(run), "--resume", "--max-steps", "3"]) == 0
+    ckpt = load_training_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 3 and ckpt["config"]["img_size"] == 64
+
+
+def test_a_mismatched_resume_says_what_differs(tmp_path) -> None:
+    cfg = load_config("marlin_vit_tiny_test", [*ARGS, f"out_dir={tmp_path}", "max_steps=1", "ckpt.export=false"])
+    Pretrainer(cfg).fit()
+    other = load_config("marlin_vit_tiny_test", [*ARGS, f"out_dir={tmp_path}", "max_steps=2", "model.img_size=64"])
+    with pytest.raises(ValueError, match="img_size: checkpoint 32, run 64"):
+        Pretrainer(other).fit(resume="auto")

@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         if args.resume and "=" in args.resume and not Path(args.resume).exists():
             overrides.insert(0, args.resume)  # `--resume key=value`: a bare --resume followed by an override
             args.resume = "auto"
+        if args.resume and not args.config and args.out and (Path(args.out) / "config.yaml").is_file():
+            args.config = str(Path(args.out) / "config.yaml")  # `--out RUN --resume`: the run's own config
+            log.info("resuming with the run's config %s (and the options given now)", args.config)
         cfg = load_config(args.config, [*_flag_overrides(args), *overrides])
         if args.print_config:
             sys.stdout.write(cfg.to_yaml())
