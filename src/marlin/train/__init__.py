@@ -1,4 +1,5 @@
-"""Adversarial masked-autoencoder pretraining (`marlin pretrain`): config, data, step, loop, checkpoints."""
+"""Everything that runs an optimiser over an encoder: the shared engine, pretraining (`marlin pretrain`), fine-tuning
+(`marlin finetune`), their configs, held-out evaluation and checkpoints."""
 
 from .config import PretrainConfig, apply_overrides, load_config
 from .pretrain import NonFiniteLossError, Pretrainer, TrainResult, train
