@@ -144,3 +144,16 @@ def test_fasking_reconstruction_of_a_real_face_crop(shared_data, tmp_path) -> No
     # fasking hides the facial components: the centre of the face is hidden far more often than the border.
     vis = result.visible.view(8, 14, 14).float().mean(0)
     assert vis[5:9, 4:10].mean() < vis[[0, 13]].mean()
+
+
+def test_uncropped_video_is_reconstructed_with_a_warning(tmp_path, caplog) -> None:
+    """A 48x40 clip for a 32 px model used to be centre-cropped without a word (extract refuses it)."""
+    _write_video(tmp_path / "wide.mp4")
+    _write_video(tmp_path / "crop.mp4", size=(32, 32))
+    model = Marlin(CFG, as_feature_extractor=False)
+    with caplog.at_level("WARNING", logger="marlin"):
+        reconstruct_video(model, tmp_path / "crop.mp4", strategy="random", mask_ratio=0.5)
+        assert not caplog.records  # a face crop of the model's size: nothing to say
+        result = reconstruct_video(model, tmp_path / "wide.mp4", strategy="random", mask_ratio=0.5)
+    assert result.gt.shape == (3, CFG.clip_frames, 32, 32)
+    assert any("frames are 48x40, not 32x32 face crops" in r.getMessage() for r in caplog.records)

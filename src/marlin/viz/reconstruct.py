@@ -234,6 +234,10 @@ def reconstruct_video(
     if crop_face:
         clip = torch.from_numpy(read_face_clip(path, indices, config.img_size, crop_face)).permute(3, 0, 1, 2)
     else:
+        if (info.width, info.height) != (config.img_size, config.img_size):  # said, not done silently
+            log.warning("%s: frames are %dx%d, not %dx%d face crops: reconstructing their centre square; pass "
+                        "--crop-face (crop_face=) for raw footage", path, info.width, info.height, config.img_size,
+                        config.img_size)  # fmt: skip
         clip = read_clip(path, indices, config.img_size)  # [3, T, S, S] uint8
     video = clip.float() / 255.0
     masker = Masker.for_config(config, strategy, mask_ratio)
