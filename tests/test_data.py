@@ -296,3 +296,28 @@ def test_pretraining_reads_several_stores_as_one(tmp_path):
     assert not build_dataset(cfg, f"{a},{make_store(tmp_path / 'c', {'w': 10}, parse=False)}").has_parse
     with pytest.raises(ValueError, match="mix of `marlin prepare` stores and video files"):
         build_dataset(cfg, f"{a},{tmp_path / 'v.mp4'}")
+
+
+def test_the_training_stream_draws_a_new_clip_of_each_video_every_epoch(tmp_path):
+    """With the run's fixed seed, every epoch used to read the same window of each video (item i, epoch 0, always:
+    of a 75-frame GRID clip only one 31-frame window was ever seen). The stream's position now names the epoch."""
+    from marlin.data.datasets import StoreUnion
+    from marlin.data.sampling import KeyedItems, StreamBatchSampler
+
+    store = make_store(tmp_path / "s", {f"v{i}": 60 for i in range(4)}, parse=False)
+    for dataset in (PretrainDataset(store, clip_frames=4, seed=3), StoreUnion([PretrainDataset(store, clip_frames=4,
+                                                                                               seed=3)])):  # fmt: skip
+        keyed = KeyedItems(dataset)
+        sampler = StreamBatchSampler(len(dataset), 4, seed=0, total_steps=6, keys=True)
+        starts: dict[int, set[int]] = {}
+        for keys in sampler:  # 6 epochs of 4 videos, one step each
+            for index, step, position in keys:
+                first = int(keyed[(index, step, position)]["video"][0, 0, 0, 0] * 255 + 0.5) // 6  # frame_of(k)
+                starts.setdefault(index, set()).add(first)
+                assert keyed[(index, step, position)]["key"] == (step, position)
+        assert all(len(s) > 1 for s in starts.values()), starts  # several windows of every video
+        again = [keyed[k]["video"] for k in next(iter(StreamBatchSampler(len(dataset), 4, seed=0, total_steps=1,
+                                                                          keys=True)))]  # fmt: skip
+        first_batch = next(iter(sampler))
+        for v, k in zip(again, first_batch, strict=True):
+            assert torch.equal(v, keyed[k]["video"])  # a pure function of (seed, epoch, index)

@@ -11,6 +11,7 @@ chosen by the one clip sampler, :mod:`marlin.data.clips`; masks are drawn later,
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from collections.abc import Sequence
@@ -130,6 +131,10 @@ class PretrainDataset(Dataset):
         epoch, index = divmod(key, n)
         return index, epoch
 
+    def item(self, index: int, epoch: int) -> dict[str, Any]:
+        """Item `index` as drawn in `epoch` (with a fixed ``seed``, each epoch takes another random clip)."""
+        return self[epoch * len(self) + index]
+
     def frame_indices(self, key: int) -> np.ndarray:
         """Stored-frame indices of the clip ``self[key]`` reads (``[clip_frames]`` int64); see :meth:`__getitem__`."""
         index, epoch = self._resolve(int(key))
@@ -199,6 +204,18 @@ class StoreUnion(ConcatDataset):
         for d in self.datasets:
             if hasattr(d, "set_epoch"):
                 d.set_epoch(epoch)
+
+    def item(self, index: int, epoch: int) -> dict[str, Any]:
+        """Item `index` as drawn in `epoch` (see :meth:`PretrainDataset.item`)."""
+        k = bisect.bisect_right(self.cumulative_sizes, index)
+        local = index - (self.cumulative_sizes[k - 1] if k else 0)
+        member = self.datasets[k]
+        item = dict(member.item(local, epoch) if hasattr(member, "item") else member[local])
+        if "index" in item:
+            item["index"] = index
+        if not self.has_parse:
+            item.pop("parse", None)
+        return item
 
 
 class VideoFolderClips(Dataset):

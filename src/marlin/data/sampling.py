@@ -133,8 +133,10 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
 
 class KeyedItems(Dataset):
-    """A dataset read by stream keys: ``items[(index, step, position)]`` is ``dataset[index]`` plus
-    ``"key": (step, position)``, what :class:`marlin.data.collate.MaskCollator` seeds each mask with."""
+    """A dataset read by stream keys: ``items[(index, step, position)]`` is item ``index`` in the epoch the position
+    falls in (``dataset.item(index, epoch)`` where the dataset draws per epoch, e.g. a random clip start; else
+    ``dataset[index]``) plus ``"key": (step, position)``, what :class:`marlin.data.collate.MaskCollator` seeds each
+    mask with."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -145,4 +147,6 @@ class KeyedItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         index, step, position = key
-        return {**self.dataset[index], "key": (step, position)}
+        epoch = position // len(self.dataset)
+        item = self.dataset.item(index, epoch) if hasattr(self.dataset, "item") else self.dataset[index]
+        return {**item, "key": (step, position)}
