@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return 2
+    from marlin.utils.errors import one_line
+
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
@@ -67,13 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as e:  # bad input, missing file, offline, full disk: one line, not a traceback
         if args.debug or os.environ.get("MARLIN_DEBUG", "") not in ("", "0"):
             raise
-        print(f"marlin {args.command}: {_one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        print(f"marlin {args.command}: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
         return 2
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

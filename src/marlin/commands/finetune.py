@@ -15,6 +15,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from marlin.utils.errors import one_line
+
 if TYPE_CHECKING:
     from marlin.train.finetune import FinetuneConfig
 
@@ -92,17 +94,6 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         workers=args.workers, seed=args.seed, out=args.out, device=args.device, precision=args.precision,
         grad_checkpointing=args.grad_checkpointing, eval_train=not args.no_train_eval, log_every=args.log_every,
     )  # fmt: skip
-
-
-def one_line(err: BaseException) -> str:
-    """An error as one line; for one re-raised from a DataLoader worker, the original exception's message."""
-    text = str(err).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if "Original Traceback" in text and lines:
-        last = lines[-1]
-        head, sep, rest = last.partition(": ")
-        return rest if sep and " " not in head else last
-    return lines[0] if lines else type(err).__name__
 
 
 def run(args: argparse.Namespace) -> int:

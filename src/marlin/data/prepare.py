@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from ..utils.errors import one_line
 from ..utils.fileio import atomic_write_text
 from ..utils.pool import WorkerDied, run_jobs
 from ..video.io import VIDEO_EXTENSIONS
@@ -424,9 +425,9 @@ def prepare_item(source: Source, settings: PrepareSettings, root: str | os.PathL
         _publish(tmp, items / source.id)
         result.n_frames = video.n
     except NoFaceError as e:
-        result.status, result.error = "no_face", _one_line(e)
+        result.status, result.error = "no_face", one_line(e)
     except Exception as e:  # noqa: BLE001 - one bad source must never stop the run
-        result.status, result.error = "failed", _one_line(e)
+        result.status, result.error = "failed", one_line(e)
         if not isinstance(e, (ValueError, OSError)):
             result.error = f"{type(e).__name__}: {result.error}"
             log.debug("unexpected error on %s:\n%s", source.path, traceback.format_exc())
@@ -455,11 +456,6 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, final)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # ---- main side -------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..video.extract import OUTPUT_SEP
 from .manifest import LabelSet
 
 __all__ = ["FeatureError", "REDUCTIONS", "find_feature_files", "load_features", "reduce_windows"]
@@ -62,7 +63,7 @@ def _index_map(folder: Path) -> dict[str, Path]:
     with open(index, newline="") as f:
         for row in csv.DictReader(f):
             if row.get("status") in ("ok", "skipped") and row.get("output"):
-                if ";" in row["output"]:
+                if OUTPUT_SEP in row["output"]:
                     raise FeatureError(
                         f"{index}: {row['input']} has one feature file per face track "
                         f"({row['output']}); a probe needs one per video: extract without --all-faces"

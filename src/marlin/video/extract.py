@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..utils.errors import one_line
 from ..utils.fileio import atomic_write
 from ..utils.pool import WorkerDied, run_jobs
 from .pipeline import ClipStream, Timings, clip_windows, encode_windows, reduce_windows
@@ -150,9 +151,9 @@ def produce(path: Path, tmp_dir: Path, opts: ExtractOptions, clip_frames: int, i
     except NoFaceError as e:
         result.status, result.error = "no_face", str(e)
     except (ValueError, OSError, RuntimeError) as e:  # VideoError is a ValueError
-        result.status, result.error = "failed", _one_line(e)
+        result.status, result.error = "failed", one_line(e)
     except Exception as e:  # noqa: BLE001 - one bad video must never stop the batch
-        result.status, result.error = "failed", f"{type(e).__name__}: {_one_line(e)}"
+        result.status, result.error = "failed", f"{type(e).__name__}: {one_line(e)}"
         log.debug("unexpected error on %s:\n%s", path, traceback.format_exc())
     result.seconds = time.perf_counter() - t0
     return result
@@ -171,11 +172,6 @@ def _write_track(stream: ClipStream, tmp_dir: Path, clip_frames: int, img_size: 
     del arr
     return _Track(name, n, stream.n_frames, stream.n_faceless, stream.track, stream.timings, stream.samples,
                   stream.sample_frames)  # fmt: skip
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # ---- main side ------------------------------------------------------------------------------------------------------
