@@ -1,7 +1,8 @@
 """Reading a training clip deep into a long video: frame-accurate seeking vs decoding from the start.
 
 Fine-tuning and pretraining on video folders read one 16-frame clip (every 2nd frame) at a random place in each
-video; `marlin.video.io.read_frames` seeks to the keyframe before it when the clip starts 250 frames or more in.
+video; `marlin.video.io.read_frames` seeks to the keyframe before it when the clip starts 250 frames or more in
+(the packet index is built once per file and process, as in a training process reading every epoch).
 This writes one long H.264 clip (keyframe every 250 frames, as x264's default), reads clips at several depths both
 ways in one run, checks that the frames are identical, and prints the seconds and the ratio.
 

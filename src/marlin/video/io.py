@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -377,15 +378,36 @@ def _frame_timestamps(container: av.container.InputContainer, stream: av.VideoSt
     return sorted(pts)
 
 
+_FRAME_INDEX_CACHE: OrderedDict[tuple[str, int, int], tuple[list[int], dict[int, int]] | None] = OrderedDict()
+_FRAME_INDEX_CACHE_SIZE = 64  # files; a training process reads clips of the same videos every epoch
+
+
+def _cached_frame_index(
+    p: Path, container: av.container.InputContainer, stream: av.VideoStream
+) -> tuple[list[int], dict[int, int]] | None:
+    """(pts per frame index, frame index per pts) of a file, demuxed once per process while the file is unchanged."""
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _FRAME_INDEX_CACHE:
+        _FRAME_INDEX_CACHE.move_to_end(key)
+        return _FRAME_INDEX_CACHE[key]
+    pts = _frame_timestamps(container, stream)
+    value = None if pts is None else (pts, {v: i for i, v in enumerate(pts)})
+    _FRAME_INDEX_CACHE[key] = value
+    if len(_FRAME_INDEX_CACHE) > _FRAME_INDEX_CACHE_SIZE:
+        _FRAME_INDEX_CACHE.popitem(last=False)
+    return value
+
+
 def _read_by_seeking(
     p: Path, wanted: list[int], to_rgb: _RGBConverter, max_pixels: int
 ) -> dict[int, np.ndarray] | None:
     """The wanted frames, decoded from the keyframe before the first one; None to fall back to sequential decoding."""
     with _open_video(p, max_pixels) as (container, stream):
-        pts = _frame_timestamps(container, stream)
-        if pts is None or wanted[-1] >= len(pts) - 1:  # near the end: let sequential decoding handle the padding
+        index = _cached_frame_index(p, container, stream)
+        if index is None or wanted[-1] >= len(index[0]) - 1:  # near the end: sequential decoding pads the clip
             return None
-        index_of = {v: i for i, v in enumerate(pts)}
+        pts, index_of = index
         container.seek(pts[wanted[0]], stream=stream, backward=True, any_frame=False)
         keep, got, started = set(wanted), {}, False
         try:
