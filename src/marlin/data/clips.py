@@ -119,6 +119,7 @@ def read_face_clip(
     `marlin extract --crop-face` does): uint8 ``[len(indices), size, size, 3]``. Indices past the frames that decode
     repeat the last one; a video without a face raises :class:`marlin.face.NoFaceError`."""
     from ..face.detect import create_detector
+    from ..face.track import NoFaceError
     from ..video.faces import iter_face_crops, plan_face_crops
 
     wanted = {int(i) for i in indices}
@@ -126,6 +127,9 @@ def read_face_clip(
         plan = plan_face_crops(path, det, select=wanted.__contains__)[0]
     got = dict(iter_face_crops(plan, wanted, size=size))  # frame index -> [S, S, 3]
     if not got:
-        raise ValueError(f"{path}: none of the frames {min(wanted)}..{max(wanted)} decodes")
+        raise ValueError(f"{path}: none of the frames {min(wanted)}..{max(wanted)} decodes or shows a confirmed face")
     last = max(got)
+    missing = sorted(i for i in wanted if i <= last and i not in got)
+    if missing:  # frames of a shot without a confirmed face: nothing of that scene to crop
+        raise NoFaceError(f"{path}: frames {missing[0]}..{missing[-1]} of the clip show no confirmed face")
     return np.stack([got[min(int(i), last)] for i in indices])  # [T, S, S, 3]

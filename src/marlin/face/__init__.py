@@ -25,6 +25,7 @@ _EXPORTS = {
     "crop_frames": "crop",
     "square_boxes": "crop",
     "MEDIAPIPE_OFFICIAL_FRAMING": "crop",
+    "MeshVerifier": "verify",
     "FaceParser": "parse",
     "LAPA_LABELS": "parse",
     "LAPA_PALETTE": "parse",

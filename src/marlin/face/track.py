@@ -42,6 +42,8 @@ class FaceTrack:
         n_missing: number of frames whose box was filled in (``(~detected).sum()``).
         score: mean detector score over the detected frames.
         start: index in the video of ``boxes[0]`` (0 for :func:`track_face`, which covers the whole video).
+        picked: ``int [T]``, which detection of its frame the track took (index into that frame's list; -1 where
+            the box was filled in), so a caller can tell which detections a track is made of.
     """
 
     boxes: np.ndarray
@@ -49,6 +51,7 @@ class FaceTrack:
     n_missing: int
     score: float
     start: int = 0
+    picked: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -122,19 +125,27 @@ def fill_missing(boxes: np.ndarray, detected: np.ndarray, fill: str = "nearest")
     return boxes[np.where(use_left, known[left], known[right])]
 
 
-def _choose(dets: Sequence[Detection], prev: np.ndarray | None, prefer: str, iou_threshold: float) -> Detection:
-    """The detection that continues ``prev`` (highest IoU above threshold), else the largest / most confident one."""
+def _choose(dets: Sequence[Detection], prev: np.ndarray | None, prefer: str, iou_threshold: float) -> int:
+    """Index of the detection that continues ``prev`` (highest IoU above threshold), else of the largest / most
+    confident one."""
     if prev is not None:
         iou = box_iou(prev[None], boxes_array(dets))[0]  # [N]
         best = int(iou.argmax())
         if iou[best] >= iou_threshold:
-            return dets[best]
-    key = (lambda d: d.area) if prefer == "area" else (lambda d: d.score)
-    return max(dets, key=key)
+            return best
+    key = (lambda k: dets[k].area) if prefer == "area" else (lambda k: dets[k].score)
+    return max(range(len(dets)), key=key)
 
 
 def _finish(
-    raw: np.ndarray, scores: np.ndarray, detected: np.ndarray, window: int, method: str, fill: str, start: int = 0
+    raw: np.ndarray,
+    scores: np.ndarray,
+    detected: np.ndarray,
+    window: int,
+    method: str,
+    fill: str,
+    start: int = 0,
+    picked: np.ndarray | None = None,
 ) -> FaceTrack:
     """Smooth the detected boxes of ``raw`` [T, 4], fill the rest, and pack a :class:`FaceTrack`."""
     raw = raw.copy()
@@ -147,6 +158,7 @@ def _finish(
         n_missing=int((~detected).sum()),
         score=float(scores[detected].mean()),
         start=start,
+        picked=picked,
     )
 
 
@@ -180,17 +192,19 @@ def track_face(
     raw = np.full((n, 4), np.nan)
     scores = np.zeros(n)
     detected = np.zeros(n, dtype=bool)
+    picked = np.full(n, -1, dtype=np.int64)
     prev = None
     for t, dets in enumerate(detections):
         if not dets:
             continue
-        det = _choose(dets, prev, prefer, iou_threshold)
+        picked[t] = _choose(dets, prev, prefer, iou_threshold)
+        det = dets[picked[t]]
         raw[t], scores[t], detected[t] = det.box, det.score, True
         prev = raw[t]
     if not detected.any():
         what = f" of {os.fspath(name)}" if name is not None else ""
         raise NoFaceError(f"no face detected in any of the {n} frames{what}; expected at least one")
-    return _finish(raw, scores, detected, window, method, fill)
+    return _finish(raw, scores, detected, window, method, fill, picked=picked)
 
 
 def track_faces(
@@ -214,9 +228,9 @@ def track_faces(
         Tracks with at least ``min_frames`` detected frames, most detected frames first (ties: earlier start first).
         Empty when there are no detections at all (callers that need a face should check, or use :func:`track_face`).
     """
-    # A track is the list of (frame, box, score) of its detected frames.
-    open_tracks: list[list[tuple[int, tuple[float, ...], float]]] = []
-    closed: list[list[tuple[int, tuple[float, ...], float]]] = []
+    # A track is the list of (frame, box, score, index of the detection in its frame) of its detected frames.
+    open_tracks: list[list[tuple[int, tuple[float, ...], float, int]]] = []
+    closed: list[list[tuple[int, tuple[float, ...], float, int]]] = []
     for t, dets in enumerate(detections):
         still_open = []
         for track in open_tracks:
@@ -234,10 +248,10 @@ def track_faces(
                     continue
                 used_t.add(k)
                 used_d.add(d)
-                open_tracks[k].append((t, dets[d].box, dets[d].score))
+                open_tracks[k].append((t, dets[d].box, dets[d].score, d))
             unmatched = [d for d in unmatched if d not in used_d]
         for d in unmatched:
-            open_tracks.append([(t, dets[d].box, dets[d].score)])
+            open_tracks.append([(t, dets[d].box, dets[d].score, d)])
     closed.extend(open_tracks)
 
     out = []
@@ -248,8 +262,9 @@ def track_faces(
         raw = np.full((stop - start, 4), np.nan)
         scores = np.zeros(stop - start)
         detected = np.zeros(stop - start, dtype=bool)
-        for t, box, score in track:
-            raw[t - start], scores[t - start], detected[t - start] = box, score, True
-        out.append(_finish(raw, scores, detected, window, method, fill, start=start))
+        picked = np.full(stop - start, -1, dtype=np.int64)
+        for t, box, score, d in track:
+            raw[t - start], scores[t - start], detected[t - start], picked[t - start] = box, score, True, d
+        out.append(_finish(raw, scores, detected, window, method, fill, start=start, picked=picked))
     out.sort(key=lambda tr: (-int(tr.detected.sum()), tr.start))
     return out

@@ -52,6 +52,7 @@ class ClipStream:
     timings: Timings = field(default_factory=Timings)
     samples: list[np.ndarray] = field(default_factory=list)  # a few crops spread over the video, for previews
     sample_frames: list[int] = field(default_factory=list)  # their frame indices
+    window_coverage: list[float] = field(default_factory=list)  # with crop_face: face-detected fraction per window
 
 
 class _TimedDetector:
@@ -80,12 +81,15 @@ def clip_windows(
     all_faces: bool = False,
     resize: bool = False,
     max_samples: int = 16,
+    checks: Any = None,
 ) -> list[ClipStream]:
     """Plan the windows of a video; each returned stream decodes lazily when iterated.
 
     Without `crop_face` the frames must already be `img_size` square face crops (or pass `resize=True` to squash
-    them). With `crop_face`, faces are detected on every frame a window uses, tracked and cropped; a video without any
-    face raises `marlin.face.NoFaceError`. `all_faces` gives one stream per face track.
+    them). With `crop_face`, faces are detected on every frame a window uses, confirmed and tracked inside each shot
+    (`checks`: a :class:`marlin.video.faces.FaceChecks`), and cropped; windows where the face covers less than
+    ``checks.min_face_fraction`` of the frames are dropped, and a video left without any window raises
+    `marlin.face.NoFaceError`. `all_faces` gives one stream per confirmed face track.
     """
     path = Path(path)
     if not crop_face:
@@ -103,43 +107,102 @@ def clip_windows(
         stream.windows = _sampled(_then_count(planned, frames, stream), stream, max_samples)
         return [stream]
 
-    from ..face.detect import create_detector
-    from .faces import plan_face_crops
+    return _face_streams(path, clip_frames, img_size, sample_rate, stride, detector, all_faces, checks, max_samples)
 
+
+def _face_streams(
+    path: Path,
+    clip_frames: int,
+    img_size: int,
+    sample_rate: int,
+    stride: int,
+    detector: Any,
+    all_faces: bool,
+    checks: Any,
+    max_samples: int,
+) -> list[ClipStream]:
+    """The ``crop_face`` half of :func:`clip_windows`: confirmed face tracks -> windows with enough face in them."""
+    from ..face.detect import create_detector
+    from ..face.track import NoFaceError
+    from .faces import FaceChecks, plan_face_crops
+
+    checks = checks or FaceChecks()
     timings = Timings()
     own = detector is None or isinstance(detector, str)
     det = create_detector(detector or "mediapipe") if own else detector
     try:
-        n_declared = probe_video(path).n_frames
-        # detect on the frames any window could use: every sample_rate-th frame, or all of a short video
-        dense = n_declared <= clip_frames * sample_rate + 1
-
-        def select(i: int) -> bool:
-            return dense or i % sample_rate == 0
-
+        # detect on the frames any window could use: every sample_rate-th frame of a shot, or all of a short video
+        dense = probe_video(path).n_frames <= clip_frames * sample_rate + 1
         t0 = time.perf_counter()
-        plans = plan_face_crops(path, _TimedDetector(det, timings), select=select, all_faces=all_faces)
+        plans = plan_face_crops(path, _TimedDetector(det, timings), every=1 if dense else sample_rate,
+                                all_faces=all_faces, checks=checks)  # fmt: skip
         timings.decode += time.perf_counter() - t0 - timings.detect
     finally:
         if own:
             det.close()
-    streams = []
-    for k, plan in enumerate(plans):
-        first, last = int(plan.frames[0]), int(plan.frames[-1])
-        n = plan.n_frames if not all_faces else last - first + 1
-        windows = [[first + i for i in w] for w in window_indices(n, clip_frames, sample_rate, stride)]
-        s = ClipStream(
-            path,
-            iter([]),
-            plan.n_frames,
-            windows,
-            k if all_faces else None,
-            plan.n_faceless,
-            timings if k == 0 else Timings(),
-        )
+    streams, best = [], 0.0
+    for plan in plans:
+        windows, coverage = face_windows(plan, clip_frames, sample_rate, stride, whole_shots=not all_faces)
+        best = max([best, *coverage])
+        kept = [k for k, c in enumerate(coverage) if c >= checks.min_face_fraction]
+        if not kept:
+            continue
+        windows = [windows[k] for k in kept]
+        s = ClipStream(path, iter([]), plan.n_frames, windows, len(streams) if all_faces else None,
+                       _faceless(plan, windows), timings if not streams else Timings(),
+                       window_coverage=[coverage[k] for k in kept])  # fmt: skip
         s.windows = _sampled(_crop_windows(plan, windows, img_size, s.timings), s, max_samples)
         streams.append(s)
+    if not streams:
+        raise NoFaceError(
+            f"{path}: a face was found, but no window of {clip_frames} frames has it in at least "
+            f"{checks.min_face_fraction:.0%} of its frames (best {best:.0%}); lower --min-face-fraction to keep them"
+        )
     return streams
+
+
+def face_windows(
+    plan: Any, clip_frames: int, sample_rate: int, stride: int, whole_shots: bool = True
+) -> tuple[list[list[int]], list[float]]:
+    """Windows of a face plan and the fraction of each window's examined frames where the face was detected.
+
+    ``whole_shots``: windows tile every shot that has the face (the main face); else they tile the plan's own span
+    (one face track). No window crosses a shot cut; in a video of several shots, a shot shorter than ``clip_frames``
+    gives no window (a window is never padded with another scene's frames).
+    """
+    from .shots import shot_spans
+
+    frames = plan.frames  # [K] ascending
+    shots = shot_spans(plan.n_frames, list(plan.cuts))
+    if whole_shots:
+        spans = [(lo, hi) for lo, hi in shots if np.searchsorted(frames, lo) < np.searchsorted(frames, hi)]
+    else:
+        spans = [(int(frames[0]), int(frames[-1]) + 1)]
+    windows, coverage = [], []
+    for lo, hi in spans:
+        if len(shots) > 1 and hi - lo < clip_frames:
+            continue
+        for w in window_indices(hi - lo, clip_frames, sample_rate, stride):
+            w = [lo + i for i in w]
+            windows.append(w)
+            coverage.append(_coverage(plan, w))
+    return windows, coverage
+
+
+def _coverage(plan: Any, window: list[int]) -> float:
+    """Fraction of the window's distinct frames that pass 1 examined where the face was detected (0 if none)."""
+    wanted = np.unique(np.asarray(window, dtype=np.int64))
+    pos = np.searchsorted(plan.frames, wanted)
+    hit = (pos < len(plan.frames)) & (plan.frames[np.minimum(pos, len(plan.frames) - 1)] == wanted)
+    return float(plan.track.detected[pos[hit]].mean()) if hit.any() else 0.0
+
+
+def _faceless(plan: Any, windows: list[list[int]]) -> int:
+    """Distinct examined frames of the windows where no face was detected (their box came from a neighbour)."""
+    used = np.unique(np.asarray(windows, dtype=np.int64))
+    pos = np.searchsorted(plan.frames, used)
+    hit = (pos < len(plan.frames)) & (plan.frames[np.minimum(pos, len(plan.frames) - 1)] == used)
+    return int((~plan.track.detected[pos[hit]]).sum())
 
 
 class _Counted:
@@ -273,6 +336,7 @@ class VideoFeatures:
     timings: Timings = field(default_factory=Timings)
     samples: list[np.ndarray] = field(default_factory=list)
     sample_frames: list[int] = field(default_factory=list)
+    window_coverage: list[float] = field(default_factory=list)  # with crop_face: face-detected fraction per window
 
     def reduce(self, reduction: str = "none") -> Tensor:
         """ "none" -> all windows; "mean" / "max" -> pooled over windows (official `reduction`)."""
@@ -303,8 +367,9 @@ def extract_video_tracks(
     detector: Any = None,
     all_faces: bool = False,
     resize: bool = False,
+    checks: Any = None,
 ) -> list[VideoFeatures]:
-    """Features for every face track of a video (one entry unless `all_faces`)."""
+    """Features for every face track of a video (one entry unless `all_faces`); `checks` as in `clip_windows`."""
     cfg = model.config
     streams = clip_windows(
         path,
@@ -316,16 +381,27 @@ def extract_video_tracks(
         detector=detector,
         all_faces=all_faces,
         resize=resize,
+        checks=checks,
     )
     results = []
     for s in streams:
         feats = encode_windows(
             model, s.windows, batch_size=batch_size, keep_seq=keep_seq, dtype=dtype, timings=s.timings
         )
+        n = len(feats)
         results.append(
             VideoFeatures(
-                s.path, feats, s.window_frames[: len(feats)], s.n_frames, s.n_faceless, s.track, s.timings, s.samples
-            )
+                s.path,
+                feats,
+                s.window_frames[:n],
+                s.n_frames,
+                s.n_faceless,
+                s.track,
+                s.timings,
+                s.samples,
+                s.sample_frames,
+                s.window_coverage[:n],
+            )  # fmt: skip
         )
     return results
 
