@@ -172,3 +172,47 @@ def test_mediapipe_coverage_on_marlin_samples(name):
     detections = detect_video(frames, "mediapipe", model="auto")
     found = np.mean([len(d) > 0 for d, keep in zip(detections, lit, strict=True) if keep])
     assert found >= 0.95, f"{name}: face found in {found:.0%} of sampled non-black frames"
+
+
+# ---- MediaPipe native log lines ------------------------------------------------------------------------------------
+_NATIVE_SCRIPT = """
+import os, sys, numpy as np
+from marlin.face.detect import create_detector
+from marlin.face.verify import MeshVerifier
+from marlin.face.parse import FaceParser
+f = np.zeros((64, 64, 3), np.uint8)
+print("before", file=sys.stderr, flush=True)
+create_detector("mediapipe").detect(f)
+MeshVerifier().verify(f, (8, 8, 40, 40))
+FaceParser().parse(f)
+print("after", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_mediapipe_native_log_lines_reach_the_terminal_only_when_debugging(debug: bool) -> None:
+    pytest.importorskip("mediapipe")
+    import os
+    import subprocess
+    import sys
+
+    from marlin.utils.quiet import NATIVE_LOG_LINE
+
+    env = {k: v for k, v in os.environ.items() if k != "MARLIN_DEBUG"} | ({"MARLIN_DEBUG": "1"} if debug else {})
+    err = subprocess.run([sys.executable, "-c", _NATIVE_SCRIPT], env=env, capture_output=True, text=True,
+                         check=True).stderr  # fmt: skip
+    native = [line for line in err.splitlines() if NATIVE_LOG_LINE.match(line)]
+    assert "before" in err and "after" in err
+    assert (len(native) >= 3) if debug else native == [], err
+
+
+def test_quiet_native_logs_passes_other_lines_through(capfd: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from marlin.utils.quiet import quiet_native_logs
+
+    with quiet_native_logs():
+        os.write(2, b"W0000 00:00:1796556797.860204   22147 inference_feedback_manager.cc:114] Feedback manager\n")
+        os.write(2, b"a real problem\n")
+    err = capfd.readouterr().err
+    assert err == "a real problem\n"

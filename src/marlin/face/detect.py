@@ -120,7 +120,13 @@ class MediaPipeDetector:
 
     def _run(self, frame: np.ndarray, selection: int) -> list[Detection]:
         h, w = frame.shape[:2]
-        result = self._graph(selection).process(frame)
+        if selection in self._graphs:
+            result = self._graphs[selection].process(frame)
+        else:  # the first run of a graph: MediaPipe's native log lines stay off the terminal
+            from ..utils.quiet import quiet_native_logs
+
+            with quiet_native_logs():
+                result = self._graph(selection).process(frame)
         out = []
         for det in result.detections or ():
             rel = det.location_data.relative_bounding_box

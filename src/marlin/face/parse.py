@@ -538,6 +538,7 @@ class FaceParser:
         self.n_frames = 0
         self.n_missing = 0
         self.last_found = np.zeros(0, dtype=bool)
+        self._warm: set[int] = set()  # graphs that ran once (their native log lines are out of the way)
         self._mesh: Any = mp.solutions.face_mesh.FaceMesh(
             static_image_mode=static_image_mode,
             max_num_faces=1,
@@ -559,6 +560,7 @@ class FaceParser:
             if graph is not None:
                 graph.close()
         self._mesh = self._selfie = None
+        self._warm.clear()
 
     def reset(self) -> None:
         """Forget the tracked face (call between unrelated clips)."""
@@ -569,10 +571,22 @@ class FaceParser:
             raise RuntimeError("FaceParser: used after close()")
         return self._mesh, self._selfie
 
+    def _process(self, which: int, frame: np.ndarray) -> Any:
+        """Run graph `which` (0 mesh, 1 selfie); its first run keeps MediaPipe's native log lines off the terminal."""
+        graph = self._graphs()[which]
+        if which in self._warm:
+            return graph.process(frame)
+        from ..utils.quiet import quiet_native_logs
+
+        with quiet_native_logs():
+            out = graph.process(frame)
+        self._warm.add(which)
+        return out
+
     def landmarks(self, frame: np.ndarray) -> np.ndarray | None:
         """``[478, 2]`` face-mesh landmarks in pixels (x, y) for an RGB frame, or None when no face is found."""
         frame = _check_frame(frame, "FaceParser.landmarks")
-        result = self._graphs()[0].process(frame)
+        result = self._process(0, frame)
         if not result.multi_face_landmarks:
             return None
         h, w = frame.shape[:2]
@@ -582,7 +596,7 @@ class FaceParser:
     def person_mask(self, frame: np.ndarray) -> np.ndarray:
         """``[H, W]`` bool person mask from selfie segmentation."""
         frame = _check_frame(frame, "FaceParser.person_mask")
-        prob = self._graphs()[1].process(frame).segmentation_mask  # [H, W] float32 in [0, 1]
+        prob = self._process(1, frame).segmentation_mask  # [H, W] float32 in [0, 1]
         return prob > self.config.person_threshold
 
     def _parse_one(self, frame: np.ndarray) -> tuple[np.ndarray, bool]:
