@@ -86,3 +86,24 @@ def test_expected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, ca
     monkeypatch.setenv("MARLIN_DEBUG", "1")
     with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
         cli(cases[2][0])
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_cli_warnings_are_one_line_unless_debugging(tmp_path, debug):
+    """A damaged video warns in one line ("VideoWarning: ... decoded 17 of 40 frames"), without Python's source line."""
+    import os
+    import subprocess
+    import sys
+
+    from videogen import truncate, write_video
+
+    clip = truncate(write_video(tmp_path / "full.mp4", 40, 32, 32, faststart=True), tmp_path / "cut.mp4", 0.5)
+    env = {k: v for k, v in os.environ.items() if k != "MARLIN_DEBUG"} | ({"MARLIN_DEBUG": "1"} if debug else {})
+    argv = [sys.executable, "-m", "marlin.cli", "extract", str(clip), "-o", str(tmp_path / "o"), "--model",
+            "marlin_vit_tiny_test", "--random-init", "--resize", "--workers", "0", "--no-progress"]  # fmt: skip
+    err = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stderr
+    lines = err.splitlines()
+    warned = [i for i, line in enumerate(lines) if "VideoWarning" in line]
+    assert warned, err
+    source_lines = [lines[i + 1] for i in warned if i + 1 < len(lines) and lines[i + 1].startswith("  ")]
+    assert bool(source_lines) == debug, err

@@ -124,7 +124,7 @@ def test_masks_command_refuses_fasking_without_parse(tmp_path, capsys):
 def test_masks_command_reports_a_bad_video(tmp_path, capsys):
     (tmp_path / "v.mp4").write_bytes(b"nope")
     rc = main(["masks", str(tmp_path / "v.mp4"), "--strategy", "tube", "--no-parse", "--out", str(tmp_path / "m.png")])
-    assert rc == 1 and "not a video file" in capsys.readouterr().err
+    assert rc == 2 and "not a video file" in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists()
 
 

@@ -12,7 +12,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from marlin.models.checkpoint import CheckpointError, describe, infer_config, nonfinite_tensors, read_checkpoint
+    from marlin.models.checkpoint import (
+        CheckpointError,
+        check_config_matches,
+        describe,
+        infer_config,
+        nonfinite_tensors,
+        read_checkpoint,
+    )
     from marlin.models.registry import get_entry, list_models
 
     if not args.checkpoint:
@@ -28,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         ckpt = read_checkpoint(args.checkpoint)
         cfg = ckpt.config or infer_config(ckpt.state_dict, ckpt.path)
+        check_config_matches(cfg, ckpt.state_dict, ckpt.path)  # a config.json edited to sizes nothing can load
     except (CheckpointError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"marlin info: {e}", file=sys.stderr)
         return 2

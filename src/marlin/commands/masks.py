@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:  # face cropping needs the [face] extra
         print(f"marlin masks: {e}; or pass --crop-face no", file=sys.stderr)
         return 2
-    except (VideoError, NoFaceError, ValueError) as e:
+    except (VideoError, NoFaceError, ValueError) as e:  # the one input cannot be used: the command could not run
         print(f"marlin masks: {e}", file=sys.stderr)
-        return 1
+        return 2
     parse = None
     found = None
     if not args.no_parse:

@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The options as ``key=value`` overrides. Overrides are parsed as YAML, so text values (paths) are written as
+    quoted YAML strings: a path holding ``: ``, ``#``, brackets or a newline stays the path it was."""
+    import json
+
     pairs = [
         ("data.source", args.data), ("val.source", args.val_data), ("out_dir", args.out), ("init", args.init),
         ("max_steps", args.max_steps),
@@ -54,7 +58,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         ("precision", args.precision), ("device", args.device), ("data.num_workers", args.workers),
         ("seed", args.seed), ("grad_checkpointing", True if args.grad_checkpointing else None),
     ]  # fmt: skip
-    return [f"{k}={v}" for k, v in pairs if v is not None]
+    return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in pairs if v is not None]
 
 
 def run(args: argparse.Namespace) -> int:

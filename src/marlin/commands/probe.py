@@ -113,5 +113,8 @@ def _extract(args: argparse.Namespace, labels) -> Path:  # noqa: ANN001
     summary = extract_many(model, [Path(p) for p in labels.paths], out, ExtractOptions(crop_face=args.crop_face))
     print_summary(summary)
     if summary.failed:
-        raise ValueError(f"feature extraction failed for {len(summary.failed)} videos (see {summary.index_path})")
+        first = summary.failed[0]
+        reason = first.error if first.input in first.error else f"{first.input}: {first.error}"
+        raise ValueError(f"feature extraction failed for {len(summary.failed)} of {len(summary.results)} videos, "
+                         f"e.g. {reason} (see {summary.index_path})")  # fmt: skip
     return out

@@ -46,7 +46,7 @@ from ..utils.errors import one_line
 from ..utils.fileio import atomic_write_text
 from ..utils.pool import WorkerDied, run_jobs
 from ..video.io import VIDEO_EXTENSIONS
-from .sources import IMAGE_EXTENSIONS, read_path_csv
+from .sources import IMAGE_EXTENSIONS, list_files, read_path_csv
 from .store import CODECS, MANIFEST_FIELDS, STORE_VERSION, FrameWriter, StoreError
 
 log = logging.getLogger("marlin")
@@ -194,12 +194,13 @@ def collect_sources(
 
 
 def _folder_rows(root: Path, layout: str) -> list[tuple[Path, str, Path, None, None]]:
+    files = list_files(root)  # dangling links listed (then failed), unlistable folders warned about
     videos = []
     if layout in ("auto", "videos"):
-        videos = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        videos = [p for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
     if videos or layout == "videos":
         return [(p, "video", p.relative_to(root), None, None) for p in videos]
-    folders = sorted({p.parent for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS})
+    folders = sorted({p.parent for p in files if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS})
     return [(f, "frames", f.relative_to(root) if f != root else Path(root.name), None, None) for f in folders]
 
 
@@ -428,6 +429,8 @@ def prepare_item(source: Source, settings: PrepareSettings, root: str | os.PathL
         result.status, result.error = "no_face", one_line(e)
     except Exception as e:  # noqa: BLE001 - one bad source must never stop the run
         result.status, result.error = "failed", one_line(e)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write (e.g. a full disk) names no file itself
+            result.error = f"{result.error} (writing {items})"
         if not isinstance(e, (ValueError, OSError)):
             result.error = f"{type(e).__name__}: {result.error}"
             log.debug("unexpected error on %s:\n%s", source.path, traceback.format_exc())
@@ -616,12 +619,12 @@ def prepare_store(
         results, todo = _plan(root, sources)
         try:
             _run(todo, settings, root, workers, results, progress=progress, on_result=on_result)
-        finally:
-            failed = [asdict(r) for r in results if r.status in ("failed", "no_face")]
-            atomic_write_text(root / "errors.csv", _csv_text(ERROR_FIELDS, failed))
+        finally:  # the manifest first: what was done stays listed even if the disk fills before errors.csv
             groups = {s.id: s.group for s in sources}
             splits = {s.id: s.split for s in sources}
             n_train, n_val = write_manifest(root, val_fraction=val_fraction, seed=seed, groups=groups, splits=splits)
+            failed = [asdict(r) for r in results if r.status in ("failed", "no_face")]
+            atomic_write_text(root / "errors.csv", _csv_text(ERROR_FIELDS, failed))
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1

@@ -7,14 +7,18 @@ suffixes (:data:`marlin.video.io.VIDEO_EXTENSIONS`) and one reader of path lists
 from __future__ import annotations
 
 import csv
+import errno
 import glob
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..video.io import VIDEO_EXTENSIONS
 
-__all__ = ["IMAGE_EXTENSIONS", "PATH_COLUMNS", "collect_inputs", "expand_video_sources", "read_path_csv"]
+__all__ = ["IMAGE_EXTENSIONS", "PATH_COLUMNS", "collect_inputs", "expand_video_sources", "list_files", "read_path_csv"]
+
+log = logging.getLogger("marlin")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # frame images (YouTube Faces layout)
 PATH_COLUMNS = ("path", "video", "file", "filename")  # the column of a CSV list that holds the paths, first found
@@ -38,8 +42,41 @@ def read_path_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     return out
 
 
+def _loops(path: Path) -> bool:
+    """Whether ``path`` is a symlink loop (it can be neither read nor resolved; ``Path.resolve`` raises on it)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def _skip_loop(path: Path) -> bool:
+    if _loops(path):
+        log.warning("%s: symlink loop (it points back to itself), skipped", path)
+        return True
+    return False
+
+
+def list_files(folder: str | os.PathLike) -> list[Path]:
+    """Every entry below ``folder`` that is not a folder, sorted: files, and links that lead nowhere (a dangling
+    ``clip.mp4`` is an input the user meant, so it is listed and then reported as failed, not dropped).
+
+    Symlinked folders are not followed (a link to a parent would recurse forever). What cannot be used at all is
+    skipped with a warning naming it, never silently: a folder that cannot be listed (no permission), a symlink loop.
+    """
+
+    def unreadable(err: OSError) -> None:
+        log.warning("%s: cannot list this folder (%s); the files in it are skipped", err.filename, err.strerror)
+
+    out = []
+    for parent, _dirs, files in os.walk(folder, onerror=unreadable):
+        out += [Path(parent) / name for name in files if not _skip_loop(Path(parent) / name)]
+    return sorted(out)
+
+
 def _videos_in(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
+    return [f for f in list_files(folder) if f.suffix.lower() in VIDEO_EXTENSIONS]
 
 
 def collect_inputs(specs: Sequence[str | os.PathLike], *, strict: bool = False) -> list[Path]:
@@ -67,6 +104,7 @@ def collect_inputs(specs: Sequence[str | os.PathLike], *, strict: bool = False) 
             raise ValueError(f"{spec}: no video files found (extensions {', '.join(VIDEO_EXTENSIONS)})")
         out += found
     seen: set[Path] = set()
+    out = [p for p in out if not _skip_loop(p)]  # a loop cannot be read, nor resolved for the duplicate check
     return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
 
 

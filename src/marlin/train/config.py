@@ -261,9 +261,11 @@ def load_config(source: str | Path | None = None, overrides: Sequence[str] = ())
     if Path(source).expanduser().is_file():
         path = Path(source).expanduser()
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            d = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if d is None:  # an empty file (e.g. a run's config.yaml cut short by a full disk) is not "all defaults"
+            raise ValueError(f"{path}: the config file is empty; expected a YAML mapping of settings")
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, found {type(d).__name__}")
         cfg = (

@@ -49,7 +49,7 @@ from ..utils.distributed import (
     init_distributed,
     is_distributed,
 )
-from ..utils.fileio import copy_atomic, save_atomic
+from ..utils.fileio import atomic_write_text, copy_atomic, save_atomic
 from ..utils.monitor import Monitor, format_duration
 from ..utils.optim import make_optimizer, param_groups
 from ..utils.precision import autocast
@@ -460,7 +460,7 @@ class Pretrainer:
         c, schedule = self.cfg, self.schedule
         if not self.dist.is_main:
             return
-        (self.out_dir / "config.yaml").write_text(c.to_yaml())
+        atomic_write_text(self.out_dir / "config.yaml", c.to_yaml())  # never half-written: resume reads it
         epochs = total * c.global_batch(self.world_size) / n_clips
         log.info(
             "pretraining %s: %d steps (%.2f epochs of %d clips), global batch %d = %d x %d accum x %d ranks, "

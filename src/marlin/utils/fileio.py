@@ -4,6 +4,7 @@ renamed into place only when complete, so a crash or `kill -9` never leaves a pa
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -28,10 +29,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
         write(tmp)
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None or str(e.filename) == tmp:  # name the file the user asked for, not our temporary
+            e.filename = str(path)
+        raise
+    except RuntimeError as e:  # torch.save into a full disk: "[enforce fail at inline_container.cc] unexpected pos"
+        Path(tmp).unlink(missing_ok=True)
+        if _nearly_full(path.parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system of `folder` has less than `margin` bytes free (after a failed write was removed)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

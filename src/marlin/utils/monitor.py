@@ -41,7 +41,6 @@ class Monitor:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -55,7 +54,7 @@ class Monitor:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **{k: _num(v) for k, v in values.items()}}) + "\n")
+        self._write({"step": step, **{k: _num(v) for k, v in values.items()}})
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
@@ -95,7 +94,13 @@ class Monitor:
         """A non-scalar record (e.g. a skipped step) in metrics.jsonl (the trainer also logs a warning for it)."""
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, "event": message, **fields}) + "\n")
+        self._write({"step": step, "event": message, **fields})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl, opened on the first record (a run that dies first leaves no empty file)."""
+        if self._jsonl is None:
+            self._jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self._jsonl.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self._jsonl is not None:

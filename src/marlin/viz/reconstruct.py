@@ -180,8 +180,10 @@ class Reconstruction:
         if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
             from PIL import Image
 
-            Image.fromarray(self.image()).save(path)
-            return path
+            from ..utils.fileio import atomic_save_image
+
+            # atomic: a full disk or a kill never leaves a truncated image under the real name
+            return atomic_save_image(path, Image.fromarray(self.image()), "reconstruct")
         from ..video.io import write_video
 
         return write_video(path, side_by_side_frames(self.gt, self.masked, self.recon), fps=self.fps / 2)
