@@ -2,7 +2,8 @@
 
 Sources: an extraction folder (``index.csv`` maps inputs to outputs; else ``.npy`` files found by their stem or by
 the video path relative to the folder), a combined ``.npz`` / ``.safetensors`` (keys are paths without suffix), or
-a single ``.npy`` of ``[N, ...]`` rows aligned with the label set.
+a single ``.npy`` of ``[N, ...]`` rows aligned with the label set. Index and combined files are read by
+:mod:`marlin.video.features`; this module matches them to the labels.
 
 Per-video arrays are ``[D]`` (already reduced), ``[W, D]`` (one feature per window) or ``[W, N_tokens, D]``
 (``--keep-seq``; tokens are averaged first). Temporal reductions over the windows:
@@ -13,14 +14,13 @@ Per-video arrays are ``[D]`` (already reduced), ``[W, D]`` (one feature per wind
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..video.extract import OUTPUT_SEP
+from ..video.features import HAS_FEATURES, load_npy, open_features, read_index, reduce_features
 from .manifest import LabelSet
 
 __all__ = ["FeatureError", "REDUCTIONS", "find_feature_files", "load_features", "reduce_windows"]
@@ -33,44 +33,40 @@ class FeatureError(ValueError):
 
 
 def reduce_windows(x: np.ndarray, reduction: str, where: str = "features") -> np.ndarray:
-    """One video's features -> a vector (see the module docstring)."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 3:
-        x = x.mean(1)  # [W, N, D] -> [W, D]
-    if x.ndim == 1:
-        if reduction == "concat":
-            return x
-        x = x[None]
-    if x.ndim != 2:
-        raise FeatureError(f"{where}: expected [D], [W, D] or [W, N, D] features, found shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise FeatureError(f"{where}: no windows (the video is shorter than one clip?)")
-    if reduction == "mean":
-        return x.mean(0)
-    if reduction == "max":
-        return x.max(0)
-    if reduction == "concat":
-        return x.reshape(-1)
-    raise FeatureError(f"temporal reduction must be one of {', '.join(REDUCTIONS)}, found {reduction!r}")
+    """One video's features -> a vector (see the module docstring; :func:`marlin.video.features.reduce_features`)."""
+    if reduction not in REDUCTIONS:
+        raise FeatureError(f"temporal reduction must be one of {', '.join(REDUCTIONS)}, found {reduction!r}")
+    try:
+        return reduce_features(x, reduction, where)
+    except ValueError as e:
+        raise FeatureError(str(e)) from None
 
 
 def _index_map(folder: Path) -> dict[str, Path]:
-    """``index.csv`` of `marlin extract`: resolved input path -> output file, for inputs that succeeded."""
+    """``index.csv`` of `marlin extract`: resolved input path -> its output file, for inputs that succeeded and whose
+    file is on disk (the others are looked up by name)."""
     index = folder / "index.csv"
     out: dict[str, Path] = {}
     if not index.is_file():
         return out
-    with open(index, newline="") as f:
-        for row in csv.DictReader(f):
-            if row.get("status") in ("ok", "skipped") and row.get("output"):
-                if OUTPUT_SEP in row["output"]:
-                    raise FeatureError(
-                        f"{index}: {row['input']} has one feature file per face track "
-                        f"({row['output']}); a probe needs one per video: extract without --all-faces"
-                    )
-                p = Path(row["output"])
-                out[str(Path(row["input"]).resolve())] = p if p.is_absolute() else folder / p
+    for row in read_index(index):
+        if row.status in HAS_FEATURES and row.output:
+            if len(row.files) + len(row.missing) > 1:
+                raise FeatureError(
+                    f"{index}: {row.input} has one feature file per face track "
+                    f"({row.output}); a probe needs one per video: extract without --all-faces"
+                )
+            if row.files:
+                out[_resolved(row.input)] = row.files[0]
     return out
+
+
+def _resolved(path: str | os.PathLike) -> str:
+    """The absolute path, symlinks followed; a looping or broken link stays as written (it matches nothing)."""
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):  # RuntimeError: "Symlink loop from ..." (Python < 3.13)
+        return str(Path(path).absolute())
 
 
 def find_feature_files(folder: str | os.PathLike, labels: LabelSet) -> list[Path]:
@@ -82,7 +78,7 @@ def find_feature_files(folder: str | os.PathLike, labels: LabelSet) -> list[Path
         by_stem.setdefault(f.stem, []).append(f)
     found, missing = [], []
     for path, vid in zip(labels.paths, labels.ids, strict=True):
-        hit = by_input.get(str(Path(path).resolve()))
+        hit = by_input.get(_resolved(path))
         if hit is None or not hit.is_file():
             cands = by_stem.get(vid) or by_stem.get(Path(path).stem) or []
             if len(cands) > 1:
@@ -102,15 +98,6 @@ def find_feature_files(folder: str | os.PathLike, labels: LabelSet) -> list[Path
     return found
 
 
-def _combined(path: Path) -> dict[str, np.ndarray]:
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return load_file(str(path))
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
-
-
 def load_features(source: str | os.PathLike, labels: LabelSet, reduction: str = "mean") -> np.ndarray:
     """``[N, F]`` float32 features in the order of `labels`."""
     source = Path(source)
@@ -123,7 +110,9 @@ def load_features(source: str | os.PathLike, labels: LabelSet, reduction: str = 
         rows: Sequence[np.ndarray] = list(arr)
         wheres = [f"{source}[{i}]" for i in range(len(arr))]
     elif source.is_file():
-        arrays = _combined(source)
+        if source.suffix not in (".npz", ".safetensors"):
+            raise FeatureError(f"{source}: expected a feature folder, a combined .npz / .safetensors or a .npy")
+        arrays = open_features(source)
         by_stem: dict[str, str] = {}
         for k in arrays:
             by_stem.setdefault(Path(k).name.split(".face")[0], k)
@@ -136,7 +125,7 @@ def load_features(source: str | os.PathLike, labels: LabelSet, reduction: str = 
             wheres.append(f"{source}:{key}")
     else:
         files = find_feature_files(source, labels)
-        rows = [np.load(f) for f in files]
+        rows = [load_npy(f, mmap=False) for f in files]
         wheres = [str(f) for f in files]
     vecs = [reduce_windows(r, reduction, w) for r, w in zip(rows, wheres, strict=True)]
     sizes = {v.shape[0] for v in vecs}
