@@ -8,6 +8,7 @@ Drop-in (same names and semantics as the official package):
 
 Native:
     model = marlin.load("any/checkpoint")                         # format and variant inferred, config carried
+    model = marlin.load("hf://ControlNet/marlin_vit_base_ytf")    # Hugging Face Hub (also Marlin.from_pretrained)
     model = marlin.create_model("marlin_vit_small", full=True)
     model.save_pretrained("dir/")                                 # config.json + model.safetensors
 """
@@ -204,6 +205,36 @@ class Marlin(nn.Module):
         return load(fetch_release(model_name, full=full_model), name=model_name)
 
     @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        filename: str | None = None,
+        full: bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        endpoint: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        map_location: str | torch.device = "cpu",
+    ) -> Marlin:
+        """A model from the Hugging Face Hub (``OWNER/NAME`` or ``hf://OWNER/NAME[/FILE][@REVISION]``; needs the
+        `[hub]` extra) or, when `repo_id` exists on disk, a local `save_pretrained` folder / checkpoint file.
+
+        Reads marlin's own `push_to_hub` / `save_pretrained` repositories and the official
+        ``ControlNet/marlin_vit_{small,base,large}_ytf`` ones; `revision` (branch, tag or commit) pins what is
+        loaded, files are cached by huggingface_hub and load offline once cached (``HF_HUB_OFFLINE=1`` or
+        `local_files_only` never touch the network). `filename` picks one checkpoint file in a repository of them.
+        """
+        from .hub import HubOptions, is_hf_spec, read_hub_checkpoint
+
+        if not is_hf_spec(repo_id) and Path(repo_id).expanduser().exists():
+            return load(repo_id, full=full, map_location=map_location)
+        options = HubOptions(endpoint, cache_dir, token, local_files_only)
+        ckpt = read_hub_checkpoint(str(repo_id), revision=revision, filename=filename, options=options)
+        return load(ckpt, full=full, map_location=map_location)
+
+    @classmethod
     def clean_cache(cls, verbose: bool = True) -> None:
         from .hub import clean_cache
 
@@ -241,6 +272,26 @@ class Marlin(nn.Module):
         meta = {"marlin_config": json.dumps(self.config.to_dict()), "format": "marlin"}
         atomic_write(directory / ckpt_io.WEIGHTS_FILE, lambda p: save_file(sd, p, metadata=meta))
         return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        token: str | bool | None = None,
+        endpoint: str | None = None,
+    ) -> str:
+        """Upload this model to the Hugging Face Hub as a `save_pretrained` folder (+ a model card when the repository
+        has none), creating the repository / branch when needed; returns the commit id (pin it with
+        ``from_pretrained(repo_id, revision=commit)``). Needs the `[hub]` extra and a write token."""
+        from .hub import HubOptions, push_to_hub
+
+        options = HubOptions(endpoint=endpoint, token=token)
+        return push_to_hub(
+            self, repo_id, revision=revision, private=private, commit_message=commit_message, options=options
+        )
 
     def export_official(self, path: str | os.PathLike, full: bool | None = None) -> Path:
         """Write a plain state dict in the official `.encoder.pt` / `.full.pt` layout (loads in marlin-pytorch);
@@ -292,7 +343,7 @@ def create_model(
 
 
 def load(
-    path: str | os.PathLike,
+    path: str | os.PathLike | ckpt_io.Checkpoint,
     name: str | None = None,
     *,
     full: bool | None = None,
@@ -302,9 +353,17 @@ def load(
 
     `full=None` builds a full model when the file has decoder weights; `full=False` keeps only the encoder.
     VideoMAE checkpoints load non-strictly (an initialisation): missing / unexpected keys are logged and reported
-    in `model.load_report`.
+    in `model.load_report`. `path` may also be ``hf://OWNER/NAME[/FILE][@REVISION]`` (the Hugging Face Hub, see
+    `Marlin.from_pretrained`) or an already-read `Checkpoint`.
     """
-    ckpt = ckpt_io.read_checkpoint(path)
+    if isinstance(path, ckpt_io.Checkpoint):
+        ckpt = path
+    elif isinstance(path, str) and path.startswith("hf://"):
+        from .hub import read_hub_checkpoint
+
+        ckpt = read_hub_checkpoint(path)
+    else:
+        ckpt = ckpt_io.read_checkpoint(path)
     if name is not None:
         config = get_config(name)
     else:
@@ -331,8 +390,11 @@ def load(
 
 
 def from_spec(spec: str | os.PathLike, *, full: bool = False, random_init: bool = False) -> Marlin:
-    """A model from a CLI-style spec: a checkpoint path, or a registered name (released weights are downloaded
-    once into the cache). `random_init` builds the named architecture untrained instead (for smoke tests/demos)."""
+    """A model from a CLI-style spec: a checkpoint path, ``hf://OWNER/NAME[@REVISION]`` (Hugging Face Hub), or a
+    registered name (released weights are downloaded once into the cache). `random_init` builds the named
+    architecture untrained instead (for smoke tests/demos)."""
+    if isinstance(spec, str) and spec.startswith("hf://"):
+        return load(spec, full=full)
     path = Path(spec).expanduser()
     if path.exists():
         return load(path, full=full)
