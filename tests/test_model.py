@@ -209,3 +209,15 @@ def test_bf16_autocast_cosine_on_real_face_clips(shared_data, clip):
             low = m.extract_features(x).float()
     cos = torch.nn.functional.cosine_similarity(low, ref, dim=-1)  # per token
     assert cos.min() >= 0.999, cos.min()
+
+
+def test_from_spec_names_a_dangling_or_looping_link_as_a_file(tmp_path):
+    from marlin.models.model import from_spec
+
+    loop = tmp_path / "loop.pt"
+    loop.symlink_to(loop)
+    dangling = tmp_path / "gone.pt"
+    dangling.symlink_to(tmp_path / "nothing.pt")
+    for link in (loop, dangling):
+        with pytest.raises(FileNotFoundError, match="symbolic link"):
+            from_spec(link)

@@ -398,6 +398,8 @@ def from_spec(spec: str | os.PathLike, *, full: bool = False, random_init: bool 
     path = Path(spec).expanduser()
     if path.exists():
         return load(path, full=full)
+    if path.is_symlink():  # a link to nothing (or to itself): a file was meant, not a model name
+        raise FileNotFoundError(f"{path}: a symbolic link to a missing file (or a link loop); expected a checkpoint")
     name = str(spec)
     if random_init:
         return create_model(name, full=full).eval()
