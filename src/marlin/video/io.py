@@ -42,6 +42,7 @@ from av.video.reformatter import VideoReformatter
 from ..utils.fileio import default_file_mode
 
 __all__ = [
+    "AudioInfo",
     "DEFAULT_MAX_PIXELS",
     "VIDEO_EXTENSIONS",
     "VideoError",
@@ -49,6 +50,7 @@ __all__ = [
     "VideoWarning",
     "iter_frames",
     "probe_video",
+    "read_audio",
     "read_frames",
     "read_video",
     "write_video",
@@ -506,3 +508,115 @@ def write_video(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# ---- audio ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AudioInfo:
+    """What :func:`read_audio` read: the decoded audio and, when the file has video, how long the video lasts, so a
+    caller can refuse audio that ends before the video (lip sync needs sound for every frame)."""
+
+    path: Path
+    sample_rate: int  # of the returned samples
+    n_samples: int
+    duration_s: float  # n_samples / sample_rate: the audio that was decoded (after alignment to the video)
+    source_rate: int  # the stream's own sample rate
+    source_channels: int
+    codec: str
+    start_offset_s: float  # audio start - video start in the container; 0.0 without video
+    video_duration_s: float | None  # frames / fps of the first video stream (None: audio-only file)
+    video_frames: int | None
+    fps: float | None
+
+    @property
+    def shortfall_s(self) -> float:
+        """Seconds of video that have no audio (0.0 when the audio covers the video, or there is no video)."""
+        return max(0.0, (self.video_duration_s or 0.0) - self.duration_s)
+
+
+def _video_timing(
+    container: av.container.InputContainer, path: Path
+) -> tuple[float, int | None, float | None, float | None]:
+    """(start seconds, frame count, fps, duration seconds = frames / fps) of the first video stream, from its header
+    (frames counted from packets when the container stores no count, as :func:`probe_video`); Nones without video."""
+    if not container.streams.video:
+        return 0.0, None, None, None
+    stream = container.streams.video[0]
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base else 0.0
+    rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else None
+    n_frames = stream.frames if stream.frames > 0 else _count_packets(path)
+    duration = n_frames / fps if n_frames and fps else None
+    return start, n_frames, fps, duration
+
+
+def _decode_audio(container: av.container.InputContainer, stream: av.AudioStream, sample_rate: int,
+                  path: Path) -> tuple[np.ndarray, float | None]:  # fmt: skip
+    """All of `stream` as float32 mono at `sample_rate` and the first decoded frame's time (None if none decoded);
+    packets that fail to decode are skipped (FFmpeg conceals the gap), as for video."""
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+    chunks, first_time, n_failed, last_error = [], None, 0, None
+    try:
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as err:
+                n_failed, last_error = n_failed + 1, err
+                continue
+            for frame in frames:
+                if first_time is None:
+                    first_time = frame.time
+                chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+        chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]  # flush
+    except av.FFmpegError as err:  # the demuxer cannot read further
+        n_failed, last_error = n_failed + 1, err
+    if not chunks or first_time is None:
+        detail = f" ({n_failed} packet(s) failed: {_reason(last_error)})" if last_error is not None else ""
+        raise VideoError(f"{path}: no decodable audio{detail}")
+    if last_error is not None:
+        warnings.warn(f"{path}: skipped {n_failed} damaged audio packet(s) ({_reason(last_error)})", VideoWarning,
+                      stacklevel=3)  # fmt: skip
+    return np.concatenate(chunks).astype(np.float32, copy=False), first_time
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> tuple[np.ndarray, AudioInfo]:
+    """The first audio stream of a media file as float32 mono samples in [-1, 1] at `sample_rate`, and its
+    :class:`AudioInfo`.
+
+    Decoded and resampled by FFmpeg (PyAV's ``AudioResampler``: channels averaged to mono). When the file also has
+    video, the samples are aligned to it: sample 0 is the time of the first video frame (audio that starts later is
+    preceded by silence, audio that starts earlier is cut), so frame ``i`` at ``fps`` sounds at sample
+    ``i / fps * sample_rate``. The audio may still end before the video: ``info.shortfall_s`` says by how much, and
+    callers that need sound for every frame refuse it. :class:`VideoError` (one line) for a missing or unreadable
+    file, a file without an audio stream and audio that does not decode.
+    """
+    if sample_rate < 1:
+        raise ValueError(f"sample_rate must be >= 1, got {sample_rate}")
+    p = Path(path)
+    if not p.exists():
+        raise VideoError(f"{p}: no such file")
+    if p.is_dir():
+        raise VideoError(f"{p}: is a directory, expected a media file")
+    try:
+        container = av.open(str(p), mode="r")
+    except av.FFmpegError as err:
+        raise VideoError(f"{p}: not a media file, or corrupt (FFmpeg: {_reason(err)})") from err
+    with container:
+        if not container.streams.audio:
+            found = ", ".join(stream.type for stream in container.streams) or "none"
+            raise VideoError(f"{p}: no audio stream (streams found: {found}); lip sync needs the video's sound")
+        stream = container.streams.audio[0]
+        v_start, n_frames, fps, v_duration = _video_timing(container, p)
+        codec, rate, channels = stream.codec_context.name, stream.codec_context.sample_rate, stream.channels
+        samples, first_time = _decode_audio(container, stream, sample_rate, p)
+    offset = (first_time - v_start) if fps is not None else 0.0
+    shift = round(offset * sample_rate)
+    if shift > 0:  # the audio starts after the first frame: silence until it does
+        samples = np.concatenate([np.zeros(shift, np.float32), samples])
+    elif shift < 0:
+        samples = samples[-shift:]
+    samples = np.clip(samples, -1.0, 1.0)  # lossy codecs overshoot full scale slightly
+    info = AudioInfo(path=p, sample_rate=sample_rate, n_samples=len(samples), duration_s=len(samples) / sample_rate,
+                     source_rate=rate, source_channels=channels, codec=codec, start_offset_s=offset,
+                     video_duration_s=v_duration, video_frames=n_frames, fps=fps)  # fmt: skip
+    return samples, info

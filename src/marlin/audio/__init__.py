@@ -1,0 +1,1 @@
+"""Audio features as pure torch functions: log-mel spectrograms and their alignment with video frames."""
