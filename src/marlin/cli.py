@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 # What a user can cause and fix (a wrong value or file, no network, a full disk): reported in one line, exit code 2.
 # Anything else is a bug and keeps its traceback.
@@ -24,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("marlin.commands.probe", "linear-probe features against labels (k-fold / fixed split, low-data)"),
     "finetune": ("marlin.commands.finetune", "fine-tune an encoder + linear head on labelled videos (torchrun-ready)"),
     "info": ("marlin.commands.info", "list registered models, or describe a checkpoint file"),
+    "export": ("marlin.commands.export", "the encoder as ONNX (pooled or token features), checked with ONNX Runtime"),
+    "sync-train": ("marlin.commands.sync_train", "train a lip-sync expert (MARLIN lips + mel audio) on videos"),
+    "sync": ("marlin.commands.sync", "audio-visual offset, LSE-D and LSE-C of videos with a lip-sync expert"),
 }
 
 
@@ -60,17 +64,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from marlin.utils.errors import one_line
 
+    debug = args.debug or os.environ.get("MARLIN_DEBUG", "") not in ("", "0")
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
+        with warnings.catch_warnings():  # restores the caller's warning settings afterwards
+            if not debug:
+                warnings.formatwarning = _one_line_warning
+            return int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except EXPECTED_ERRORS as e:  # bad input, missing file, offline, full disk: one line, not a traceback
-        if args.debug or os.environ.get("MARLIN_DEBUG", "") not in ("", "0"):
+        if debug:
             raise
         print(f"marlin {args.command}: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
         return 2
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """Warnings as one line each ("VideoWarning: clip.mp4: decoded 27 of 40 frames"), without the source line that
+    Python prints under them; --debug keeps Python's format."""
+    return f"{category.__name__}: {message}\n"
 
 
 if __name__ == "__main__":
