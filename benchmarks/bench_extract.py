@@ -1,121 +1,257 @@
-"""Clip feature extraction speed and memory: marlin vs an in-repo naive reference, measured in one run.
+"""Clip feature extraction speed per precision path vs the official `marlin-pytorch` package, and int8 fidelity.
 
-The reference is the same network with explicit softmax(q k^T) v attention in fp32 (what the official implementation
-does). Each configuration runs in its own subprocess so its peak RSS is its own. Prints clips/s, peak RSS and the
-speed ratio to the reference of the same variant and batch size.
+Speed (default): one process holds every path with the same weights (the official model's, loaded into ours) and the
+paths take turns clip batch by clip batch, so a loaded machine slows them alike and the ratios hold. Paths: `official`
+(marlin-pytorch 0.3.4 fp32, needs `pip install --no-deps marlin-pytorch==0.3.4 einops`), `naive` (ours with explicit
+attention, the official computation), `fp32` (ours, SDPA), `int8` (`Marlin.for_inference("int8")`), `bf16` / `fp16`
+(autocast; by default only where the device has native units). In the same turns it times a lone matmul of the ViT-B
+MLP shape ([B*1568, 768] x [768, 3072]) in fp32, as a dynamic int8 quantised Linear and in bf16 when measured: the
+machine's reachable rate per precision. Printed per path and batch: seconds per clip, speed ratio to official,
+effective GFLOP/s (the analytic FLOPs of a clip / time) as a fraction of that precision's lone-matmul rate, and the
+pooled-feature cosine to our fp32 (max |official - fp32| is checked <= 1e-4).
 
-    python benchmarks/bench_extract.py                      # ViT-S and ViT-B, batch 1 and 4, all modes
-    python benchmarks/bench_extract.py --variants marlin_vit_small_ytf --batches 1 --reps 2
+    python benchmarks/bench_extract.py                                   # ViT-B, batch 1 and 4, reps 3
+    python benchmarks/bench_extract.py --variant marlin_vit_small_ytf --batches 1 --reps 2 --paths official fp32 int8
+    python benchmarks/bench_extract.py --fidelity [--checkpoint run/export/...]   # int8 / bf16 vs fp32 on face clips
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
+import types
+from pathlib import Path
 
-MODES = {
-    "naive-fp32": "reference: explicit attention, fp32",
-    "sdpa-fp32": "marlin default: scaled_dot_product_attention, fp32",
-    "sdpa-bf16": "marlin bf16: weights and activations in bfloat16",
-    "sdpa-bf16-autocast": "marlin bf16 via torch.autocast (fp32 weights)",
-}
+import torch
+import torch.nn.functional as F
+
+PATHS = ("official", "naive", "fp32", "int8", "bf16", "fp16")
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "marlin_samples"
 
 
-def run_one(variant: str, batch: int, mode: str, reps: int, warmup: int, threads: int | None) -> dict:
-    import torch
+def clip_gflop(cfg) -> float:
+    """Analytic GFLOP of one clip through the encoder (multiply-add = 2): patch embedding, linears, attention."""
+    n, d, depth = cfg.num_tokens, cfg.encoder_embed_dim, cfg.encoder_depth
+    patch = cfg.in_chans * cfg.tubelet_size * cfg.patch_size**2
+    hidden = int(d * cfg.mlp_ratio)
+    linear = 2 * n * d * (3 * d + d) + 2 * 2 * n * d * hidden
+    attention = 2 * 2 * n * n * d
+    return (2 * n * patch * d + depth * (linear + attention)) / 1e9
+
+
+def official_model(variant: str):
+    """The official encoder-only model of `variant` (video-reading imports stubbed: they are not used here)."""
+    if importlib.util.find_spec("marlin_pytorch") is None:
+        raise SystemExit("the official package is missing: pip install --no-deps marlin-pytorch==0.3.4 einops")
+    for name in ("torchvision", "ffmpeg"):
+        if importlib.util.find_spec(name) is None:
+            sys.modules.setdefault(name, types.ModuleType(name))
+    import marlin_pytorch
+    from marlin_pytorch.config import resolve_config
+
+    c = resolve_config(variant)
+    return marlin_pytorch.Marlin(
+        img_size=c.img_size, patch_size=c.patch_size, n_frames=c.n_frames, encoder_embed_dim=c.encoder_embed_dim,
+        encoder_depth=c.encoder_depth, encoder_num_heads=c.encoder_num_heads, decoder_embed_dim=c.decoder_embed_dim,
+        decoder_depth=c.decoder_depth, decoder_num_heads=c.decoder_num_heads, mlp_ratio=c.mlp_ratio,
+        qkv_bias=c.qkv_bias, qk_scale=c.qk_scale, drop_rate=c.drop_rate, attn_drop_rate=c.attn_drop_rate,
+        norm_layer=c.norm_layer, init_values=c.init_values, tubelet_size=c.tubelet_size, as_feature_extractor=True,
+    ).eval()  # fmt: skip
+
+
+def build_paths(variant: str, paths: list[str]) -> dict:
+    """name -> callable(x) -> pooled features, every path with the same weights."""
+    import warnings
 
     from marlin import Marlin, get_config
 
-    if threads:
-        torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = get_config(variant)
-    model = Marlin(cfg).eval().set_fused_attention(not mode.startswith("naive"))
-    x = torch.rand(batch, 3, cfg.clip_frames, cfg.img_size, cfg.img_size)
-    if mode == "sdpa-bf16":
-        model = model.to(torch.bfloat16)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.endswith("autocast"))
-    times = []
-    with torch.inference_mode(), autocast:
-        for i in range(warmup + reps):
-            t0 = time.perf_counter()
-            model.extract_features(x, keep_seq=False)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    sec = statistics.median(times)
-    return {
-        "variant": variant,
-        "batch": batch,
-        "mode": mode,
-        "sec_per_batch": sec,
-        "clips_per_s": batch / sec,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "threads": torch.get_num_threads(),
-    }
+    ours = Marlin(get_config(variant)).eval()
+    fns = {}
+    if "official" in paths:
+        off = official_model(variant)
+        ours.load_state_dict(off.state_dict())
+        fns["official"] = lambda x: off.extract_features(x, keep_seq=False)
+    for name in paths:
+        if name == "naive":
+            naive = Marlin(get_config(variant)).eval().set_fused_attention(False)
+            naive.load_state_dict(ours.state_dict())
+            fns["naive"] = lambda x, m=naive: m.extract_features(x, keep_seq=False)
+        elif name == "int8":
+            q = ours.for_inference("int8")
+            fns["int8"] = lambda x, m=q: m.extract_features(x, keep_seq=False)
+        elif name in ("bf16", "fp16"):
+            low = Marlin(get_config(variant)).eval()
+            low.load_state_dict(ours.state_dict())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # emulated on this CPU: measured on purpose (--paths)
+                low.for_inference(name)
+            fns[name] = lambda x, m=low: m.extract_features(x, keep_seq=False)
+    if "fp32" in paths:
+        fns["fp32"] = lambda x: ours.extract_features(x, keep_seq=False)
+    return {k: fns[k] for k in paths if k in fns}
+
+
+def matmul_probes(batch: int, bf16: bool) -> dict:
+    """Lone matmuls of the ViT-B MLP shape: name -> (callable, GFLOP per call)."""
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    m, k, n = batch * 1568, 768, 3072
+    x, w = torch.randn(m, k), torch.randn(n, k) / k**0.5
+    lin = torch.nn.Linear(k, n)
+    lin.weight.data.copy_(w)
+    with warnings.catch_warnings():  # the same quantisation as the int8 path (`marlin.models.quantize`)
+        warnings.simplefilter("ignore")
+        qlin = quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear: per_channel_dynamic_qconfig})
+    probes = {"fp32": (lambda: F.linear(x, w), 2 * m * k * n / 1e9), "int8": (lambda: qlin(x), 2 * m * k * n / 1e9)}
+    if bf16:
+        xb, wb = x.bfloat16(), w.bfloat16()
+        probes["bf16"] = (lambda: F.linear(xb, wb), 2 * m * k * n / 1e9)
+    return probes
+
+
+def timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def run_speed(args: argparse.Namespace) -> list[dict]:
+    from marlin import get_config
+    from marlin.utils.precision import device_capabilities
+
+    caps = device_capabilities("cpu")
+    paths = args.paths or ["official", "fp32", "int8"] + (["bf16"] if caps.bf16 else [])
+    cfg = get_config(args.variant)
+    fns = build_paths(args.variant, paths)
+    gflop = clip_gflop(cfg)
+    print(f"torch {torch.__version__}, cpu {caps.cpu_capability}, bf16 units {caps.bf16}, vnni {caps.vnni}, "
+          f"threads {torch.get_num_threads()}, {args.variant} {gflop:.0f} GFLOP/clip, paths {list(fns)}")  # fmt: skip
+    inputs = {b: torch.rand(b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size) for b in args.batches}
+    probes = {b: matmul_probes(b, "bf16" in fns) for b in args.batches}
+    times = {(b, p): [] for b in args.batches for p in [*fns, *(f"mm-{k}" for k in probes[args.batches[0]])]}
+    feats = {}
+    for rep in range(args.warmup + args.reps):
+        for b in args.batches:
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                feats[(b, name)] = fn(inputs[b])
+                t = time.perf_counter() - t0
+                if rep >= args.warmup:
+                    times[(b, name)].append(t)
+            for name, (fn, _) in probes[b].items():
+                t = min(timed(fn) for _ in range(3))
+                if rep >= args.warmup:
+                    times[(b, f"mm-{name}")].append(t)
+        print(f"  rep {rep + 1}/{args.warmup + args.reps} done ({time.strftime('%H:%M:%S')})", flush=True)
+    return summarise(args, fns, probes, times, feats, gflop)
+
+
+def summarise(args, fns, probes, times, feats, gflop) -> list[dict]:
+    rows = []
+    print(f"{'batch':>5}  {'path':<9}{'s/clip':>8}{'x official':>11}{'GFLOP/s':>9}{'% of mm':>9}{'cos fp32':>10}")
+    for b in args.batches:
+        rate = {k: probes[b][k][1] / statistics.median(times[(b, f"mm-{k}")]) for k in probes[b]}
+        print(f"{b:>5}  lone matmul GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rate.items()))
+        official = statistics.median(times[(b, "official")]) / b if "official" in fns else None
+        if "official" in fns and "fp32" in fns:
+            diff = (feats[(b, "official")] - feats[(b, "fp32")]).abs().max().item()
+            print(f"{b:>5}  max |official - fp32| = {diff:.2e} ({'ok' if diff <= 1e-4 else 'OVER 1e-4'})")
+        for name in fns:
+            sec = statistics.median(times[(b, name)]) / b
+            peak = rate.get(name if name in rate else "fp32", float("nan"))
+            cos = F.cosine_similarity(feats[(b, name)].float(), feats[(b, "fp32")], dim=-1).min().item() \
+                if "fp32" in fns else float("nan")  # fmt: skip
+            row = {"batch": b, "path": name, "sec_per_clip": sec, "x_official": official / sec if official else None,
+                   "gflops": gflop / sec, "frac_of_matmul": gflop / sec / peak, "cos_fp32": cos}  # fmt: skip
+            rows.append(row)
+            xo = f"{row['x_official']:.2f}" if official else "-"
+            print(f"{b:>5}  {name:<9}{sec:>8.2f}{xo:>11}{row['gflops']:>9.0f}{100 * row['frac_of_matmul']:>8.0f}%"
+                  f"{cos:>10.5f}")  # fmt: skip
+    return rows
+
+
+def face_clips(n_windows: int) -> torch.Tensor:
+    """Up to `n_windows` clips [n, 3, 16, 224, 224] from the official 224x224 face crops (16 frames, every 2nd),
+    taken from each video in turn so every person is represented."""
+    import itertools
+
+    from marlin.video.io import read_video
+
+    files = sorted(SAMPLES.glob("cropped*.mp4"))
+    if not files:
+        raise SystemExit(f"{SAMPLES}: no cropped*.mp4 face clips (the shared data folder is missing)")
+    per_file = []
+    for f in files:
+        frames = torch.from_numpy(read_video(f, step=2, size=224))  # [T, 224, 224, 3]
+        per_file.append(
+            [frames[s : s + 16].permute(3, 0, 1, 2).float().div(255) for s in range(0, len(frames) - 15, 16)]
+        )
+    turns = [c for group in itertools.zip_longest(*per_file) for c in group if c is not None]
+    return torch.stack(turns[:n_windows])
+
+
+@torch.inference_mode()
+def run_fidelity(args: argparse.Namespace) -> list[dict]:
+    """Cosine of pooled features and of tokens, int8 (and `--fidelity-paths`) vs fp32, on real face clips."""
+    import warnings
+
+    from marlin import Marlin, get_config
+    from marlin.models.model import load
+
+    torch.manual_seed(0)
+    model = load(args.checkpoint, full=False) if args.checkpoint else Marlin(get_config(args.variant)).eval()
+    x = face_clips(args.clips)
+    if x.shape[-1] != model.config.img_size or x.shape[2] != model.config.clip_frames:
+        c = model.config
+        x = F.interpolate(x, size=(c.clip_frames, c.img_size, c.img_size), mode="trilinear", align_corners=False)
+    name = args.checkpoint or f"{args.variant} (random init)"
+    print(f"{name}: {len(x)} face clips {tuple(x.shape[1:])}", flush=True)
+    ref_pool = torch.cat([model.extract_features(c[None], keep_seq=False) for c in x])
+    ref_tok = torch.cat([model.extract_features(c[None], keep_seq=True) for c in x])
+    rows = []
+    for path in args.fidelity_paths:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = model.for_inference(path)
+        pool = torch.cat([m.extract_features(c[None], keep_seq=False) for c in x])
+        tok = torch.cat([m.extract_features(c[None], keep_seq=True) for c in x])
+        cp, ct = F.cosine_similarity(pool, ref_pool, dim=-1), F.cosine_similarity(tok, ref_tok, dim=-1)
+        row = {"model": name, "path": path, "pooled_min": cp.min().item(), "pooled_mean": cp.mean().item(),
+               "tokens_min": ct.min().item(), "tokens_mean": ct.mean().item()}  # fmt: skip
+        rows.append(row)
+        print(f"  {path}: pooled cosine min {row['pooled_min']:.5f} mean {row['pooled_mean']:.5f}; "
+              f"tokens min {row['tokens_min']:.5f} mean {row['tokens_mean']:.5f}", flush=True)  # fmt: skip
+        model.for_inference("fp32")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["marlin_vit_small_ytf", "marlin_vit_base_ytf"])
+    p.add_argument("--variant", default="marlin_vit_base_ytf")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--paths", nargs="+", choices=PATHS, help="default: official fp32 int8 (+ bf16 where native)")
+    p.add_argument("--reps", type=int, default=3, help="timed turns (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fidelity", action="store_true", help="measure fidelity on face clips instead of speed")
+    p.add_argument("--fidelity-paths", nargs="+", default=["int8"], choices=("int8", "bf16", "fp16"))
+    p.add_argument("--checkpoint", help="--fidelity: a trained checkpoint instead of the random-init --variant")
+    p.add_argument("--clips", type=int, default=8, help="--fidelity: number of face clips")
     p.add_argument("--json", help="also write all rows to this JSON file")
-    p.add_argument("--one", nargs=3, metavar=("VARIANT", "BATCH", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-
-    if args.one:
-        v, b, m = args.one
-        print(json.dumps(run_one(v, int(b), m, args.reps, args.warmup, args.threads)))
-        return
-
-    import torch
-
-    print(
-        f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"threads {args.threads or torch.get_num_threads()}",
-        flush=True,
-    )
-    rows = []
-    header = f"{'variant':<22}{'batch':>6}  {'mode':<20}{'clips/s':>9}{'s/batch':>9}{'peak RSS MB':>13}{'x ref':>8}"
-    print(header, flush=True)
-    for variant in args.variants:
-        for batch in args.batches:
-            ref = None
-            for mode in args.modes:
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--one",
-                    variant,
-                    str(batch),
-                    mode,
-                    "--reps",
-                    str(args.reps),
-                    "--warmup",
-                    str(args.warmup),
-                ] + (["--threads", str(args.threads)] if args.threads else [])
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-                row = json.loads(out)
-                if mode == "naive-fp32":
-                    ref = row["clips_per_s"]
-                row["ratio_vs_naive"] = row["clips_per_s"] / ref if ref else float("nan")
-                rows.append(row)
-                print(
-                    f"{variant:<22}{batch:>6}  {mode:<20}{row['clips_per_s']:>9.3f}{row['sec_per_batch']:>9.2f}"
-                    f"{row['peak_rss_mb']:>13.0f}{row['ratio_vs_naive']:>8.2f}",
-                    flush=True,
-                )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_fidelity(args) if args.fidelity else run_speed(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Native:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils.fileio import atomic_write
+from ..utils.precision import DeviceCaps, autocast, device_capabilities, resolve_precision
 from . import checkpoint as ckpt_io
 from .config import MarlinConfig
 from .decoder import MarlinDecoder
@@ -72,6 +74,8 @@ class LoadReport:
 class Marlin(nn.Module):
     """MARLIN ViT video masked autoencoder (encoder-only feature extractor, or full model with decoder)."""
 
+    precision: str = "fp32"  # inference precision (see `for_inference`)
+
     def __init__(self, config: MarlinConfig | str | None = None, *, as_feature_extractor: bool = True, **kwargs: Any):
         super().__init__()
         if isinstance(config, str):
@@ -90,6 +94,7 @@ class Marlin(nn.Module):
             self.enc_dec_proj = nn.Linear(self.config.encoder_embed_dim, self.config.decoder_embed_dim, bias=False)
             nn.init.xavier_uniform_(self.enc_dec_proj.weight)
         self.load_report: LoadReport | None = None
+        self.precision = "fp32"  # inference precision, set by `for_inference` (bf16 / fp16 autocast, int8 copy)
 
     # ---- properties -----------------------------------------------------------------------------------------------
     @property
@@ -146,8 +151,11 @@ class Marlin(nn.Module):
             requires_grad = self.training or x.requires_grad
         if x.is_floating_point() and x.dtype != self.dtype:
             x = x.to(self.dtype)
-        with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()):
-            return self.encoder.extract_features(x, seq_mean_pool=not keep_seq)
+        lowp = self.precision in ("bf16", "fp16")
+        cast = autocast(self.device, self.precision) if lowp else contextlib.nullcontext()
+        with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()), cast:
+            out = self.encoder.extract_features(x, seq_mean_pool=not keep_seq)
+        return out.float() if lowp else out
 
     @torch.no_grad()
     def extract_video(
@@ -176,6 +184,52 @@ class Marlin(nn.Module):
         return result.reduce(reduction)
 
     # ---- options --------------------------------------------------------------------------------------------------
+    def for_inference(
+        self,
+        precision: str | torch.dtype | None = "auto",
+        *,
+        sample: Tensor | None = None,
+        min_cosine: float = 0.99,
+        caps: DeviceCaps | None = None,
+    ) -> Marlin:
+        """This model ready for inference in `precision` (auto, fp32, bf16, fp16, int8), same `extract_features` /
+        `extract_video` API, features returned in float32.
+
+        fp32 / bf16 / fp16 set this model's precision (bf16 / fp16 run under autocast on its device) and return it in
+        eval mode; int8 returns a quantised CPU copy (`marlin.models.quantize`) and leaves this model as it is.
+        ``auto`` resolves per device (`marlin.utils.precision.resolve_precision`, logged once); before choosing int8
+        it checks the copy on `sample` clips [B, C, T, H, W] (default: a synthetic smooth clip) and keeps fp32 when
+        the pooled-feature cosine to fp32 is below `min_cosine`. `caps` overrides the device probe (tests).
+        """
+        if self.precision == "int8":
+            raise ValueError("this is already an int8 inference copy: call for_inference on the float32 model")
+        self.eval()
+        self.precision = "fp32"  # the reference for the int8 check; set to the choice below
+        caps = caps or device_capabilities(self.device)
+        checked: list[Marlin] = []
+
+        def int8_ok() -> bool:
+            from .quantize import int8_cosine, quantize_int8
+
+            quantized = quantize_int8(self)
+            cos = int8_cosine(self, quantized, sample)
+            if cos < min_cosine:
+                log.warning(
+                    "int8 pooled-feature cosine to fp32 is %.5f < %.3f on this model: keeping fp32", cos, min_cosine
+                )
+                return False
+            log.info("int8 pooled-feature cosine to fp32: %.5f (>= %.3f)", cos, min_cosine)
+            checked.append(quantized)
+            return True
+
+        name, _ = resolve_precision(precision, self.device, caps, int8_ok=int8_ok)
+        if name == "int8":
+            from .quantize import quantize_int8
+
+            return checked[0] if checked else quantize_int8(self)
+        self.precision = name
+        return self
+
     def set_fused_attention(self, fused: bool = True) -> Marlin:
         """Switch between marlin's kernels (default: SDPA attention, visible-only patch embedding when masking) and
         the official computations (explicit softmax(q k^T) v, Conv3d over every patch), kept as a reference."""
@@ -261,10 +315,15 @@ class Marlin(nn.Module):
         return report
 
     # ---- saving ---------------------------------------------------------------------------------------------------
+    def _check_saveable(self) -> None:
+        if self.precision == "int8":
+            raise ValueError("an int8 inference copy cannot be saved: save the float32 model it was made from")
+
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `config.json` + `model.safetensors` (official key layout, config also in its metadata)."""
         from safetensors.torch import save_file
 
+        self._check_saveable()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(directory / ckpt_io.CONFIG_FILE, lambda p: Path(p).write_text(self.config.to_json()))
@@ -296,6 +355,7 @@ class Marlin(nn.Module):
     def export_official(self, path: str | os.PathLike, full: bool | None = None) -> Path:
         """Write a plain state dict in the official `.encoder.pt` / `.full.pt` layout (loads in marlin-pytorch);
         `full=None` exports what this model holds, `full=False` only its encoder."""
+        self._check_saveable()
         full = (not self.as_feature_extractor) if full is None else full
         if full and self.as_feature_extractor:
             raise ValueError("cannot export a full model from an encoder-only Marlin")
