@@ -316,3 +316,91 @@ def test_a_resumed_run_keeps_the_statistics_of_finished_videos(tmp_path, model):
         assert b.seconds == pytest.approx(a.seconds, abs=1e-3)
     rows = read_index(tmp_path / "out" / "index.csv")
     assert rows["v1.mp4"]["windows"] == str(n_windows(40, CFG.clip_frames))
+
+
+# ---- streaming: windows reach the encoder in bounded chunks while the video is still being cut -------------------
+def _long_video(tmp_path: Path) -> Path:
+    """80 frames at --stride 1: 36 windows (9 chunk files), more than a worker may have unread."""
+    return crop_video(tmp_path / "in" / "long.mp4", 80)
+
+
+def test_windows_stream_to_the_encoder_in_bounded_chunks(tmp_path, model, monkeypatch):
+    import marlin.video.extract as ex
+
+    seen: list[tuple[int, bool]] = []  # per chunk read: chunk files waiting on disk, whether the worker had finished
+    read = ex._Extraction._read_chunk
+
+    def spy(self, f, *chunk):
+        seen.append((sum(p.suffix == ".win" for p in self.tmp_dir.iterdir()), f.position in self.arrived))
+        read(self, f, *chunk)
+
+    monkeypatch.setattr(ex._Extraction, "_read_chunk", spy)
+    video = _long_video(tmp_path)
+    summary = extract_many(model, [video], tmp_path / "out", ExtractOptions(workers=0, stride=1, batch_size=3,
+                                                                            progress=False))  # fmt: skip
+    n = n_windows(80, CFG.clip_frames, stride=1)
+    assert summary.results[0].windows == n and len(seen) == -(-n // ex.CHUNK_WINDOWS)
+    assert max(k for k, _ in seen) <= ex.CHUNKS_AHEAD  # never more unread chunks than allowed: disk stays flat
+    assert not seen[0][1]  # the encoder started long before the worker finished the video
+    feats = np.load(tmp_path / "out" / "long.npy")
+    torch.testing.assert_close(torch.from_numpy(feats), model.extract_video(video, stride=1), rtol=0, atol=0)
+
+
+def test_the_windows_of_a_dead_try_are_replaced_by_its_rerun(tmp_path, model, monkeypatch):
+    """A worker that died after writing some chunks (run_jobs reruns its video) must leave no window in the output."""
+    import marlin.video.extract as ex
+
+    real, consumed = ex.produce, []
+
+    def dies_once(item, tmp_dir, opts, clip_frames, img_size):
+        position, _ = item
+        dead = f"v{position:07d}.{0:016x}{0:08x}"  # older than any real try
+        garbage = np.random.default_rng(0).integers(0, 255, (ex.CHUNK_WINDOWS, clip_frames, img_size, img_size, 3))
+        for k in range(2):
+            ex._write_chunk(tmp_dir, dead, 0, k, list(garbage.astype(np.uint8)))
+        deadline = time.time() + 30
+        while any(tmp_dir.glob(f"{dead}.*")) and time.time() < deadline:  # the encoder takes them...
+            time.sleep(0.01)
+        consumed.append(not any(tmp_dir.glob(f"{dead}.*")))
+        return real(item, tmp_dir, opts, clip_frames, img_size)  # ...then the rerun writes the video again
+
+    monkeypatch.setattr(ex, "produce", dies_once)
+    video = _long_video(tmp_path)
+    summary = extract_many(model, [video], tmp_path / "out", ExtractOptions(workers=0, stride=1, batch_size=3,
+                                                                            progress=False))  # fmt: skip
+    assert summary.results[0].status == "ok" and consumed == [True]
+    feats = np.load(tmp_path / "out" / "long.npy")
+    torch.testing.assert_close(torch.from_numpy(feats), model.extract_video(video, stride=1), rtol=0, atol=0)
+
+
+class _Broken:
+    """An encoder that fails on its first batch."""
+
+    def __init__(self, model: Marlin) -> None:
+        self.config, self.device = model.config, model.device
+
+    def extract_features(self, x, keep_seq=False):
+        raise RuntimeError("encoder broke")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_encoder_error_stops_the_workers_and_leaves_no_window_file(tmp_path, model, workers):
+    video = _long_video(tmp_path)
+    with pytest.raises(RuntimeError, match="encoder broke"):  # and no hang: the worker waiting for room gives up
+        extract_many(_Broken(model), [video], tmp_path / "out", ExtractOptions(workers=workers, stride=1,
+                                                                                progress=False))  # fmt: skip
+    assert not list((tmp_path / "out").glob(".marlin-tmp*"))
+    assert read_index(tmp_path / "out" / "index.csv")["long.mp4"]["status"] == "pending"
+
+
+def test_a_long_video_gets_a_progress_bar_of_its_own(tmp_path, model, monkeypatch, capsys):
+    import marlin.video.extract as ex
+
+    monkeypatch.setattr(ex, "LONG_VIDEO_S", 0.0)  # every video counts as long here
+    monkeypatch.setattr(ex, "PROGRESS_EVERY_S", 0.0)
+    video = _long_video(tmp_path)
+    extract_many(model, [video], tmp_path / "out", ExtractOptions(workers=0, stride=1, batch_size=1))
+    err = capsys.readouterr().err
+    assert "long.mp4:" in err and "frame" in err and "extract" in err
+    extract_many(model, [video], tmp_path / "out2", ExtractOptions(workers=0, stride=1, progress=False))
+    assert capsys.readouterr().err == ""

@@ -243,3 +243,40 @@ def test_the_embedded_real_face_keeps_every_window(tmp_path: Path) -> None:
                              min_score=0.5, min_face_fraction=0.0))  # fmt: skip
         [on] = clip_windows(clip, crop_face=True, detector=detector)
     assert on.window_frames == off.window_frames and min(on.window_coverage) >= 0.9
+
+
+# ---- through `marlin extract` -----------------------------------------------------------------------------------------
+def test_extract_marks_a_smiley_no_face_and_records_the_coverage_of_a_real_face(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("mediapipe")
+    import csv
+
+    from marlin.cli import main
+    from marlin.viz.sample import make_sample_clip
+
+    (tmp_path / "in").mkdir()
+    _smiley_clip(tmp_path / "in" / "smiley.mp4")
+    make_sample_clip(tmp_path / "in" / "face.mp4")
+    argv = ["extract", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "marlin_vit_tiny_test",
+            "--random-init", "--crop-face", "--workers", "0", "--no-progress", "--dtype", "fp32"]  # fmt: skip
+    assert main(argv) == 1  # one input has no face
+    rows = {Path(r["input"]).name: r for r in csv.DictReader(open(tmp_path / "out" / "index.csv"))}
+    assert rows["smiley.mp4"]["status"] == "no_face" and "face mesh" in rows["smiley.mp4"]["error"]
+    assert not (tmp_path / "out" / "smiley.npy").exists()
+    face = rows["face.mp4"]
+    assert face["status"] == "ok" and float(face["face_coverage"]) >= 0.9 and int(face["windows"]) >= 1
+    # with the checks off (the planner before) the smiley's windows are written as an ok "face"
+    off = ["--no-verify-faces", "--min-score", "0.5", "--min-face-fraction", "0"]
+    assert main([*argv, *off, "-o", str(tmp_path / "out2")]) == 0
+    rows = {Path(r["input"]).name: r for r in csv.DictReader(open(tmp_path / "out2" / "index.csv"))}
+    assert rows["smiley.mp4"]["status"] == "ok"
+    capsys.readouterr()
+
+
+def test_extract_refuses_a_face_fraction_outside_0_1(tmp_path: Path, capsys) -> None:
+    from marlin.cli import main
+
+    clip = write_test_video(tmp_path / "v.mp4", 4)
+    rc = main(["extract", str(clip), "-o", str(tmp_path / "o"), "--model", "marlin_vit_tiny_test",
+               "--random-init", "--crop-face", "--min-face-fraction", "1.5"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "min_face_fraction" in err

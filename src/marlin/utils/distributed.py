@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,7 +26,9 @@ __all__ = [
     "DistInfo",
     "GracefulStop",
     "all_reduce_grads",
+    "barrier",
     "broadcast_module",
+    "gather_to_main",
     "init_distributed",
     "is_distributed",
     "shutdown_distributed",
@@ -58,8 +61,13 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device(preference)
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group when WORLD_SIZE > 1 (or reuse an initialised one) and pick this rank's device."""
+def init_distributed(device: str = "auto", *, backend: str | None = None, timeout: timedelta | None = None) -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (or reuse an initialised one) and pick this rank's device.
+
+    ``backend`` overrides the default (NCCL on GPUs, gloo on CPUs): a job whose collectives only exchange small CPU
+    objects (extraction) uses gloo everywhere. ``timeout`` bounds every collective (torch's default: 30 minutes for
+    gloo, 10 for NCCL); a barrier that waits for the slowest rank of a long job needs more.
+    """
     if is_distributed():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -71,13 +79,30 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world > 1:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        extra = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **extra)
     return DistInfo(rank, world, local, dev)
 
 
 def shutdown_distributed() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Rank 0 gets every rank's picklable ``obj`` in rank order, the other ranks None (one process: ``[obj]``)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
