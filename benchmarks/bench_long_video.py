@@ -2,9 +2,10 @@
 
 Generates 1280x720 25 fps videos of the requested lengths once (a real face clip looped: the longest landscape clip
 of at least 1280x720 in ``../shared/data/talking_heads`` or ``../shared/data/marlin_samples``, else the embedded
-sample portrait panning over a background), then runs ``marlin extract --crop-face`` on each, one at a time, in a subprocess
-with a randomly initialised model (features are meaningless; memory is what is measured). While it runs, ``/proc`` is
-polled for the RSS of the command and all its descendants (the encoder process plus its decode/detect worker).
+sample portrait panning over a background), then runs ``marlin extract --crop-face`` on each, one at a time, in a
+subprocess with a randomly initialised model (features are meaningless; memory is what is measured). While it runs,
+``/proc`` is polled for the RSS of the command and all its descendants (the encoder process plus its
+decode/detect worker).
 
 Prints one row per length: windows, wall time, peak RSS of the whole process tree (sum, polled every 0.1 s), peak
 RSS of the largest single process (``wait4``'s rusage, exact), and the peak size of the temporary window

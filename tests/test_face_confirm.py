@@ -245,7 +245,7 @@ def test_the_embedded_real_face_keeps_every_window(tmp_path: Path) -> None:
     assert on.window_frames == off.window_frames and min(on.window_coverage) >= 0.9
 
 
-# ---- through `marlin extract` -----------------------------------------------------------------------------------------
+# ---- through `marlin extract` ----------------------------------------------------------------------------------------
 def test_extract_marks_a_smiley_no_face_and_records_the_coverage_of_a_real_face(tmp_path: Path, capsys) -> None:
     pytest.importorskip("mediapipe")
     import csv

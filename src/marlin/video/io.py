@@ -101,22 +101,27 @@ def _rotation(frame: av.VideoFrame) -> int:
     return (round(frame.rotation / 90) * 90) % 360
 
 
+def _open_file(p: Path, kind: str) -> av.container.InputContainer:
+    """``av.open`` for reading, or a one-line :class:`VideoError` saying what is wrong with ``p`` (a `kind` file)."""
+    if not p.exists():
+        raise VideoError(f"{p}: no such file")
+    if p.is_dir():
+        raise VideoError(f"{p}: is a directory, expected a {kind} file")
+    try:
+        return av.open(str(p), mode="r")
+    except av.FFmpegError as err:
+        if isinstance(err, av.InvalidDataError) or kind != "video":
+            raise VideoError(f"{p}: not a {kind} file, or corrupt (FFmpeg: {_reason(err)})") from err
+        raise VideoError(f"{p}: cannot open ({_reason(err)})") from err
+
+
 @contextmanager
 def _open_video(
     path: str | os.PathLike, max_pixels: int
 ) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
     """Open ``path`` and return its first video stream, or raise :class:`VideoError`; closes the file on exit."""
     p = Path(path)
-    if not p.exists():
-        raise VideoError(f"{p}: no such file")
-    if p.is_dir():
-        raise VideoError(f"{p}: is a directory, expected a video file")
-    try:
-        container = av.open(str(p), mode="r")
-    except av.FFmpegError as err:
-        if isinstance(err, av.InvalidDataError):
-            raise VideoError(f"{p}: not a video file, or corrupt (FFmpeg: {_reason(err)})") from err
-        raise VideoError(f"{p}: cannot open ({_reason(err)})") from err
+    container = _open_file(p, "video")
     try:
         format_name = container.format.name
         if _is_still_image(format_name):
@@ -593,14 +598,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> tuple[np.nd
     if sample_rate < 1:
         raise ValueError(f"sample_rate must be >= 1, got {sample_rate}")
     p = Path(path)
-    if not p.exists():
-        raise VideoError(f"{p}: no such file")
-    if p.is_dir():
-        raise VideoError(f"{p}: is a directory, expected a media file")
-    try:
-        container = av.open(str(p), mode="r")
-    except av.FFmpegError as err:
-        raise VideoError(f"{p}: not a media file, or corrupt (FFmpeg: {_reason(err)})") from err
+    container = _open_file(p, "media")
     with container:
         if not container.streams.audio:
             found = ", ".join(stream.type for stream in container.streams) or "none"
