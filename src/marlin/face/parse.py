@@ -539,14 +539,23 @@ class FaceParser:
         self.n_missing = 0
         self.last_found = np.zeros(0, dtype=bool)
         self._warm: set[int] = set()  # graphs that ran once (their native log lines are out of the way)
-        self._mesh: Any = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=static_image_mode,
-            max_num_faces=1,
-            refine_landmarks=True,
-            min_detection_confidence=min_detection_confidence,
-            min_tracking_confidence=min_tracking_confidence,
-        )
-        self._selfie: Any = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=selfie_model)
+        from ..utils.quiet import quiet_native_logs
+
+        # Building a graph starts threads that print MediaPipe's native log lines, some only once the graph first
+        # runs: build both and run each once on a blank frame (no face: no tracking state) in one quiet window.
+        with quiet_native_logs():
+            self._mesh: Any = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=static_image_mode,
+                max_num_faces=1,
+                refine_landmarks=True,
+                min_detection_confidence=min_detection_confidence,
+                min_tracking_confidence=min_tracking_confidence,
+            )
+            self._selfie: Any = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=selfie_model)
+            blank = np.zeros((32, 32, 3), dtype=np.uint8)
+            self._mesh.process(blank)
+            self._selfie.process(blank)
+        self._warm.update((0, 1))
 
     def __enter__(self) -> FaceParser:
         return self
