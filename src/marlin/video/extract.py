@@ -157,6 +157,28 @@ def _chunk_path(tmp_dir: Path, attempt: str, stream: int, chunk: int) -> Path:
     return tmp_dir / f"{attempt}.t{stream}.c{chunk:06d}.win"
 
 
+_LIBC_TRIM: Any = None  # glibc's malloc_trim once looked up; False where there is none
+
+
+def release_free_heap() -> None:
+    """Hand the allocator's free heap pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    The encoder's temporaries (windows, activations: 2-32 MB each) come from the heap once glibc's dynamic mmap
+    threshold has risen, and a heap fragmented by them never shrinks: without trimming, the encoder process grew by
+    ~3 MB per batch with ViT-Ti (300 batches: 306 MB -> 1.2 GB, flat at 307 MB with a trim after each batch).
+    """
+    global _LIBC_TRIM
+    if _LIBC_TRIM is None:
+        try:
+            import ctypes
+
+            _LIBC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _LIBC_TRIM = False
+    if _LIBC_TRIM:
+        _LIBC_TRIM(0)
+
+
 _CHUNK_NAME = re.compile(r"(v(\d+)\.[0-9a-f]+)\.t(\d+)\.c(\d+)\.win")
 
 
@@ -267,6 +289,7 @@ def _write_chunk(tmp_dir: Path, attempt: str, stream: int, k: int, windows: list
         np.save(f, np.stack(windows))
     os.replace(tmp, path)
     windows.clear()
+    release_free_heap()  # the frames and crops of pass 2 fragment the worker's heap the same way
 
 
 # ---- main side ------------------------------------------------------------------------------------------------------
@@ -644,6 +667,8 @@ class _Extraction:
         feats = encode_windows(self.model, batch, batch_size=len(batch), keep_seq=opts.keep_seq, dtype=opts.dtype)
         self.total.encode += time.perf_counter() - t0
         self.n_windows += len(batch)
+        del batch
+        release_free_heap()  # or a long run's encoder process keeps growing (see release_free_heap)
         start = 0
         for end in [i for i in range(1, len(owners)) if owners[i] is not owners[i - 1]] + [len(owners)]:
             enc = owners[start]  # the windows of one stream are consecutive
