@@ -192,6 +192,27 @@ def test_all_faces_keeps_the_verified_track_only(video: Path) -> None:
     assert np.allclose(plan.track.boxes[0], FACE, atol=1e-6)
 
 
+def test_the_default_verifier_is_built_once_per_process(video: Path, monkeypatch) -> None:
+    """One face-mesh graph per process, not per video: building one per video cost time and printed MediaPipe's
+    native log lines once per video in `marlin prepare` (seen in its worker output)."""
+    import marlin.face.verify
+    import marlin.video.faces as faces
+
+    built = []
+
+    class CountingVerifier(ScriptedVerifier):
+        def __init__(self) -> None:
+            super().__init__()
+            built.append(self)
+
+    monkeypatch.setattr(marlin.face.verify, "MeshVerifier", CountingVerifier)
+    monkeypatch.setattr(faces, "_VERIFIERS", {})
+    script = {i: det() for i in range(80)}
+    for _ in range(3):
+        faces.plan_face_crops(video, ScriptedDetector(script))
+    assert len(built) == 1 and built[0].calls >= 3  # the one verifier checked the tracks of all three videos
+
+
 def test_face_checks_refuse_bad_values() -> None:
     with pytest.raises(ValueError, match="min_face_fraction"):
         FaceChecks(min_face_fraction=1.5)

@@ -121,14 +121,9 @@ def plan_face_crops(
     Raises `marlin.face.NoFaceError` when no face is confirmed, `VideoError` for unreadable files.
     """
     path, checks = Path(path), checks or FaceChecks()
-    own = verifier is None and checks.verify
-    if own:
+    if verifier is None and checks.verify:
         verifier = _default_verifier()
-    try:
-        seen = _scan(path, detector, select, every, checks, verifier if checks.verify else None, progress)
-    finally:
-        if own and verifier is not None:
-            verifier.close()
+    seen = _scan(path, detector, select, every, checks, verifier if checks.verify else None, progress)
     shots = shot_spans(seen.n, seen.cuts)
     frames = np.asarray(seen.frames, dtype=np.int64)
     framing = dict(MEDIAPIPE_OFFICIAL_FRAMING if framing is None else framing)
@@ -152,13 +147,21 @@ def plan_face_crops(
     return plans
 
 
-def _default_verifier() -> Any:
-    try:
-        from ..face.verify import MeshVerifier
+_VERIFIERS: dict[int, Any] = {}  # process id -> the default verifier, built once per process (not shared across fork)
 
-        return MeshVerifier()
-    except ImportError:
-        return None  # no mediapipe (e.g. the haar detector without the [face] extra): score and coverage only
+
+def _default_verifier() -> Any:
+    """This process's face-mesh verifier, kept for the next video: building a mesh graph per video cost ~0.3 s and
+    printed MediaPipe's native log lines once per video (its threads log after construction)."""
+    pid = os.getpid()
+    if pid not in _VERIFIERS:
+        try:
+            from ..face.verify import MeshVerifier
+
+            _VERIFIERS[pid] = MeshVerifier()
+        except ImportError:
+            _VERIFIERS[pid] = None  # no mediapipe (e.g. the haar detector without the [face] extra): score, coverage
+    return _VERIFIERS[pid]
 
 
 def _scan(
