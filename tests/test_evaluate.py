@@ -411,7 +411,7 @@ def test_cli_probe_generic_csv_with_features(tmp_path, capsys):
     rc = main(["probe", "--features", str(tmp_path / "feats"), "--labels", str(tmp_path / "m.csv"), "--label", "kind",
                "--group-col", "person", "--folds", "5", "--out", str(tmp_path / "out")])  # fmt: skip
     out = capsys.readouterr().out
-    assert rc == 0 and "kind: 60 videos, 8 features, 5-fold" in out and "accuracy" in out
+    assert rc == 0 and "kind: 60 videos, 8 features, linear head, 5-fold" in out and "accuracy" in out
     assert json.loads((tmp_path / "out" / "results.json").read_text())["by_fraction"]["1"]["metrics"]["accuracy"][
         "mean"] > 0.8  # fmt: skip
     rc = main(["probe", "--features", str(tmp_path / "feats"), "--labels", str(tmp_path / "m.csv"), "--label", "nope",

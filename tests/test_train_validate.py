@@ -93,6 +93,10 @@ def test_val_source_auto_explicit_and_none(tmp_path) -> None:
     assert {k: [it.id for it in v.items] for k, v in both.items()} == {"s": ["b"], "o": ["x", "y"]}
     explicit = build_val_sets(load_config("marlin_vit_tiny_test", [*base, f"val.source={store}"]))
     assert [it.id for it in explicit["s"].items] == ["a", "b", "c"]
+    # STORE#val: one store's held-out split only; the other training store's val split stays out of everything
+    one = build_val_sets(load_config("marlin_vit_tiny_test", [*ARGS, f"data.source={store},{other}",
+                                                               f"val.source={store}#val"]))  # fmt: skip
+    assert {k: [it.id for it in v.items] for k, v in one.items()} == {"s": ["b"]}
     assert build_val_sets(load_config("marlin_vit_tiny_test", [*base, "val.source=none"])) == {}
     assert build_val_sets(load_config("marlin_vit_tiny_test", [*ARGS, "data.source=synthetic"])) == {}
     no_val = make_store(tmp_path / "t", {"a": 20})

@@ -3,6 +3,9 @@
     marlin probe --features feats/ --labels manifest.csv --label emotion --group-col speaker --out probe/
     marlin probe --features feats/ --labels CelebV-HQ/ --label appearance --split fixed --train-fractions 0.01,0.1,1
     marlin probe --model marlin_vit_base_ytf --labels grid_s1/ --label color --reduce concat --out probe/
+    marlin probe --model run/export/marlin_vit_tiny --labels grid_s1/ --label digit --split fixed --head attentive \
+        --out probe/                           # GRID's fixed split is its protocol split (80 / 20, seeded)
+    marlin probe --model marlin_vit_base_ytf --layer 6 --labels manifest.csv --label emotion --out probe6/
 
 Features come from `marlin extract` (a folder with index.csv, a combined .npz / .safetensors, or an aligned .npy), or
 are extracted on the fly with --model into OUT/features (resumable). Labels: a CSV manifest (path + label columns),
@@ -43,9 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "(without it, features are extracted with --model)")  # fmt: skip
     add_model_arguments(src)
     src.add_argument("--crop-face", action="store_true", help="with --model: detect and crop faces first")
+    src.add_argument("--layer", type=int, metavar="K",
+                     help="with --model: features from encoder block K (1 = first; default: the last)")  # fmt: skip
     src.add_argument("--reduce", choices=("mean", "max", "concat"), default="mean",
                      help="over a video's windows: mean, max, or concat (time-kept; equal window counts)")  # fmt: skip
     ev = p.add_argument_group("protocol")
+    ev.add_argument("--head", choices=("linear", "attentive"), default="linear",
+                    help="linear probe on pooled features, or attentive probe (a learnt query over the tokens; "
+                         "needs --keep-seq features, extracted so with --model)")  # fmt: skip
     ev.add_argument(
         "--split",
         choices=("kfold", "fixed"),
@@ -73,25 +81,32 @@ def run(args: argparse.Namespace) -> int:
     from marlin.evaluate.splits import SplitError
 
     try:
+        if args.layer is not None and args.features is not None:
+            raise ValueError("--layer picks the encoder block to extract from: it needs --model, not --features")
         labels = read_labels(args.labels, args.label, task=args.task, path_col=args.path_col,
                              group_col=args.group_col, split_col=args.split_col)  # fmt: skip
         feats_src = args.features if args.features is not None else _extract(args, labels)
-        x = load_features(feats_src, labels, args.reduce)
+        x = load_features(feats_src, labels, args.reduce, tokens=args.head == "attentive")
         cfg = ProbeConfig(
-            folds=args.folds if args.split == "kfold" else None, split=args.split_fractions,
+            head=args.head, folds=args.folds if args.split == "kfold" else None, split=args.split_fractions,
             train_fractions=args.train_fractions, pca=args.pca, standardize=not args.no_standardize, l2=args.l2,
-            seed=args.seed, extra={"features": str(feats_src), "labels": str(args.labels), "reduce": args.reduce},
+            seed=args.seed, extra={"features": str(feats_src), "labels": str(args.labels), "reduce": args.reduce,
+                                   "layer": args.layer},
         )  # fmt: skip
         results = run_probe(x, labels, cfg)
     except (ManifestError, FeatureError, SplitError, ValueError, ImportError) as e:
         print(f"marlin probe: {e}", file=sys.stderr)
         return 2
     paths = write_probe(results, args.out, plot=not args.no_plot)
-    print(f"{labels.label}: {len(labels)} videos, {x.shape[1]} features, {results['protocol']}")
+    shape = "x".join(str(d) for d in x.shape[1:])
+    print(f"{labels.label}: {len(labels)} videos, {shape} features, {args.head} head, {results['protocol']}")
     for frac, entry in results["by_fraction"].items():
         shown = {k: v for k, v in entry["metrics"].items() if not k.startswith("n_")}
+        ci = entry["ci95"]
         print(
-            f"  train fraction {frac}: " + ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in shown.items())
+            f"  train fraction {frac}: "
+            + ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in shown.items())
+            + f" (pooled {ci['metric']} 95% bootstrap interval {ci['low']:.3f}-{ci['high']:.3f}, {ci['n_test']} tests)"
         )
     print("wrote " + ", ".join(str(p) for p in paths))
     if args.verbose:
@@ -100,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace, labels) -> Path:  # noqa: ANN001
-    """Extract features for the labelled videos into OUT/features (resumable) and return that folder."""
+    """Extract features for the labelled videos into OUT/features[_layerK][_tokens] (resumable); return that folder."""
     from marlin.commands.extract import print_summary
     from marlin.models.model import from_spec
     from marlin.video.extract import ExtractOptions, extract_many
@@ -108,9 +123,13 @@ def _extract(args: argparse.Namespace, labels) -> Path:  # noqa: ANN001
     missing = [p for p in labels.paths if not Path(p).is_file()]
     if missing:
         raise ValueError(f"{len(missing)} labelled videos do not exist, e.g. {missing[0]}")
-    out = args.out / "features"
+    tokens = args.head == "attentive"
+    out = args.out / ("features" + (f"_layer{args.layer}" if args.layer else "") + ("_tokens" if tokens else ""))
     model = from_spec(args.model, random_init=args.random_init).eval()
-    summary = extract_many(model, [Path(p) for p in labels.paths], out, ExtractOptions(crop_face=args.crop_face))
+    if args.layer is not None:
+        model = model.at_layer(args.layer)
+    opts = ExtractOptions(crop_face=args.crop_face, keep_seq=tokens)
+    summary = extract_many(model, [Path(p) for p in labels.paths], out, opts)
     print_summary(summary)
     if summary.failed:
         first = summary.failed[0]

@@ -23,7 +23,7 @@ import numpy as np
 from ..video.features import HAS_FEATURES, load_npy, open_features, read_index, reduce_features
 from .manifest import LabelSet
 
-__all__ = ["FeatureError", "REDUCTIONS", "find_feature_files", "load_features", "reduce_windows"]
+__all__ = ["FeatureError", "REDUCTIONS", "find_feature_files", "load_features", "reduce_tokens", "reduce_windows"]
 
 REDUCTIONS = ("mean", "max", "concat")
 
@@ -98,18 +98,16 @@ def find_feature_files(folder: str | os.PathLike, labels: LabelSet) -> list[Path
     return found
 
 
-def load_features(source: str | os.PathLike, labels: LabelSet, reduction: str = "mean") -> np.ndarray:
-    """``[N, F]`` float32 features in the order of `labels`."""
-    source = Path(source)
+def _gather_rows(source: Path, labels: LabelSet) -> tuple[Sequence[np.ndarray], list[str]]:
+    """Each labelled video's array from `source`, and where it came from (for error messages)."""
     if not source.exists():
         raise FeatureError(f"{source}: no such feature folder or file")
     if source.is_file() and source.suffix == ".npy":
         arr = np.load(source)
         if len(arr) != len(labels):
             raise FeatureError(f"{source}: {len(arr)} rows for {len(labels)} labelled videos")
-        rows: Sequence[np.ndarray] = list(arr)
-        wheres = [f"{source}[{i}]" for i in range(len(arr))]
-    elif source.is_file():
+        return list(arr), [f"{source}[{i}]" for i in range(len(arr))]
+    if source.is_file():
         if source.suffix not in (".npz", ".safetensors"):
             raise FeatureError(f"{source}: expected a feature folder, a combined .npz / .safetensors or a .npy")
         arrays = open_features(source)
@@ -123,13 +121,36 @@ def load_features(source: str | os.PathLike, labels: LabelSet, reduction: str = 
                 raise FeatureError(f"{source}: no features for {path}")
             rows.append(arrays[key])
             wheres.append(f"{source}:{key}")
-    else:
-        files = find_feature_files(source, labels)
-        rows = [load_npy(f, mmap=False) for f in files]
-        wheres = [str(f) for f in files]
-    vecs = [reduce_windows(r, reduction, w) for r, w in zip(rows, wheres, strict=True)]
-    sizes = {v.shape[0] for v in vecs}
+        return rows, wheres
+    files = find_feature_files(source, labels)
+    return [load_npy(f, mmap=False) for f in files], [str(f) for f in files]
+
+
+def reduce_tokens(x: np.ndarray, reduction: str, where: str = "features") -> np.ndarray:
+    """One video's tokens ``[W, L, D]`` (``--keep-seq``) -> ``[L, D]`` (``mean`` / ``max`` over the windows, token by
+    token) or ``[W * L, D]`` (``concat``: the windows' tokens in order), for the attentive probe."""
+    if reduction not in REDUCTIONS:
+        raise FeatureError(f"temporal reduction must be one of {', '.join(REDUCTIONS)}, found {reduction!r}")
+    if x.ndim != 3:
+        raise FeatureError(f"{where}: the attentive probe needs tokens [windows, tokens, D] (extract with "
+                           f"--keep-seq), found shape {tuple(x.shape)}")  # fmt: skip
+    if reduction == "concat":
+        return x.reshape(-1, x.shape[-1])
+    return x.mean(0) if reduction == "mean" else x.max(0)
+
+
+def load_features(
+    source: str | os.PathLike, labels: LabelSet, reduction: str = "mean", *, tokens: bool = False
+) -> np.ndarray:
+    """``[N, F]`` float32 features in the order of `labels`; with `tokens`, ``[N, L, D]`` tokens (features extracted
+    with ``--keep-seq``) for the attentive probe, reduced over windows by :func:`reduce_tokens`."""
+    source = Path(source)
+    rows, wheres = _gather_rows(source, labels)
+    reduce = reduce_tokens if tokens else reduce_windows
+    vecs = [reduce(r, reduction, w) for r, w in zip(rows, wheres, strict=True)]
+    sizes = {v.shape for v in vecs}
     if len(sizes) != 1:
-        raise FeatureError(f"{source}: feature sizes differ after {reduction!r} reduction ({sorted(sizes)[:4]}); "
-                           "'concat' needs the same number of windows per video — use mean or max")  # fmt: skip
+        raise FeatureError(f"{source}: feature sizes differ after {reduction!r} reduction "
+                           f"({sorted(sizes)[:4]}); 'concat' needs the same number of windows per video — use mean "
+                           "or max")  # fmt: skip
     return np.stack(vecs).astype(np.float32)

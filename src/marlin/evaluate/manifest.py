@@ -27,6 +27,7 @@ __all__ = [
     "hash_split",
     "read_celebvhq",
     "read_csv_manifest",
+    "grid_protocol_splits",
     "read_grid",
     "read_labels",
 ]
@@ -276,11 +277,36 @@ def read_celebvhq(root: str | os.PathLike, task: str = "appearance", *, video_di
 
 
 # ---- GRID -----------------------------------------------------------------------------------------------------------
-def read_grid(root: str | os.PathLike, slot: str) -> LabelSet:
+GRID_TEST_FRACTION = 0.2  # the GRID protocol's held-out sentences (200 of GRID s1's 1000)
+GRID_STRATIFY = "letter"  # the slot with most classes (25): each keeps its share in train and test
+
+
+def grid_protocol_splits(root: str | os.PathLike, seed: int = 0) -> list[str]:
+    """The clean GRID protocol: ``"train"`` / ``"test"`` per row of ``labels.csv``, fixed by `seed`.
+
+    A stratified (by the letter slot) seeded 80 / 20 split of the sentences. The test sentences are meant to be kept
+    out of everything: pretraining stores, probe training and every choice (hyper-parameters are chosen on parts of
+    the training sentences only), so that test accuracy is an unbiased estimate.
+    """
+    from .splits import split_indices
+
+    rows = _read_rows(Path(root) / "labels.csv")
+    if GRID_STRATIFY not in rows[0]:
+        raise ManifestError(f"{Path(root) / 'labels.csv'}: needs the column {GRID_STRATIFY}")
+    _, y = np.unique([r[GRID_STRATIFY] for r in rows], return_inverse=True)
+    parts = split_indices(len(rows), (1 - GRID_TEST_FRACTION, 0.0, GRID_TEST_FRACTION), y=y, seed=seed)
+    out = ["train"] * len(rows)
+    for i in parts["test"]:
+        out[i] = "test"
+    return out
+
+
+def read_grid(root: str | os.PathLike, slot: str, *, protocol: bool = False, seed: int = 0) -> LabelSet:
     """One GRID word slot (command / color / preposition / letter / digit / adverb) as a multiclass task.
 
     `root` holds ``labels.csv`` (video + one column per slot) and ``videos/``: one speaker, so no groups (for
-    several speakers, list them in a CSV manifest with a speaker column as the group).
+    several speakers, list them in a CSV manifest with a speaker column as the group). With `protocol` the rows carry
+    the fixed train / test split of :func:`grid_protocol_splits`.
     """
     root = Path(root)
     if slot not in GRID_SLOTS:
@@ -295,6 +321,7 @@ def read_grid(root: str | os.PathLike, slot: str) -> LabelSet:
         task=task,
         names=names,
         label=slot,
+        splits=grid_protocol_splits(root, seed) if protocol else None,
     )
 
 
@@ -317,7 +344,7 @@ def read_labels(
     if p.is_dir() and (p / "labels.csv").is_file() and (p / "videos").is_dir():
         if len(labels) != 1:
             raise ManifestError(f"{p}: GRID takes one word slot ({', '.join(GRID_SLOTS)}); got {list(labels)}")
-        return read_grid(p, labels[0])
+        return read_grid(p, labels[0], protocol=True)  # a fixed split (`--split fixed`) is the GRID protocol's
     if p.is_dir():
         raise ManifestError(f"{p}: a folder that is neither CelebV-HQ (celebvhq_info.json) nor GRID (labels.csv + "
                             "videos/); pass a CSV manifest")  # fmt: skip

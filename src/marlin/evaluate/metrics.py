@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 __all__ = [
+    "bootstrap_interval",
     "PRIMARY",
     "accuracy",
     "binary_auc",
@@ -148,3 +149,22 @@ def compute_metrics(task: str, targets: np.ndarray, scores: np.ndarray) -> dict[
     r2[~np.isfinite(r2)] = np.nan  # a constant target has no R2 (not sklearn's forced 0 or 1)
     mse = float(sk.mean_squared_error(y, p))
     return {"mse": mse, "mae": float(sk.mean_absolute_error(y, p)), "r2": _nanmean(r2), "neg_mse": -mse}
+
+
+def bootstrap_interval(
+    task: str, targets: np.ndarray, scores: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the task's primary metric: test samples redrawn with replacement `n_boot`
+    times (seeded), the metric recomputed on each draw. Says how much a test score could move with another test set
+    of the same size from the same population; it does not cover the variance of training."""
+    targets, scores = np.asarray(targets), np.asarray(scores, dtype=np.float64)
+    n = len(targets)
+    if n == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    values = np.array([primary_value(task, targets[i], scores[i]) for i in rng.integers(0, n, size=(n_boot, n))])
+    values = values[np.isfinite(values)]  # e.g. an AUC draw with a single class
+    if not len(values):
+        return math.nan, math.nan
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

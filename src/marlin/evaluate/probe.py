@@ -1,8 +1,11 @@
-"""Linear probing protocol: k-fold or fixed split, group-aware, low-data train fractions, metrics, JSON + pictures.
+"""Probing protocol: k-fold or fixed split, group-aware, low-data train fractions, metrics, JSON + pictures.
 
-Nothing is chosen on test data: standardisation, PCA and the L2 strength are learnt on each training part (the L2
-strength by an inner k-fold on it), then the probe is refit on the whole training part and scored once on its test
-part.
+Two heads on frozen features: ``linear`` on vectors ``[N, F]`` (:mod:`marlin.evaluate.linear`) and ``attentive`` on
+tokens ``[N, L, D]`` (:mod:`marlin.evaluate.attentive`). Nothing is chosen on test data: standardisation, PCA and the L2
+strength (linear), the learning rate and the epoch count (attentive) are learnt on each training part (by an inner
+k-fold or a held-out part of it, or on the split's val part), then the probe is refit on the whole training part and
+scored once on its test part. Every result carries a 95% bootstrap interval of the primary metric over the pooled test
+predictions.
 """
 
 from __future__ import annotations
@@ -13,16 +16,17 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..utils.fileio import atomic_write_text, json_safe
+from .attentive import AttentiveConfig, AttentiveProbe
 from .linear import DEFAULT_L2_GRID, LinearProbe, select_l2
 from .manifest import LabelSet
-from .metrics import binary_auc, compute_metrics, confusion_matrix, primary_value
+from .metrics import binary_auc, bootstrap_interval, compute_metrics, confusion_matrix, primary_metric, primary_value
 from .splits import kfold, split_indices, subsample
 
 __all__ = ["ProbeConfig", "plot_probe", "run_probe", "write_probe"]
@@ -30,8 +34,12 @@ __all__ = ["ProbeConfig", "plot_probe", "run_probe", "write_probe"]
 log = logging.getLogger("marlin")
 
 
+HEADS = ("linear", "attentive")
+
+
 @dataclass
 class ProbeConfig:
+    head: str = "linear"  # "linear" on feature vectors [N, F]; "attentive" on tokens [N, L, D]
     folds: int | None = 5  # k-fold cross-validation; None: the fixed train / val / test split
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # used when folds is None and the data has no split
     train_fractions: tuple[float, ...] = (1.0,)  # low-data regime: fractions of each training part
@@ -42,6 +50,7 @@ class ProbeConfig:
     inner_folds: int = 3
     max_iter: int = 200  # L-BFGS iterations per fit
     seed: int = 0
+    attentive: AttentiveConfig = field(default_factory=AttentiveConfig)  # the attentive head's training
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the results
 
 
@@ -72,28 +81,83 @@ def _parts(labels: LabelSet, cfg: ProbeConfig) -> list[tuple[np.ndarray, np.ndar
     return [(parts["train"], parts["val"], parts["test"])]
 
 
-def run_probe(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig | None = None) -> dict[str, Any]:
-    """Probe features `x` ``[N, F]`` against `labels`; returns a JSON-ready result dict (see :func:`write_probe`).
+def _fit_part(x: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, labels: LabelSet,
+              cfg: ProbeConfig) -> tuple[Any, Any]:  # fmt: skip
+    """A probe fitted on the rows `tr`, hyper-parameters chosen on `va` or inside `tr`: (probe, what was chosen)."""
+    task, k = labels.task, labels.num_outputs
+    if cfg.head == "attentive":
+        acfg = replace(cfg.attentive, seed=cfg.seed)
+        probe = AttentiveProbe(task, k, acfg).fit(x[tr], y[tr], val=(x[va], y[va]) if len(va) else None)
+        return probe, probe.chosen
+    kw = {"pca": cfg.pca, "standardize": cfg.standardize, "max_iter": cfg.max_iter}
+    if cfg.l2 is not None:
+        l2 = cfg.l2
+    elif len(va):
+        table = {}
+        for cand in cfg.l2_grid:
+            p = LinearProbe(task, k, l2=cand, **kw).fit(x[tr], y[tr])
+            table[cand] = primary_value(task, y[va], p.scores(x[va]))
+        l2 = max(table, key=lambda c: (-math.inf if math.isnan(table[c]) else table[c], c))
+    else:
+        l2, _ = select_l2(x[tr], y[tr], task, k, grid=cfg.l2_grid, folds=cfg.inner_folds, seed=cfg.seed, **kw)
+    return LinearProbe(task, k, l2=l2, **kw).fit(x[tr], y[tr]), l2
 
-    With a fixed split that has a validation part, the L2 strength is chosen on it (train -> val) instead of by
-    inner CV, then the probe is refit on train and scored on test.
-    """
-    cfg = cfg or ProbeConfig()
-    x = np.asarray(x, dtype=np.float32)
+
+def _check_inputs(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig) -> np.ndarray:
+    if cfg.head not in HEADS:
+        raise ValueError(f"probe head must be one of {', '.join(HEADS)}, found {cfg.head!r}")
+    if cfg.head == "attentive":
+        x = np.asarray(x)
+        if x.ndim != 3:
+            raise ValueError(f"the attentive probe needs tokens [N, L, D], got features of shape {tuple(x.shape)}")
+        if not np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float32)
+    else:
+        x = np.asarray(x, dtype=np.float32)
     if len(x) != len(labels):
         raise ValueError(f"{len(x)} feature rows for {len(labels)} labelled videos")
     if not np.isfinite(x).all():
         raise ValueError("features contain NaN or inf")
-    task, k = labels.task, labels.num_outputs
-    y = labels.targets
-    strat = labels.stratify_labels()
-    kw = {"pca": cfg.pca, "standardize": cfg.standardize, "max_iter": cfg.max_iter}
+    return x
+
+
+def _pooled_entry(labels: LabelSet, scores: np.ndarray, tested: np.ndarray, seed: int) -> dict[str, Any]:
+    """Metrics of all test predictions together, their bootstrap interval and the confusion / per-label details."""
+    task, y = labels.task, labels.targets
+    st, yt = scores[tested], y[tested]
+    entry: dict[str, Any] = {"pooled": compute_metrics(task, yt, st)}
+    lo, hi = bootstrap_interval(task, yt, st, seed=seed)
+    entry["ci95"] = {"metric": primary_metric(task), "low": lo, "high": hi, "n_test": int(tested.sum())}
+    if task in ("multiclass", "binary"):
+        pred = st.argmax(1) if task == "multiclass" else (st > 0).astype(int)
+        entry["confusion"] = confusion_matrix(yt, pred, len(labels.names)).tolist()
+    elif task == "multilabel":
+        entry["per_label"] = {
+            name: {"auc": binary_auc(yt[:, j], st[:, j]), "accuracy": float(((st[:, j] > 0) == (yt[:, j] > 0.5))
+                   .mean()), "positives": float(yt[:, j].mean())}
+            for j, name in enumerate(labels.names)
+        }  # fmt: skip
+    else:
+        entry["predictions"] = {"target": yt.tolist(), "predicted": st.tolist()}
+    return entry
+
+
+def run_probe(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig | None = None) -> dict[str, Any]:
+    """Probe features `x` (``[N, F]``; tokens ``[N, L, D]`` for the attentive head) against `labels`; returns a
+    JSON-ready result dict (see :func:`write_probe`).
+
+    With a fixed split that has a validation part, the hyper-parameters are chosen on it (train -> val) instead of
+    inside the training part, then the probe is refit on train and scored on test.
+    """
+    cfg = cfg or ProbeConfig()
+    x = _check_inputs(x, labels, cfg)
+    task, k, y, strat = labels.task, labels.num_outputs, labels.targets, labels.stratify_labels()
     t0 = time.perf_counter()
     parts = _parts(labels, cfg)
     results: dict[str, Any] = {
-        "task": task, "label": labels.label, "n": len(labels), "features": int(x.shape[1]), "names": labels.names,
-        "protocol": f"{cfg.folds}-fold" if cfg.folds is not None else "split", "config": asdict(cfg),
-        "by_fraction": {},
+        "task": task, "label": labels.label, "n": len(labels), "features": int(np.prod(x.shape[1:])),
+        "head": cfg.head, "names": labels.names, "config": asdict(cfg), "by_fraction": {},
+        "protocol": f"{cfg.folds}-fold" if cfg.folds is not None else "split",
     }  # fmt: skip
     for frac in cfg.train_fractions:
         fold_metrics, chosen = [], []
@@ -101,38 +165,16 @@ def run_probe(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig | None = None) -
         tested = np.zeros(len(labels), dtype=bool)
         for i, (tr, va, te) in enumerate(parts):
             tr = subsample(tr, frac, y=strat, seed=cfg.seed + i)
-            if cfg.l2 is not None:
-                l2 = cfg.l2
-            elif len(va):
-                table = {}
-                for cand in cfg.l2_grid:
-                    p = LinearProbe(task, k, l2=cand, **kw).fit(x[tr], y[tr])
-                    table[cand] = primary_value(task, y[va], p.scores(x[va]))
-                l2 = max(table, key=lambda c: (-math.inf if math.isnan(table[c]) else table[c], c))
-            else:
-                l2, _ = select_l2(x[tr], y[tr], task, k, grid=cfg.l2_grid, folds=cfg.inner_folds, seed=cfg.seed,
-                                  **kw)  # fmt: skip
-            probe = LinearProbe(task, k, l2=l2, **kw).fit(x[tr], y[tr])
+            probe, choice = _fit_part(x, y, tr, va, labels, cfg)
             s = probe.scores(x[te])
             scores_all[te], tested[te] = s, True
             m = compute_metrics(task, y[te], s)
             m.update(n_train=float(len(tr)), n_test=float(len(te)))
             fold_metrics.append(m)
-            chosen.append(l2)
-        entry: dict[str, Any] = {"metrics": _summary(fold_metrics), "folds": fold_metrics, "l2": chosen}
-        entry["pooled"] = compute_metrics(task, y[tested], scores_all[tested])  # all test predictions together
-        if task in ("multiclass", "binary"):
-            pred = scores_all[tested].argmax(1) if task == "multiclass" else (scores_all[tested] > 0).astype(int)
-            entry["confusion"] = confusion_matrix(y[tested], pred, len(labels.names)).tolist()
-        elif task == "multilabel":
-            st, yt = scores_all[tested], y[tested]
-            entry["per_label"] = {
-                name: {"auc": binary_auc(yt[:, j], st[:, j]), "accuracy": float(((st[:, j] > 0) == (yt[:, j] > 0.5))
-                       .mean()), "positives": float(yt[:, j].mean())}
-                for j, name in enumerate(labels.names)
-            }  # fmt: skip
-        else:
-            entry["predictions"] = {"target": y[tested].tolist(), "predicted": scores_all[tested].tolist()}
+            chosen.append(choice)
+        entry: dict[str, Any] = {"metrics": _summary(fold_metrics), "folds": fold_metrics,
+                                 "l2" if cfg.head == "linear" else "chosen": chosen}  # fmt: skip
+        entry.update(_pooled_entry(labels, scores_all, tested, cfg.seed))
         results["by_fraction"][f"{frac:g}"] = entry
         log.info(
             "probe %s, train fraction %g: %s",

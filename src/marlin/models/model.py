@@ -16,6 +16,7 @@ Native:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -230,6 +231,26 @@ class Marlin(nn.Module):
         self.precision = name
         return self
 
+    def at_layer(self, layer: int) -> Marlin:
+        """A feature extractor whose features come from encoder block `layer` (1 = the first block, ``depth`` = this
+        model): the same weights, shared, with the blocks after `layer` dropped; the final norm and the pooling stay
+        (mean over tokens, then the norm, as for the released features). For layer-wise probing: a masked
+        autoencoder's middle blocks often carry more linearly readable information than its last one.
+        """
+        depth = len(self.encoder.blocks)
+        if not 1 <= layer <= depth:
+            raise ValueError(f"layer must be in 1..{depth} for this {depth}-block encoder, got {layer}")
+        if layer == depth:
+            return self
+        encoder = copy.copy(self.encoder)
+        encoder._modules = dict(encoder._modules)  # a shallow module copy would otherwise share the block list
+        encoder.blocks = nn.ModuleList(list(self.encoder.blocks)[:layer])
+        out = copy.copy(self)
+        out._modules = dict(out._modules)
+        out.encoder, out.decoder = encoder, None
+        out.layer = layer
+        return out
+
     def set_fused_attention(self, fused: bool = True) -> Marlin:
         """Switch between marlin's kernels (default: SDPA attention, visible-only patch embedding when masking) and
         the official computations (explicit softmax(q k^T) v, Conv3d over every patch), kept as a reference."""
@@ -316,6 +337,8 @@ class Marlin(nn.Module):
 
     # ---- saving ---------------------------------------------------------------------------------------------------
     def _check_saveable(self) -> None:
+        if getattr(self, "layer", None) is not None:
+            raise ValueError(f"a model cut at layer {self.layer} cannot be saved: save the model it was made from")
         if self.precision == "int8":
             raise ValueError("an int8 inference copy cannot be saved: save the float32 model it was made from")
 

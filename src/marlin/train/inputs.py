@@ -60,8 +60,10 @@ def build_val_sets(cfg: PretrainConfig) -> dict[str, Dataset]:
 
     ``"auto"``: the ``val`` split of each training store (`marlin prepare` holds out whole identities), one set per
     store that has one, named after the store's folder; none for video folders or synthetic data. Store paths
-    (comma-separated): all of their items, one set each. A directory / glob / list of videos: one set ("videos"),
-    windows cut as for training. Each set is scored apart, so a mix of easy and hard held-out data stays visible.
+    (comma-separated): all of their items, one set each; ``STORE#val``: only that store's ``val`` split (e.g. the
+    unseen people of one training store, while another store's ``val`` split stays out of everything). A directory /
+    glob / list of videos: one set ("videos"), windows cut as for training. Each set is scored apart, so a mix of
+    easy and hard held-out data stays visible.
     """
     source = (cfg.val.source or "none").strip()
     if source.lower() == "none":
@@ -69,13 +71,15 @@ def build_val_sets(cfg: PretrainConfig) -> dict[str, Dataset]:
     m = cfg.model
     auto = source.lower() == "auto"
     parts = [s.strip() for s in (cfg.data.source if auto else source).split(",") if s.strip()]
+    only_val = [auto or p.endswith("#val") for p in parts]
+    parts = [p.removesuffix("#val") for p in parts]
     if all(_is_store(p) for p in parts):
         sets: dict[str, Dataset] = {}
-        for p in parts:
+        for p, val_only in zip(parts, only_val, strict=True):
             path = Path(p).expanduser()
             rate = cfg.data.temporal_sample_rate
             ds = PretrainDataset.from_config(path, m, split=None, sample_rate=rate, mode="eval")
-            ds.items = [it for it in ds.items if it.split == "val"] if auto else ds.items
+            ds.items = [it for it in ds.items if it.split == "val"] if val_only else ds.items
             if ds.items:
                 base = path.name or path.resolve().name  # the folder name as given ("." -> its real name)
                 name, k = base, 2

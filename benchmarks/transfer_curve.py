@@ -1,0 +1,467 @@
+"""Does pretraining with marlin learn transferable face features? A scaling curve on GRID s1, with a clean protocol.
+
+One command runs every stage; each stage keeps its outputs in ``--work`` and is skipped (or resumed) when they exist,
+so an interrupted run continues where it stopped:
+
+1. ``stores``   ``marlin prepare`` face-crop stores (224 px + LaPa parse maps):
+                - ``grid_s1``: every GRID s1 sentence; the protocol's test sentences
+                  (:func:`marlin.evaluate.manifest.grid_protocol_splits`: a fixed, letter-stratified, seeded 20%) are
+                  its ``val`` split, so pretraining (which reads ``train``) never sees them;
+                - ``faces``: every other shared face clip (talking heads, MARLIN samples, ``faces_more``); 15% of the
+                  ``faces_more`` identities are its ``val`` split: unseen *people* for the held-out reconstruction.
+2. ``pretrain`` two tiny models (ViT 192-d, depth 6; 112 px crops, 16 frames at stride 2, 90% of tokens hidden,
+                per-patch normalised targets) with the same data, steps, batch and learning rate, side by side:
+                ``marlin`` (fasking + adversarial critic) and ``tube`` (VideoMAE-style tube masking, no critic).
+                Checkpoints along the way are kept (``--keep-every``) for the curve.
+3. ``features`` per encoder (random init = step 0, and every kept checkpoint of each run) the tokens of every GRID
+                clip: three 16-frame windows at stride 2 (start / middle / end), pooled per time step over the face
+                (``face``) and kept whole at half spatial resolution for the attentive probe; plus raw mouth pixels.
+4. ``probe``    every GRID word slot, trained on the protocol's train sentences only (hyper-parameters by inner CV on
+                them), scored once on the test sentences with a 95% bootstrap interval: a linear probe on the
+                time-kept face features and an attentive probe on the tokens.
+5. ``report``   the table (Markdown), the curve (PNG) and ``results.json``.
+
+    python benchmarks/transfer_curve.py                    # everything, in runs/transfer_curve
+    python benchmarks/transfer_curve.py --until stores     # stop after a stage (--from to start at one)
+
+Needs ../shared/data (or --data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("stores", "pretrain", "features", "probe", "report")
+
+
+def log(msg: str) -> None:
+    print(f"[transfer_curve {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def marlin_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "marlin.cli", *args]
+
+
+# ---- stage 1: stores -------------------------------------------------------------------------------------------------
+def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "group", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def store_manifests(args: argparse.Namespace) -> dict[str, tuple[Path, list[str]]]:
+    """CSV manifests (path, group, split) of the two stores and the extra `marlin prepare` options of each."""
+    from marlin.evaluate.manifest import grid_protocol_splits
+
+    grid = args.data / "grid_s1"
+    with open(grid / "labels.csv", newline="") as f:
+        videos = [r["video"] for r in csv.DictReader(f)]
+    splits = grid_protocol_splits(grid, seed=0)
+    grid_rows = [{"path": str(grid / "videos" / v), "group": "s1", "split": "val" if s == "test" else "train"}
+                 for v, s in zip(videos, splits, strict=True)]  # fmt: skip
+    face_rows = []
+    for folder in ("talking_heads", "marlin_samples"):
+        for f in sorted((args.data / folder).glob("*.mp4")):
+            face_rows.append({"path": str(f), "group": f"{folder}:{f.stem}", "split": "train"})
+    more = args.data / "faces_more"
+    with open(more / "manifest.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            face_rows.append({"path": str(more / "videos" / r["video"]), "group": r["identity"], "split": ""})
+    out = {}
+    for name, rows in (("grid_s1", grid_rows), ("faces", face_rows)):
+        path = args.work / "manifests" / f"{name}.csv"
+        _write_csv(path, rows)
+        out[name] = (path, ["--val-fraction", "0.15", "--max-frames", "300"] if name == "faces" else [])
+    return out
+
+
+def store_paths(args: argparse.Namespace) -> dict[str, Path]:
+    return {name: args.work / "stores" / name for name in ("grid_s1", "faces")}
+
+
+def stage_stores(args: argparse.Namespace) -> dict[str, Path]:
+    stores = {}
+    for name, (manifest, options) in store_manifests(args).items():
+        out = stores[name] = args.work / "stores" / name
+        if (out / "store.json").is_file() and not (out / "errors.csv").is_file():
+            log(f"store {out} exists, reusing it")
+            continue
+        log(f"preparing {manifest} -> {out}")
+        cmd = marlin_cmd("prepare", str(manifest), "--out", str(out), "--workers", "2", "--no-progress", *options)
+        subprocess.run(cmd, check=True)
+    return stores
+
+
+# ---- stage 2: pretraining --------------------------------------------------------------------------------------------
+# The two runs share everything but the masking strategy and the critic (as benchmarks/grid_probe.py, whose critic
+# weight note applies: the released 0.01 stalled learning with normalised targets at this size, 0.001 does not).
+COMMON = [
+    "--config", "marlin_vit_tiny", "--batch-size", "8", "--workers", "1",
+    "model.name=marlin_vit_tiny_112", "model.img_size=112", "data.temporal_sample_rate=2",
+    "mask.ratio=0.9", "loss.norm_target=true",
+    "optim.scale_lr=false", "optim.lr=5e-4", "optim.min_lr=1e-5", "optim.warmup_lr=1e-5", "optim.warmup_steps=100",
+    "ckpt.keep=1000", "log.every=20", "log.image_every=500", "val.max_clips=48",
+]  # fmt: skip
+RUNS = {
+    "marlin": ["mask.strategy=fasking", "loss.adversarial=true", "loss.adv_weight=0.001", "loss.gp_weight=10"],
+    "tube": ["mask.strategy=tube", "loss.adversarial=false"],
+}
+
+
+def run_dir(args: argparse.Namespace, name: str) -> Path:
+    return args.work / f"pretrain_{name}"
+
+
+def stage_pretrain(args: argparse.Namespace, stores: dict[str, Path]) -> None:
+    """Both runs side by side (``--threads-per-run`` each), resumed from their last checkpoint when interrupted.
+    Held-out reconstruction is measured on the unseen people only (``faces#val``): the GRID test sentences stay out."""
+    data = f"{stores['grid_s1']},{stores['faces']}"
+    procs = {}
+    for name in args.runs:
+        out = run_dir(args, name)
+        cmd = marlin_cmd("pretrain", *COMMON, *RUNS[name], "--data", data, "--out", str(out),
+                         f"val.source={stores['faces']}#val", f"val.every={args.ckpt_every}",
+                         f"ckpt.every={args.ckpt_every}", "--max-steps", str(args.steps), "--seed", "0",
+                         "--resume", "auto")  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads_per_run), PYTHONUNBUFFERED="1")
+        out.mkdir(parents=True, exist_ok=True)
+        log(f"{name}: {' '.join(cmd[2:])}")
+        procs[name] = subprocess.Popen(cmd, env=env, stdout=open(out / "log.txt", "a"), stderr=subprocess.STDOUT)
+    for name, p in procs.items():
+        if p.wait() != 0:
+            raise SystemExit(f"pretraining {name} failed (exit {p.returncode}); see {run_dir(args, name) / 'log.txt'}")
+        log(f"{name}: done")
+
+
+# ---- stage 3: features ----------------------------------------------------------------------------------------------
+N_WINDOWS = 3  # start / middle / end of each 75-frame GRID clip, 16 frames at stride 2
+MOUTH = (7, 8, 9)  # LaPa upper lip, inner mouth, lower lip
+CLIP_FRAMES, RATE, SIDE = 16, 2, 112
+
+
+def grid_items(args: argparse.Namespace, store) -> list:  # noqa: ANN001
+    """Store items in labels.csv order (the probes' row order)."""
+    with open(args.data / "grid_s1" / "labels.csv", newline="") as f:
+        ids = [Path(r["video"]).stem for r in csv.DictReader(f)]
+    by_id = {it.id: it for it in store.split(None)}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise SystemExit(f"{len(missing)} GRID videos are not in the store (e.g. {missing[0]}); rerun --from stores")
+    return [by_id[i] for i in ids]
+
+
+def window_frames(n_frames: int) -> list[list[int]]:
+    import numpy as np
+
+    span = (CLIP_FRAMES - 1) * RATE + 1
+    starts = np.linspace(0, max(n_frames - span, 0), N_WINDOWS).round().astype(int)
+    return [[min(s + i * RATE, n_frames - 1) for i in range(CLIP_FRAMES)] for s in starts]
+
+
+def mouth_centre(parse) -> tuple[float, float]:  # noqa: ANN001
+    """Median (row, col) of the lip / mouth pixels of parse maps ``[T, H, W]`` as fractions of the side (the usual
+    place of the mouth in a face crop when the parser found none)."""
+    import numpy as np
+
+    ys, xs = np.nonzero(np.isin(parse, MOUTH).any(0))
+    if not len(ys):
+        return 0.75, 0.5
+    return float(np.median(ys)) / parse.shape[1], float(np.median(xs)) / parse.shape[2]
+
+
+def cache_clips(args: argparse.Namespace, stores: dict[str, Path]) -> Path:
+    """Decode every GRID window once: ``clips.npy`` uint8 ``[N, W, T, S, S, 3]`` (S = 112) and the raw-pixel
+    baseline ``features/pixels.npy`` ``[N, 25, 256]`` (an 80 px square around the mouth of the 224 px crop, grey,
+    16 x 16, every 3rd frame), so each encoder's pass is compute only."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from marlin.data.store import ClipStore
+
+    path = args.work / "features" / "clips.npy"
+    pixels_path = args.work / "features" / "pixels.npy"
+    if path.is_file() and pixels_path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store = ClipStore(stores["grid_s1"])
+    items = grid_items(args, store)
+    part = path.with_name("clips.part.npy")
+    clips = np.lib.format.open_memmap(part, "w+", np.uint8, (len(items), N_WINDOWS, CLIP_FRAMES, SIDE, SIDE, 3))
+    pixels = []
+    for k, item in enumerate(items):
+        for w, frames in enumerate(window_frames(item.n_frames)):
+            v = torch.from_numpy(store.read_video(item, frames)).permute(0, 3, 1, 2).float()  # [T, 3, 224, 224]
+            clips[k, w] = F.interpolate(v, size=(SIDE, SIDE), mode="area").round().byte().permute(0, 2, 3, 1).numpy()
+        every = list(range(0, item.n_frames, 3))[:25]
+        video, parse = store.read_video(item, every), store.read_parse(item, every)
+        size, box = video.shape[1], 80
+        cy, cx = (int(c * size) for c in mouth_centre(parse))
+        y0, x0 = min(max(cy - box // 2, 0), size - box), min(max(cx - box // 2, 0), size - box)
+        grey = video[:, y0 : y0 + box, x0 : x0 + box].astype(np.float32).mean(-1) / 255.0  # [25, 80, 80]
+        pixels.append(F.interpolate(torch.from_numpy(grey)[:, None], size=(16, 16), mode="area")[:, 0].reshape(25, -1))
+        if (k + 1) % 200 == 0:
+            log(f"  decoded {k + 1}/{len(items)} clips")
+    clips.flush()
+    del clips
+    np.save(pixels_path, torch.stack(pixels).numpy().astype(np.float32))
+    os.replace(part, path)
+    return path
+
+
+def encoders(args: argparse.Namespace) -> dict[str, Path | None]:
+    """Every encoder of the curve: ``random`` (step 0: the runs' architecture, seeded, untrained) and each kept
+    checkpoint ``<run>@<step>`` of each run, oldest first."""
+    out: dict[str, Path | None] = {"random": None}
+    for name in args.runs:
+        ckpts = sorted(run_dir(args, name).glob("checkpoints/step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        for ck in ckpts:
+            out[f"{name}@{int(ck.stem.split('_')[1])}"] = ck
+    return out
+
+
+def encode_all(model, clips, layers: tuple[int, ...], batch: int = 12) -> dict[str, object]:  # noqa: ANN001
+    """One pass of `model` over every cached window: per kept block (1-based, after the final norm) the tokens
+    averaged over the crop per time step (``L<k>`` ``[N, W * T', D]``), and the last block's tokens (``tokens``
+    ``[N, W * T' * g * g, D]`` float16) for the attentive probe."""
+    import numpy as np
+    import torch
+
+    enc = model.encoder
+    n, w = clips.shape[:2]
+    flat = clips.reshape(n * w, *clips.shape[2:])  # [N*W, T, S, S, 3]
+    per_layer = {k: [] for k in layers}
+    tokens = []
+    for i in range(0, len(flat), batch):
+        x = torch.from_numpy(np.ascontiguousarray(flat[i : i + batch])).permute(0, 4, 1, 2, 3).float().div_(255)
+        with torch.inference_mode():
+            h = enc.embed(x)  # [b, T' * g * g, D]
+            for k, block in enumerate(enc.blocks, 1):
+                h = block(h)
+                if k in per_layer:
+                    z = enc.norm(h)
+                    t_steps = model.config.clip_frames // model.config.tubelet_size
+                    per_layer[k].append(z.reshape(len(x), t_steps, -1, z.shape[-1]).mean(2).numpy())
+            tokens.append(enc.norm(h).half().numpy())
+    out: dict[str, object] = {f"L{k}": np.concatenate(v).reshape(n, -1, v[0].shape[-1]) for k, v in per_layer.items()}
+    out["tokens"] = np.concatenate(tokens).reshape(n, -1, tokens[0].shape[-1])
+    return out
+
+
+def feature_file(args: argparse.Namespace, encoder: str, kind: str) -> Path:
+    return args.work / "features" / encoder.replace("@", "_") / f"{kind}.npy"
+
+
+def stage_features(args: argparse.Namespace, stores: dict[str, Path]) -> None:
+    import numpy as np
+    import torch
+
+    from marlin.models.model import create_model, from_spec
+    from marlin.train.config import load_config
+
+    torch.set_num_threads(args.threads)
+    clips = np.load(cache_clips(args, stores), mmap_mode="r")
+    for name, ckpt in encoders(args).items():
+        if feature_file(args, name, "tokens").is_file():
+            continue
+        t0 = time.time()
+        if ckpt is None:
+            torch.manual_seed(0)
+            model = create_model(load_config(run_dir(args, args.runs[0]) / "config.yaml").model)
+        else:
+            model = from_spec(str(ckpt))
+        model.eval()
+        depth = len(model.encoder.blocks)
+        feats = encode_all(model, clips, layers=tuple(sorted({depth // 3, 2 * depth // 3, depth})))
+        for kind, arr in feats.items():
+            target = feature_file(args, name, kind)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part.npy")
+            np.save(tmp, arr)
+            os.replace(tmp, target)  # tokens last: its presence marks the encoder done
+        log(f"features {name}: {', '.join(f'{k} {tuple(v.shape)}' for k, v in feats.items())} in "
+            f"{time.time() - t0:.0f} s")  # fmt: skip
+
+
+# ---- stage 4: probes -------------------------------------------------------------------------------------------------
+SLOTS = ("command", "color", "preposition", "letter", "digit", "adverb")
+L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def protocols(depth: int) -> dict[str, tuple[str, str]]:
+    """Protocol name -> (feature kind, head): linear probes on the time-kept face features of the last block and of
+    two earlier blocks, and the attentive probe on the last block's tokens."""
+    out = {f"linear L{k}": (f"L{k}", "linear") for k in sorted({depth // 3, 2 * depth // 3, depth})}
+    out["attentive"] = ("tokens", "attentive")
+    return out
+
+
+def _probe_one(x, labels, head: str) -> dict:  # noqa: ANN001
+    from marlin.evaluate.attentive import AttentiveConfig
+    from marlin.evaluate.probe import ProbeConfig, run_probe
+
+    if head == "linear":
+        x = x.reshape(len(x), -1)  # time-kept: the steps in order
+        cfg = ProbeConfig(folds=None, pca=200, seed=0, l2_grid=L2_GRID, inner_folds=3)
+    else:
+        cfg = ProbeConfig(head="attentive", folds=None, seed=0, attentive=AttentiveConfig(epochs=30,
+                          lr_grid=(3e-3, 1e-2)))  # fmt: skip
+    res = run_probe(x, labels, cfg)["by_fraction"]["1"]
+    ci = res["ci95"]
+    return {"accuracy": res["metrics"]["accuracy"]["mean"], "low": ci["low"], "high": ci["high"],
+            "chosen": res.get("l2", res.get("chosen"))}  # fmt: skip
+
+
+def stage_probe(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    from marlin.evaluate.manifest import read_grid
+
+    torch.set_num_threads(args.threads)
+    path = args.work / "results.json"
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    labels = {slot: read_grid(args.data / "grid_s1", slot, protocol=True) for slot in SLOTS}
+    jobs = [("pixels", "pixels", "pixels", "linear")]
+    for name in encoders(args):
+        if not feature_file(args, name, "tokens").is_file():
+            continue
+        depth = int(max(int(f.stem[1:]) for f in feature_file(args, name, "x").parent.glob("L*.npy")))
+        jobs += [(proto, name, kind, head) for proto, (kind, head) in protocols(depth).items()]
+    for proto, name, kind, head in jobs:
+        cell = table.setdefault(proto, {}).setdefault(name, {})
+        todo = [s for s in SLOTS if s not in cell]
+        if not todo:
+            continue
+        src = args.work / "features" / "pixels.npy" if name == "pixels" else feature_file(args, name, kind)
+        x = np.load(src, mmap_mode="r" if head == "attentive" else None)
+        for slot in todo:
+            t0 = time.time()
+            cell[slot] = _probe_one(x, labels[slot], head)
+            log(f"{proto:10s} {name:12s} {slot:12s} {cell[slot]['accuracy']:.3f} "
+                f"[{cell[slot]['low']:.3f}, {cell[slot]['high']:.3f}] ({time.time() - t0:.0f} s)")  # fmt: skip
+            tmp = path.with_name(path.name + ".part")
+            tmp.write_text(json.dumps(table, indent=1))
+            os.replace(tmp, path)
+    return table
+
+
+# ---- stage 5: report ------------------------------------------------------------------------------------------------
+def _step(name: str) -> int:
+    return 0 if name == "random" else int(name.split("@")[1])
+
+
+def markdown(table: dict) -> str:
+    """Per protocol and encoder: test accuracy (protocol split, 200 sentences) per slot and the mean over slots."""
+    lines = ["| protocol | encoder | step | " + " | ".join(SLOTS) + " | mean |", "|---|---|---|" + "---|" * 7]
+    for proto, rows in table.items():
+        for name, cells in sorted(rows.items(), key=lambda kv: (kv[0].split("@")[0] != "random", kv[0].split("@")[0],
+                                                                  _step(kv[0]) if "@" in kv[0] else 0)):  # fmt: skip
+            if not all(s in cells for s in SLOTS):
+                continue
+            accs = [cells[s]["accuracy"] for s in SLOTS]
+            shown = [f"{cells[s]['accuracy']:.3f} [{cells[s]['low']:.2f}, {cells[s]['high']:.2f}]" for s in SLOTS]
+            step = "-" if name == "pixels" else str(_step(name))
+            lines.append(f"| {proto} | {name.split('@')[0]} | {step} | " + " | ".join(shown) +
+                         f" | {sum(accs) / len(accs):.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_curve(table: dict, path: Path) -> Path | None:
+    """Mean test accuracy over the six slots against pretraining steps, one panel per protocol."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    protos = [p for p in table if p != "pixels"]
+    fig, axes = plt.subplots(1, len(protos), figsize=(4.2 * len(protos), 3.8), sharey=True, squeeze=False)
+    pixels = table.get("pixels", {}).get("pixels", {})
+    for ax, proto in zip(axes[0], protos, strict=True):
+        rows = table[proto]
+        for run, colour in (("marlin", "tab:red"), ("tube", "tab:blue")):
+            pts = sorted((_step(n), sum(c[s]["accuracy"] for s in SLOTS) / len(SLOTS)) for n, c in rows.items()
+                         if (n == "random" or n.startswith(run + "@")) and all(s in c for s in SLOTS))  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", color=colour, label=run)
+        if all(s in pixels for s in SLOTS):
+            ax.axhline(sum(pixels[s]["accuracy"] for s in SLOTS) / len(SLOTS), color="black", ls="--", lw=1,
+                       label="raw mouth pixels")  # fmt: skip
+        ax.set_title(proto)
+        ax.set_xlabel("pretraining steps (0 = random init)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("GRID test accuracy, mean of 6 slots")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".part")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def heldout_table(args: argparse.Namespace) -> str:
+    """Held-out reconstruction of unseen people (normalised targets) per evaluation: the run's error against the
+    trivial predictor of each hidden patch's own mean (1.0 by construction)."""
+    lines = ["| run | step | held-out rec. error (unseen people) | patch-mean baseline |", "|---|---|---|---|"]
+    for name in args.runs:
+        metrics = run_dir(args, name) / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        for line in metrics.read_text().splitlines():
+            row = json.loads(line)
+            rec = next((v for k, v in row.items() if k.endswith("/rec")), None)
+            base = next((v for k, v in row.items() if k.endswith("/patch_mean_rec")), None)
+            if rec is not None:
+                lines.append(f"| {name} | {row.get('step')} | {rec:.4f} | {base:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    shared = Path(os.environ.get("MARLIN_SHARED_DATA", REPO.parent / "shared" / "data"))
+    ap.add_argument("--data", type=Path, default=shared, help="shared data folder (grid_s1/, talking_heads/, ...)")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "transfer_curve")
+    ap.add_argument("--steps", type=int, default=6000, help="optimiser steps of each pretraining run (its schedule)")
+    ap.add_argument("--ckpt-every", type=int, default=250, help="steps between kept checkpoints (points of the curve)")
+    ap.add_argument("--threads-per-run", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the feature and probe stages")
+    ap.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS), help="pretraining runs to do")
+    ap.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0], help="skip the stages before this one")
+    ap.add_argument("--until", choices=STAGES, default=STAGES[-1], help="stop after this stage")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    order = STAGES.index
+    stores = stage_stores(args) if order(args.start) <= order("stores") else store_paths(args)
+    if order(args.start) <= order("pretrain") <= order(args.until):
+        stage_pretrain(args, stores)
+    if order(args.start) <= order("features") <= order(args.until):
+        stage_features(args, stores)
+    if order(args.start) <= order("probe") <= order(args.until):
+        stage_probe(args)
+    if order(args.until) >= order("report"):
+        table = json.loads((args.work / "results.json").read_text())
+        print(markdown(table))
+        print()
+        print(heldout_table(args))
+        picture = plot_curve(table, args.work / "transfer_curve.png")
+        if picture:
+            print(f"\npicture: {picture}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Attentive probe: a learnable query cross-attends over frozen encoder tokens, then a linear head (V-JEPA's protocol).
+
+A masked autoencoder's mean-pooled last-layer features are weak under a *linear* probe; an attentive probe lets a
+small head choose which tokens matter (the mouth for speech, the eyes for gaze) without touching the encoder. One block,
+as in V-JEPA's ``AttentivePooler`` with one query: ``q = q0 + CrossAttention(q0, LN(x))``, ``q = q + MLP(LN(q))``,
+``logits = Linear(LN(q))``.
+
+With a single query, multi-head cross-attention needs no key / value projection of every token: for head ``h``
+the logits ``(W_k x_i) . q_h`` equal ``x_i . (W_k,h^T q_h)`` and the values ``sum_i a_i W_v,h x_i`` equal
+``W_v,h (sum_i a_i x_i)``. :class:`AttentivePooler` computes it that way (exactly the same function as
+``nn.MultiheadAttention`` with these weights; a test checks it), so a forward pass costs ``O(L * D * heads)`` instead of
+``O(L * D^2)``: probing 1000 clips x 1176 tokens takes seconds per epoch on a CPU.
+
+Hyper-parameters are chosen on training data only: :meth:`AttentiveProbe.fit` with ``select=True`` holds out a
+stratified part of the training rows, trains once per learning rate, keeps the (learning rate, epoch) with the best
+validation score, and refits on all training rows with that rate and the same schedule, stopped at that epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .metrics import primary_value
+from .splits import split_indices
+
+__all__ = ["AttentiveConfig", "AttentivePooler", "AttentiveProbe"]
+
+
+@dataclass
+class AttentiveConfig:
+    """Training of the attentive head (the encoder stays frozen; its tokens are given)."""
+
+    heads: int = 4  # attention heads of the pooler (the token width must divide by it)
+    epochs: int = 40  # passes over the training rows (the refit uses the epoch count chosen on validation)
+    batch_size: int = 32  # small batches: a few hundred labelled clips still give enough optimiser steps
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # AdamW peak rates tried; the best on validation is kept
+    weight_decay: float = 0.05
+    val_fraction: float = 0.2  # of the training rows, held out to choose the learning rate and the epoch count
+    seed: int = 0
+
+
+class AttentivePooler(nn.Module):
+    """``[B, L, D]`` tokens (+ optional ``[B, L]`` bool mask, True = real token) -> ``[B, n_outputs]`` logits."""
+
+    def __init__(self, dim: int, n_outputs: int, heads: int = 4, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"AttentivePooler: token width {dim} does not divide into {heads} heads")
+        self.dim, self.heads = dim, heads
+        self.query = nn.Parameter(torch.zeros(dim))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.norm_x = nn.LayerNorm(dim)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.norm_out = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_outputs)
+
+    def attend(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Cross-attention of the query over `x`: (output ``[B, D]``, attention weights ``[B, L, heads]``)."""
+        d = self.dim // self.heads
+        q = self.q_proj(self.query).view(self.heads, d)  # [H, d]
+        w_k = self.k_proj.weight.view(self.heads, d, self.dim)  # [H, d, D]
+        u = torch.einsum("hd,hdD->hD", q, w_k) / math.sqrt(d)  # [H, D]; the key bias shifts every logit alike
+        xn = self.norm_x(x)  # [B, L, D]
+        logits = xn @ u.T  # [B, L, H]
+        if mask is not None:
+            logits = logits.masked_fill(~mask[..., None], float("-inf"))
+        attn = logits.softmax(dim=1)  # [B, L, H]
+        pooled = torch.einsum("blh,blD->bhD", attn, xn)  # [B, H, D]
+        w_v = self.v_proj.weight.view(self.heads, d, self.dim)  # [H, d, D]
+        values = torch.einsum("bhD,hdD->bhd", pooled, w_v).reshape(len(x), self.dim) + self.v_proj.bias  # [B, D]
+        return self.out_proj(values), attn
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        z = self.query + self.attend(x, mask)[0]  # [B, D]
+        z = z + self.mlp(self.norm_mlp(z))
+        return self.head(self.norm_out(z))  # [B, n_outputs]
+
+
+def _loss(task: str, logits: Tensor, y: Tensor) -> Tensor:
+    if task == "multiclass":
+        return F.cross_entropy(logits, y)
+    if task in ("binary", "multilabel"):
+        return F.binary_cross_entropy_with_logits(logits.reshape(y.shape), y)
+    return F.mse_loss(logits, y)
+
+
+class AttentiveProbe:
+    """Fit / score an :class:`AttentivePooler` on tokens ``x`` ``[N, L, D]`` (numpy, any float dtype; fp16 keeps a
+    large token cache small) the way :class:`marlin.evaluate.linear.LinearProbe` does on vectors."""
+
+    def __init__(self, task: str, n_outputs: int, cfg: AttentiveConfig | None = None) -> None:
+        self.task, self.n_outputs, self.cfg = task, n_outputs, cfg or AttentiveConfig()
+        self.model: AttentivePooler | None = None
+        self.y_mean, self.y_std = 0.0, 1.0  # regression targets are standardised for training
+        self.chosen: dict[str, float] = {}
+
+    def _targets(self, y: np.ndarray) -> Tensor:
+        if self.task == "multiclass":
+            return torch.as_tensor(y, dtype=torch.long)
+        if self.task == "binary":
+            return torch.as_tensor(y, dtype=torch.float32).reshape(-1, 1)
+        t = torch.as_tensor(y, dtype=torch.float32).reshape(len(y), -1)
+        return (t - self.y_mean) / self.y_std if self.task == "regression" else t
+
+    def _train(self, x: np.ndarray, y: np.ndarray, lr: float, stop: int, val: tuple | None = None) -> list[float]:
+        """Train a fresh pooler for `stop` epochs of the ``cfg.epochs``-long schedule; returns the validation score
+        after each epoch (empty without `val`)."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model = AttentivePooler(x.shape[-1], self.n_outputs, heads=cfg.heads)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                    pct_start=0.1)  # fmt: skip
+        targets, history = self._targets(y), []
+        for _ in range(stop):
+            self.model.train()
+            for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
+                xb = torch.from_numpy(np.ascontiguousarray(x[idx.numpy()], dtype=np.float32))  # [b, L, D]
+                loss = _loss(self.task, self.model(xb), targets[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            if val is not None:
+                history.append(primary_value(self.task, val[1], self.scores(val[0])))
+        return history
+
+    def fit(self, x: np.ndarray, y: np.ndarray, *, select: bool = True, val: tuple | None = None) -> AttentiveProbe:
+        """Fit on ``x`` ``[N, L, D]`` and targets `y`. With `select`, the learning rate and the epoch count are chosen
+        first on `val` ``(x_val, y_val)`` when given, else on a held-out part of these rows (never on any other
+        data); the final pooler is then trained on all of ``x``."""
+        cfg = self.cfg
+        if x.ndim != 3:
+            raise ValueError(f"the attentive probe needs tokens [N, L, D], got shape {tuple(x.shape)}")
+        if self.task == "regression":
+            t = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+            self.y_mean, self.y_std = torch.as_tensor(t.mean(0)).float(), torch.as_tensor(t.std(0) + 1e-8).float()
+        lr, epochs = cfg.lr_grid[0], cfg.epochs
+        if select:
+            if val is None:
+                strat = y if self.task in ("multiclass", "binary") else None
+                parts = split_indices(len(x), (1 - cfg.val_fraction, cfg.val_fraction, 0.0), y=strat, seed=cfg.seed)
+                fit_x, fit_y, val = x[parts["train"]], y[parts["train"]], (x[parts["val"]], y[parts["val"]])
+            else:
+                fit_x, fit_y = x, y
+            best = (-math.inf, lr, epochs)
+            for cand in cfg.lr_grid:
+                for e, v in enumerate(self._train(fit_x, fit_y, cand, cfg.epochs, val=val), 1):
+                    if not math.isnan(v) and v >= best[0]:  # ties: the later epoch
+                        best = (v, cand, e)
+            _, lr, epochs = best
+            self.chosen = {"val_score": best[0]}
+        self._train(x, y, lr, epochs)
+        self.chosen.update(lr=lr, epochs=epochs)
+        return self
+
+    @torch.no_grad()
+    def scores(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Logits ``[N, K]`` (binary: ``[N]``; regression: predictions in the targets' units)."""
+        if self.model is None:
+            raise RuntimeError("AttentiveProbe: call fit() first")
+        self.model.eval()
+        out = [self.model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)))
+               for i in range(0, len(x), batch_size)]  # fmt: skip
+        s = torch.cat(out)
+        if self.task == "regression":
+            s = s * self.y_std + self.y_mean
+        return (s[:, 0] if self.task == "binary" else s).double().numpy()
