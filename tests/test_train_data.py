@@ -113,3 +113,44 @@ def test_face_strategy_on_a_dataset_without_parse_is_refused(tmp_path) -> None:
                                                f"out_dir={tmp_path / 'run'}", "data.num_workers=0"])  # fmt: skip
     with pytest.raises(ValueError, match="needs face parse maps.*use mask.strategy=tube"):
         Pretrainer(cfg).fit()
+
+
+def test_weighted_stream_is_deterministic_balanced_and_independent_of_world_size() -> None:
+    n = 10
+    weights = torch.tensor([0.5 / 9] * 9 + [0.5], dtype=torch.float64)  # item 9 alone is half of every draw
+    per_step = {}
+    for world, batch in ((1, 4), (2, 2), (4, 1)):
+        samplers = [StreamBatchSampler(n, batch, 1, r, world, seed=3, total_steps=250, weights=weights)
+                    for r in range(world)]  # fmt: skip
+        steps: list[list[int]] = [[] for _ in range(250)]
+        for s in samplers:
+            for k, idx in enumerate(s):
+                steps[k].extend(idx)
+        per_step[world] = [sorted(x) for x in steps]
+    assert per_step[1] == per_step[2] == per_step[4]  # the same draws per step whatever the split
+    flat = np.array([i for step in per_step[1] for i in step])  # 1000 draws
+    assert 0.45 < (flat == 9).mean() < 0.55 and set(flat.tolist()) == set(range(10))
+    again = StreamBatchSampler(n, 4, seed=3, total_steps=250, weights=weights)
+    assert [sorted(b) for b in again] == per_step[1]
+    with pytest.raises(ValueError, match="non-negative sampling weights"):
+        StreamBatchSampler(n, 4, weights=torch.ones(3))
+
+
+def test_balance_weights_by_store_and_by_group(tmp_path) -> None:
+    from test_data import make_store
+
+    from marlin.data.datasets import balance_weights
+
+    big = make_store(tmp_path / "big", {f"b{i}": 20 for i in range(6)})  # six groups (one per item)
+    small = make_store(tmp_path / "small", {"s0": 20, "s1": 20})
+    cfg = load_config("marlin_vit_tiny_test", [f"data.source={big},{small}", "data.balance=store", "mask.ratio=0.5"])
+    ds = build_dataset(cfg)
+    assert balance_weights(ds, "none") is None
+    by_store = balance_weights(ds, "store")
+    assert torch.allclose(by_store[:6].sum(), torch.tensor(0.5, dtype=torch.float64)) and by_store[6] == 0.25
+    by_group = balance_weights(ds, "group")
+    assert torch.allclose(by_group, torch.full((8,), 1 / 8, dtype=torch.float64))  # eight groups of one item
+    with pytest.raises(ValueError, match="data.balance must be one of"):
+        load_config("marlin_vit_tiny_test", ["data.balance=identity", "mask.ratio=0.5"])
+    with pytest.raises(ValueError, match="needs `marlin prepare` stores"):
+        balance_weights(SyntheticClips(4, cfg.model), "group")

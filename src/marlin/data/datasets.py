@@ -27,9 +27,10 @@ from torch.utils.data import ConcatDataset, Dataset
 from ..utils.seeding import derive_seed
 from ..video.io import probe_video
 from .clips import centred_start, clip_indices, fit_sample_rate, max_start, random_start, read_clip, spread_starts
+from .sampling import BALANCE
 from .store import ClipStore, StoreError
 
-__all__ = ["PretrainDataset", "StoreUnion", "VideoClips", "VideoFolderClips"]
+__all__ = ["PretrainDataset", "StoreUnion", "VideoClips", "VideoFolderClips", "balance_weights"]
 
 log = logging.getLogger("marlin")
 
@@ -319,3 +320,22 @@ class VideoClips(Dataset):
             flat = read_clip(path, frames, self.img_size)  # [3, n * T, S, S]
             video = flat.view(3, len(starts), self.clip_frames, self.img_size, self.img_size).transpose(0, 1)
         return {"video": video.contiguous(), "target": self.targets[index], "index": index}
+
+
+def balance_weights(dataset: Dataset, balance: str) -> Tensor | None:
+    """Per-item draw probabilities ``[len(dataset)]`` that make each store (``"store"``) or each identity group of
+    each store (``"group"``, `marlin prepare`'s group) as frequent as any other; ``None`` for ``"none"`` (every item
+    once per epoch). Items of one store / group share its probability equally."""
+    if balance not in BALANCE:
+        raise ValueError(f"balance must be one of {BALANCE}, found {balance!r}")
+    if balance == "none":
+        return None
+    members = dataset.datasets if isinstance(dataset, StoreUnion) else [dataset]
+    if not all(isinstance(m, PretrainDataset) for m in members):
+        raise ValueError(f"balance={balance!r} needs `marlin prepare` stores (their groups), not "
+                         f"{type(members[0]).__name__}")  # fmt: skip
+    keys = [str(k) if balance == "store" else f"{k}\0{it.group}" for k, m in enumerate(members) for it in m.items]
+    _, inverse, counts = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True,
+                                   return_counts=True)  # fmt: skip
+    w = 1.0 / counts[inverse]
+    return torch.as_tensor(w / w.sum(), dtype=torch.float64)

@@ -25,7 +25,9 @@ from torch.utils.data import Dataset, Sampler
 
 from ..utils.seeding import derive_seed
 
-__all__ = ["KeyedItems", "ShardedBatchSampler", "StreamBatchSampler", "global_positions"]
+__all__ = ["BALANCE", "KeyedItems", "ShardedBatchSampler", "StreamBatchSampler", "global_positions"]
+
+BALANCE = ("none", "store", "group")  # how a pretraining run draws its clips (datasets.balance_weights)
 
 
 def global_positions(step: int, micro: int, batch_size: int, accum_steps: int, rank: int, world_size: int) -> Tensor:
@@ -49,6 +51,7 @@ class StreamBatchSampler(Sampler[list[int]]):
         start_step: int = 0,
         total_steps: int | None = None,
         keys: bool = False,
+        weights: Tensor | None = None,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"the dataset is empty (num_samples={num_samples})")
@@ -56,6 +59,11 @@ class StreamBatchSampler(Sampler[list[int]]):
         self.rank, self.world, self.seed = rank, world_size, seed
         self.start_step, self.total_steps = start_step, total_steps
         self.keys = keys  # yield (index, step, position) for KeyedItems instead of plain indices
+        if weights is not None and (
+            len(weights) != num_samples or not bool((weights >= 0).all()) or weights.sum() <= 0
+        ):
+            raise ValueError(f"expected {num_samples} non-negative sampling weights, not all zero")
+        self.weights = weights  # per-item draw probabilities (data.balance); None: a permutation per epoch
         self._perms: dict[int, Tensor] = {}
 
     def steps_per_epoch(self) -> float:
@@ -66,7 +74,10 @@ class StreamBatchSampler(Sampler[list[int]]):
             if len(self._perms) > 2:
                 self._perms.pop(min(self._perms))
             g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
+            if self.weights is None:
+                self._perms[epoch] = torch.randperm(self.n, generator=g)
+            else:  # n weighted draws: the same for every rank, so DDP and resumed runs still read one stream
+                self._perms[epoch] = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
         return self._perms[epoch]
 
     def indices(self, positions: Tensor) -> list[int]:

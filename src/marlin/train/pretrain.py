@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.collate import MaskCollator
+from ..data.datasets import balance_weights
 from ..data.sampling import KeyedItems, StreamBatchSampler
 from ..mae.critic import PatchCritic
 from ..mae.losses import critic_loss, generator_adv_loss, gradient_penalty, masked_targets, reconstruction_loss
@@ -445,7 +446,7 @@ class Pretrainer:
             )
         sampler = StreamBatchSampler(
             len(dataset), c.batch_size, c.accum_steps, self.dist.rank, self.world_size, c.seed, start_step=self.step,
-            keys=True,
+            keys=True, weights=balance_weights(dataset, c.data.balance),
         )  # fmt: skip
         total = self.ensure_schedule(sampler.steps_per_epoch()).total_steps
         sampler.total_steps = total
