@@ -92,14 +92,12 @@ def store_paths(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def stage_stores(args: argparse.Namespace) -> dict[str, Path]:
-    stores = {}
+    """`marlin prepare` each store; it is resumable, so a finished store costs a quick check of its items."""
+    stores = store_paths(args)
     for name, (manifest, options) in store_manifests(args).items():
-        out = stores[name] = args.work / "stores" / name
-        if (out / "store.json").is_file() and not (out / "errors.csv").is_file():
-            log(f"store {out} exists, reusing it")
-            continue
-        log(f"preparing {manifest} -> {out}")
-        cmd = marlin_cmd("prepare", str(manifest), "--out", str(out), "--workers", "2", "--no-progress", *options)
+        log(f"preparing {manifest} -> {stores[name]}")
+        cmd = marlin_cmd("prepare", str(manifest), "--out", str(stores[name]), "--workers", "2", "--no-progress",
+                         *options)  # fmt: skip
         subprocess.run(cmd, check=True)
     return stores
 
@@ -182,9 +180,10 @@ def mouth_centre(parse) -> tuple[float, float]:  # noqa: ANN001
 
 
 def cache_clips(args: argparse.Namespace, stores: dict[str, Path]) -> Path:
-    """Decode every GRID window once: ``clips.npy`` uint8 ``[N, W, T, S, S, 3]`` (S = 112) and the raw-pixel
-    baseline ``features/pixels.npy`` ``[N, 25, 256]`` (an 80 px square around the mouth of the 224 px crop, grey,
-    16 x 16, every 3rd frame), so each encoder's pass is compute only."""
+    """Decode every GRID window once: ``clips.npy`` uint8 ``[N, W, T, S, S, 3]`` (S = 112), each window's mouth
+    centre ``mouth_centres.npy`` ``[N, W, 2]`` (fractions of the side), and the raw-pixel baseline
+    ``features/pixels.npy`` ``[N, 25, 256]`` (an 80 px square around the mouth of the 224 px crop, grey, 16 x 16,
+    every 3rd frame), so each encoder's pass is compute only."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -193,19 +192,21 @@ def cache_clips(args: argparse.Namespace, stores: dict[str, Path]) -> Path:
 
     path = args.work / "features" / "clips.npy"
     pixels_path = args.work / "features" / "pixels.npy"
-    if path.is_file() and pixels_path.is_file():
+    mouth_path = args.work / "features" / "mouth_centres.npy"
+    if path.is_file() and pixels_path.is_file() and mouth_path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     store = ClipStore(stores["grid_s1"])
     items = grid_items(args, store)
     part = path.with_name("clips.part.npy")
     clips = np.lib.format.open_memmap(part, "w+", np.uint8, (len(items), N_WINDOWS, CLIP_FRAMES, SIDE, SIDE, 3))
-    pixels = []
+    pixels, centres = [], np.zeros((len(items), N_WINDOWS, 2), np.float32)
     for k, item in enumerate(items):
         for w, frames in enumerate(window_frames(item.n_frames)):
             v = torch.from_numpy(store.read_video(item, frames)).permute(0, 3, 1, 2).float()  # [T, 3, 224, 224]
             clips[k, w] = F.interpolate(v, size=(SIDE, SIDE), mode="area").round().byte().permute(0, 2, 3, 1).numpy()
-        every = list(range(0, item.n_frames, 3))[:25]
+            centres[k, w] = mouth_centre(store.read_parse(item, frames))
+        every = [min(i, item.n_frames - 1) for i in range(0, 75, 3)]  # 25 frames (a short clip repeats its last)
         video, parse = store.read_video(item, every), store.read_parse(item, every)
         size, box = video.shape[1], 80
         cy, cx = (int(c * size) for c in mouth_centre(parse))
@@ -217,45 +218,56 @@ def cache_clips(args: argparse.Namespace, stores: dict[str, Path]) -> Path:
     clips.flush()
     del clips
     np.save(pixels_path, torch.stack(pixels).numpy().astype(np.float32))
+    np.save(mouth_path, centres)
     os.replace(part, path)
     return path
 
 
 def encoders(args: argparse.Namespace) -> dict[str, Path | None]:
-    """Every encoder of the curve: ``random`` (step 0: the runs' architecture, seeded, untrained) and each kept
-    checkpoint ``<run>@<step>`` of each run, oldest first."""
+    """The encoders of the curve: ``random`` (step 0: the runs' architecture, seeded, untrained), and per run its
+    checkpoints ``<run>@<step>`` at the ``--curve-steps`` and its latest one (a run still going, or stopped early,
+    still gives its furthest point)."""
     out: dict[str, Path | None] = {"random": None}
     for name in args.runs:
-        ckpts = sorted(run_dir(args, name).glob("checkpoints/step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-        for ck in ckpts:
-            out[f"{name}@{int(ck.stem.split('_')[1])}"] = ck
+        ckpts = sorted((int(p.stem.split("_")[1]), p) for p in run_dir(args, name).glob("checkpoints/step_*.pt"))
+        for i, (step, ck) in enumerate(ckpts):
+            if step in args.curve_steps or i == len(ckpts) - 1:
+                out[f"{name}@{step}"] = ck
     return out
 
 
-def encode_all(model, clips, layers: tuple[int, ...], batch: int = 12) -> dict[str, object]:  # noqa: ANN001
-    """One pass of `model` over every cached window: per kept block (1-based, after the final norm) the tokens
-    averaged over the crop per time step (``L<k>`` ``[N, W * T', D]``), and the last block's tokens (``tokens``
-    ``[N, W * T' * g * g, D]`` float16) for the attentive probe."""
+def encode_all(model, clips, centres, layers: tuple[int, ...], batch: int = 12) -> dict[str, object]:  # noqa: ANN001
+    """One pass of `model` over every cached window. Per kept block `k` (1-based, after the final norm) the tokens
+    averaged over the crop per time step (``L<k>`` ``[N, W * T', D]``); for the last block also the 3 x 3 patches
+    around the window's mouth averaged per time step (``mouth``, the region the raw-pixel baseline sees) and all
+    its tokens averaged over 2 x 2 patch regions (``tokens`` ``[N, W * T' * ceil(g / 2)^2, D]`` float16; 4x fewer
+    for the attentive probe to attend, which keeps it to minutes on a CPU)."""
     import numpy as np
     import torch
 
-    enc = model.encoder
+    enc, cfg = model.encoder, model.config
+    t_steps, g = cfg.clip_frames // cfg.tubelet_size, cfg.img_size // cfg.patch_size
     n, w = clips.shape[:2]
     flat = clips.reshape(n * w, *clips.shape[2:])  # [N*W, T, S, S, 3]
-    per_layer = {k: [] for k in layers}
-    tokens = []
+    rc = np.clip((centres.reshape(n * w, 2) * g).astype(int) - 1, 0, g - 3)  # top-left of the 3 x 3 mouth patches
+    per_layer: dict[int, list] = {k: [] for k in layers}
+    tokens, mouth = [], []
     for i in range(0, len(flat), batch):
-        x = torch.from_numpy(np.ascontiguousarray(flat[i : i + batch])).permute(0, 4, 1, 2, 3).float().div_(255)
+        x = torch.from_numpy(np.array(flat[i : i + batch])).permute(0, 4, 1, 2, 3).float().div_(255)  # a copy: writable
         with torch.inference_mode():
             h = enc.embed(x)  # [b, T' * g * g, D]
             for k, block in enumerate(enc.blocks, 1):
                 h = block(h)
                 if k in per_layer:
-                    z = enc.norm(h)
-                    t_steps = model.config.clip_frames // model.config.tubelet_size
-                    per_layer[k].append(z.reshape(len(x), t_steps, -1, z.shape[-1]).mean(2).numpy())
-            tokens.append(enc.norm(h).half().numpy())
-    out: dict[str, object] = {f"L{k}": np.concatenate(v).reshape(n, -1, v[0].shape[-1]) for k, v in per_layer.items()}
+                    per_layer[k].append(enc.norm(h).reshape(len(x), t_steps, g * g, -1).mean(2).numpy())
+            z = enc.norm(h).reshape(len(x), t_steps, g, g, -1)  # [b, T', g, g, D]
+        for j, (r, c) in enumerate(rc[i : i + batch]):
+            mouth.append(z[j, :, r : r + 3, c : c + 3].mean((1, 2)).numpy())  # [T', D]
+        zt = z.permute(0, 1, 4, 2, 3).flatten(0, 1)  # [b * T', D, g, g]
+        zt = torch.nn.functional.avg_pool2d(zt, 2, ceil_mode=True)  # 2 x 2 patch regions: 4x fewer tokens to attend
+        tokens.append(zt.flatten(2).transpose(1, 2).reshape(len(x), -1, z.shape[-1]).half().numpy())
+    out: dict[str, object] = {f"L{k}": np.concatenate(v).reshape(n, w * t_steps, -1) for k, v in per_layer.items()}
+    out["mouth"] = np.stack(mouth).reshape(n, w * t_steps, -1)
     out["tokens"] = np.concatenate(tokens).reshape(n, -1, tokens[0].shape[-1])
     return out
 
@@ -273,6 +285,7 @@ def stage_features(args: argparse.Namespace, stores: dict[str, Path]) -> None:
 
     torch.set_num_threads(args.threads)
     clips = np.load(cache_clips(args, stores), mmap_mode="r")
+    centres = np.load(args.work / "features" / "mouth_centres.npy")
     for name, ckpt in encoders(args).items():
         if feature_file(args, name, "tokens").is_file():
             continue
@@ -284,7 +297,7 @@ def stage_features(args: argparse.Namespace, stores: dict[str, Path]) -> None:
             model = from_spec(str(ckpt))
         model.eval()
         depth = len(model.encoder.blocks)
-        feats = encode_all(model, clips, layers=tuple(sorted({depth // 3, 2 * depth // 3, depth})))
+        feats = encode_all(model, clips, centres, layers=tuple(sorted({depth // 3, 2 * depth // 3, depth})))
         for kind, arr in feats.items():
             target = feature_file(args, name, kind)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -302,8 +315,9 @@ L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 def protocols(depth: int) -> dict[str, tuple[str, str]]:
     """Protocol name -> (feature kind, head): linear probes on the time-kept face features of the last block and of
-    two earlier blocks, and the attentive probe on the last block's tokens."""
+    two earlier blocks and on the last block's mouth features, and the attentive probe on the last block's tokens."""
     out = {f"linear L{k}": (f"L{k}", "linear") for k in sorted({depth // 3, 2 * depth // 3, depth})}
+    out[f"linear L{depth} mouth"] = ("mouth", "linear")
     out["attentive"] = ("tokens", "attentive")
     return out
 
@@ -316,8 +330,8 @@ def _probe_one(x, labels, head: str) -> dict:  # noqa: ANN001
         x = x.reshape(len(x), -1)  # time-kept: the steps in order
         cfg = ProbeConfig(folds=None, pca=200, seed=0, l2_grid=L2_GRID, inner_folds=3)
     else:
-        cfg = ProbeConfig(head="attentive", folds=None, seed=0, attentive=AttentiveConfig(epochs=30,
-                          lr_grid=(3e-3, 1e-2)))  # fmt: skip
+        cfg = ProbeConfig(head="attentive", folds=None, seed=0, attentive=AttentiveConfig(epochs=20,
+                          lr_grid=(3e-3,)))  # fmt: skip
     res = run_probe(x, labels, cfg)["by_fraction"]["1"]
     ci = res["ci95"]
     return {"accuracy": res["metrics"]["accuracy"]["mean"], "low": ci["low"], "high": ci["high"],
@@ -414,6 +428,68 @@ def plot_curve(table: dict, path: Path) -> Path | None:
     return path
 
 
+RECON_SETS = (("grid_s1", "train", "GRID train sentences"), ("grid_s1", "val", "GRID test sentences"),
+              ("faces", "train", "other people, trained on"), ("faces", "val", "unseen people"))  # fmt: skip
+
+
+def recon_table(args: argparse.Namespace, clips: int = 24) -> str:
+    """Hidden-patch error (normalised targets) of each probed checkpoint on four sets — what the model learnt to
+    reconstruct and for whom — next to predicting each hidden patch's own mean (~1.0). Evaluation only: nothing is
+    chosen on it (the GRID test sentences are never trained on)."""
+    import torch
+
+    from marlin.data.datasets import PretrainDataset
+    from marlin.models.model import create_model
+    from marlin.train.config import load_config
+    from marlin.train.validate import validate
+
+    torch.set_num_threads(args.threads)
+    head = "| run | step | " + " | ".join(label for *_, label in RECON_SETS) + " |"
+    lines = [head, "|---|---|" + "---|" * len(RECON_SETS)]
+    cache_path = args.work / "recon.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    for name, ckpt in encoders(args).items():
+        if ckpt is None:
+            continue
+        if name not in cache:
+            cfg = load_config(run_dir(args, name.split("@")[0]) / "config.yaml")
+            model = create_model(cfg.model, full=True)
+            model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+            row = {}
+            for store, split, label in RECON_SETS:
+                ds = PretrainDataset.from_config(args.work / "stores" / store, cfg.model, split=split,
+                                                 sample_rate=cfg.data.temporal_sample_rate, mode="eval")  # fmt: skip
+                idx = list(range(0, len(ds), max(1, len(ds) // clips)))[:clips]
+                m = validate(model, ds, idx, cfg)
+                row[label] = [m["val/rec"], m["val/patch_mean_rec"]]
+            cache[name] = row
+            cache_path.write_text(json.dumps(cache, indent=1))
+        run, step = name.split("@")
+        cells = [f"{cache[name][label][0]:.3f} ({cache[name][label][1]:.3f})" for *_, label in RECON_SETS]
+        lines.append(f"| {run} | {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def health_table(args: argparse.Namespace) -> str:
+    """Collapse check per encoder, on the last block's clip features (face tokens averaged over the clip, ``[N, D]``):
+    the effective rank (exp of the entropy of the normalised PCA spectrum; D when every direction carries equal
+    variance, 1 when all clips lie on a line) and the share of variance in the first principal direction."""
+    import numpy as np
+
+    lines = ["| encoder | step | effective rank (of D) | top direction's variance share |", "|---|---|---|---|"]
+    for folder in sorted((args.work / "features").iterdir(), key=lambda f: (f.name != "random", f.name)):
+        layers = sorted(folder.glob("L*.npy"), key=lambda f: int(f.stem[1:])) if folder.is_dir() else []
+        if not layers:
+            continue
+        x = np.load(layers[-1]).mean(1).astype(np.float64)  # [N, D]
+        ev = np.clip(np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1], 0, None)
+        p = ev / ev.sum()
+        rank = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+        name, _, step = folder.name.partition("_")
+        lines.append(f"| {name} | {step or 0} | {rank:.1f} (of {x.shape[1]}) | {p[0]:.3f} |")
+    return "\n".join(lines)
+
+
 def heldout_table(args: argparse.Namespace) -> str:
     """Held-out reconstruction of unseen people (normalised targets) per evaluation: the run's error against the
     trivial predictor of each hidden patch's own mean (1.0 by construction)."""
@@ -438,6 +514,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "transfer_curve")
     ap.add_argument("--steps", type=int, default=6000, help="optimiser steps of each pretraining run (its schedule)")
     ap.add_argument("--ckpt-every", type=int, default=250, help="steps between kept checkpoints (points of the curve)")
+    ap.add_argument(
+        "--curve-steps",
+        type=lambda t: {int(v) for v in t.split(",")},
+        default={1000, 3000, 6000},
+        help="checkpoints probed for the curve (comma-separated steps; the latest is always probed)",
+    )
     ap.add_argument("--threads-per-run", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the feature and probe stages")
     ap.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS), help="pretraining runs to do")
@@ -458,6 +540,10 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(table))
         print()
         print(heldout_table(args))
+        print()
+        print(recon_table(args))
+        print()
+        print(health_table(args))
         picture = plot_curve(table, args.work / "transfer_curve.png")
         if picture:
             print(f"\npicture: {picture}")

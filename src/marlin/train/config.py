@@ -60,7 +60,7 @@ class DataConfig:
     synthetic_size: int = 256  # clips in the synthetic dataset
     cache: bool = False  # keep decoded video windows in memory (per worker; small video datasets only)
     # "none": every clip once per epoch; "store" / "group": draw so that each store / each identity group of the
-    # stores is as frequent as any other. Why: one speaker's 800 GRID clips beside 126 clips of 46 other people
+    # stores is as frequent as any other. Why: one speaker's 800 GRID clips beside 126 clips of ~90 other people
     # trained a model of that speaker (unseen people reconstructed worse than predicting each patch's mean)
     balance: str = "none"
 
