@@ -315,8 +315,9 @@ L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 def protocols(depth: int) -> dict[str, tuple[str, str]]:
     """Protocol name -> (feature kind, head): linear probes on the time-kept face features of the last block and of
-    two earlier blocks and on the last block's mouth features, and the attentive probe on the last block's tokens."""
-    out = {f"linear L{k}": (f"L{k}", "linear") for k in sorted({depth // 3, 2 * depth // 3, depth})}
+    the block at two thirds of the depth and on the last block's mouth features, and the attentive probe on the last
+    block's tokens. (Features of the block at one third are kept too; probing them as well doubles the stage's time.)"""
+    out = {f"linear L{k}": (f"L{k}", "linear") for k in sorted({2 * depth // 3, depth})}
     out[f"linear L{depth} mouth"] = ("mouth", "linear")
     out["attentive"] = ("tokens", "attentive")
     return out
@@ -330,7 +331,7 @@ def _probe_one(x, labels, head: str) -> dict:  # noqa: ANN001
         x = x.reshape(len(x), -1)  # time-kept: the steps in order
         cfg = ProbeConfig(folds=None, pca=200, seed=0, l2_grid=L2_GRID, inner_folds=3)
     else:
-        cfg = ProbeConfig(head="attentive", folds=None, seed=0, attentive=AttentiveConfig(epochs=20,
+        cfg = ProbeConfig(head="attentive", folds=None, seed=0, attentive=AttentiveConfig(epochs=12,
                           lr_grid=(3e-3,)))  # fmt: skip
     res = run_probe(x, labels, cfg)["by_fraction"]["1"]
     ci = res["ci95"]
@@ -338,38 +339,64 @@ def _probe_one(x, labels, head: str) -> dict:  # noqa: ANN001
             "chosen": res.get("l2", res.get("chosen"))}  # fmt: skip
 
 
+PRIORITY = ("linear L6 mouth", "attentive", "linear L6", "linear L4")  # job order: the most telling first
+
+
+def probe_jobs(args: argparse.Namespace) -> list[tuple[str, str, str, str, tuple[str, ...]]]:
+    """(protocol, encoder, feature kind, head, slots) for every encoder with features, most telling protocol first;
+    the attentive probe (the costly one) on ``--attentive-slots`` only."""
+    jobs = [("pixels", "pixels", "pixels", "linear", SLOTS)]
+    per_encoder = []
+    for name in encoders(args):
+        if not feature_file(args, name, "tokens").is_file():
+            continue
+        depth = int(max(int(f.stem[1:]) for f in feature_file(args, name, "x").parent.glob("L*.npy")))
+        for proto, (kind, head) in protocols(depth).items():
+            slots = tuple(args.attentive_slots) if head == "attentive" else SLOTS
+            if slots:
+                per_encoder.append((proto, name, kind, head, slots))
+    rank = {p: i for i, p in enumerate(PRIORITY)}
+    return jobs + sorted(per_encoder, key=lambda j: rank.get(j[0], len(rank)))
+
+
+def load_results(args: argparse.Namespace) -> dict:
+    """``{protocol: {encoder: {slot: result}}}`` from the per-job files of the probe stage."""
+    table: dict = {}
+    for f in sorted((args.work / "probes").glob("*.json")):
+        job = json.loads(f.read_text())
+        table.setdefault(job["protocol"], {})[job["encoder"]] = job["slots"]
+    return table
+
+
 def stage_probe(args: argparse.Namespace) -> dict:
+    """Every job of :func:`probe_jobs` (with ``--part I/N`` every N-th from the I-th: processes on disjoint jobs), each
+    kept in its own ``probes/<protocol>__<encoder>.json`` after every slot (resumable)."""
     import numpy as np
     import torch
 
     from marlin.evaluate.manifest import read_grid
 
     torch.set_num_threads(args.threads)
-    path = args.work / "results.json"
-    table = json.loads(path.read_text()) if path.is_file() else {}
     labels = {slot: read_grid(args.data / "grid_s1", slot, protocol=True) for slot in SLOTS}
-    jobs = [("pixels", "pixels", "pixels", "linear")]
-    for name in encoders(args):
-        if not feature_file(args, name, "tokens").is_file():
-            continue
-        depth = int(max(int(f.stem[1:]) for f in feature_file(args, name, "x").parent.glob("L*.npy")))
-        jobs += [(proto, name, kind, head) for proto, (kind, head) in protocols(depth).items()]
-    for proto, name, kind, head in jobs:
-        cell = table.setdefault(proto, {}).setdefault(name, {})
-        todo = [s for s in SLOTS if s not in cell]
+    part, parts = args.part
+    (args.work / "probes").mkdir(parents=True, exist_ok=True)
+    for proto, name, kind, head, slots in probe_jobs(args)[part::parts]:
+        path = args.work / "probes" / f"{proto.replace(' ', '_')}__{name.replace('@', '_')}.json"
+        job = json.loads(path.read_text()) if path.is_file() else {"protocol": proto, "encoder": name, "slots": {}}
+        todo = [s for s in slots if s not in job["slots"]]
         if not todo:
             continue
         src = args.work / "features" / "pixels.npy" if name == "pixels" else feature_file(args, name, kind)
         x = np.load(src, mmap_mode="r" if head == "attentive" else None)
         for slot in todo:
             t0 = time.time()
-            cell[slot] = _probe_one(x, labels[slot], head)
-            log(f"{proto:10s} {name:12s} {slot:12s} {cell[slot]['accuracy']:.3f} "
-                f"[{cell[slot]['low']:.3f}, {cell[slot]['high']:.3f}] ({time.time() - t0:.0f} s)")  # fmt: skip
+            r = job["slots"][slot] = _probe_one(x, labels[slot], head)
+            log(f"{proto:15s} {name:12s} {slot:12s} {r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}] "
+                f"({time.time() - t0:.0f} s)")  # fmt: skip
             tmp = path.with_name(path.name + ".part")
-            tmp.write_text(json.dumps(table, indent=1))
+            tmp.write_text(json.dumps(job, indent=1))
             os.replace(tmp, path)
-    return table
+    return load_results(args)
 
 
 # ---- stage 5: report ------------------------------------------------------------------------------------------------
@@ -520,6 +547,20 @@ def main(argv: list[str] | None = None) -> None:
         default={1000, 3000, 6000},
         help="checkpoints probed for the curve (comma-separated steps; the latest is always probed)",
     )
+    ap.add_argument(
+        "--attentive-slots",
+        nargs="*",
+        choices=SLOTS,
+        default=list(SLOTS),
+        help="word slots the attentive probe is trained on (minutes per slot on a CPU; none: skip it)",
+    )
+    ap.add_argument(
+        "--part",
+        type=lambda t: tuple(int(v) for v in t.split("/")),
+        default=(0, 1),
+        metavar="I/N",
+        help="probe stage: do every N-th job from the I-th (N processes on disjoint jobs)",
+    )
     ap.add_argument("--threads-per-run", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the feature and probe stages")
     ap.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS), help="pretraining runs to do")
@@ -536,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
     if order(args.start) <= order("probe") <= order(args.until):
         stage_probe(args)
     if order(args.until) >= order("report"):
-        table = json.loads((args.work / "results.json").read_text())
+        table = load_results(args)
         print(markdown(table))
         print()
         print(heldout_table(args))

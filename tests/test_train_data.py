@@ -137,9 +137,8 @@ def test_weighted_stream_is_deterministic_balanced_and_independent_of_world_size
 
 
 def test_balance_weights_by_store_and_by_group(tmp_path) -> None:
-    from test_data import make_store
-
     from marlin.data.datasets import balance_weights
+    from test_data import make_store
 
     big = make_store(tmp_path / "big", {f"b{i}": 20 for i in range(6)})  # six groups (one per item)
     small = make_store(tmp_path / "small", {"s0": 20, "s1": 20})

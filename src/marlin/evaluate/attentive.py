@@ -37,6 +37,7 @@ class AttentiveConfig:
     """Training of the attentive head (the encoder stays frozen; its tokens are given)."""
 
     heads: int = 4  # attention heads of the pooler (the token width must divide by it)
+    positions: bool = True  # learn an embedding per token position (inputs of one fixed length [N, L, D])
     epochs: int = 40  # passes over the training rows (the refit uses the epoch count chosen on validation)
     batch_size: int = 32  # small batches: a few hundred labelled clips still give enough optimiser steps
     lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # AdamW peak rates tried; the best on validation is kept
@@ -48,11 +49,15 @@ class AttentiveConfig:
 class AttentivePooler(nn.Module):
     """``[B, L, D]`` tokens (+ optional ``[B, L]`` bool mask, True = real token) -> ``[B, n_outputs]`` logits."""
 
-    def __init__(self, dim: int, n_outputs: int, heads: int = 4, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, n_outputs: int, heads: int = 4, mlp_ratio: float = 4.0,
+                 n_tokens: int | None = None) -> None:  # fmt: skip
         super().__init__()
         if dim % heads:
             raise ValueError(f"AttentivePooler: token width {dim} does not divide into {heads} heads")
         self.dim, self.heads = dim, heads
+        # with `n_tokens`, a learnt embedding per token position (zero at first): which window / time step / place a
+        # token comes from, for encoders whose tokens carry little of it (order matters: a sentence's first word)
+        self.pos = nn.Parameter(torch.zeros(n_tokens, dim)) if n_tokens else None
         self.query = nn.Parameter(torch.zeros(dim))
         nn.init.trunc_normal_(self.query, std=0.02)
         self.norm_x = nn.LayerNorm(dim)
@@ -71,6 +76,10 @@ class AttentivePooler(nn.Module):
         w_k = self.k_proj.weight.view(self.heads, d, self.dim)  # [H, d, D]
         u = torch.einsum("hd,hdD->hD", q, w_k) / math.sqrt(d)  # [H, D]; the key bias shifts every logit alike
         xn = self.norm_x(x)  # [B, L, D]
+        if self.pos is not None:
+            if x.shape[1] > len(self.pos):
+                raise ValueError(f"AttentivePooler: {x.shape[1]} tokens, but positions were learnt for {len(self.pos)}")
+            xn = xn + self.pos[: x.shape[1]]
         logits = xn @ u.T  # [B, L, H]
         if mask is not None:
             logits = logits.masked_fill(~mask[..., None], float("-inf"))
@@ -103,6 +112,8 @@ class AttentiveProbe:
         self.model: AttentivePooler | None = None
         self.y_mean, self.y_std = 0.0, 1.0  # regression targets are standardised for training
         self.chosen: dict[str, float] = {}
+        self.mu: np.ndarray | None = None  # token standardisation learnt on the training rows
+        self.sigma: np.ndarray | None = None
 
     def _targets(self, y: np.ndarray) -> Tensor:
         if self.task == "multiclass":
@@ -112,13 +123,31 @@ class AttentiveProbe:
         t = torch.as_tensor(y, dtype=torch.float32).reshape(len(y), -1)
         return (t - self.y_mean) / self.y_std if self.task == "regression" else t
 
+    def _standardizer(self, x: np.ndarray, chunk: int = 64) -> None:
+        """Mean and std of the training tokens, per position and channel (fixed-length inputs with ``positions``) or
+        per channel: like the linear probe's standardisation, it lifts the small differences between clips above
+        what every clip shares (a frozen encoder's tokens are mostly alike; unstandardised, the pooler did not even
+        fit its training clips)."""
+        axes = (0,) if self.cfg.positions else (0, 1)
+        s1 = s2 = 0.0
+        for i in range(0, len(x), chunk):
+            b = np.asarray(x[i : i + chunk], dtype=np.float64)
+            s1, s2 = s1 + b.sum(axes), s2 + (b**2).sum(axes)
+        n = len(x) * (1 if self.cfg.positions else x.shape[1])
+        self.mu = (s1 / n).astype(np.float32)
+        self.sigma = np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0) + 1e-6).astype(np.float32)
+
+    def _inputs(self, x: np.ndarray) -> Tensor:
+        return torch.from_numpy((np.asarray(x, dtype=np.float32) - self.mu) / self.sigma)
+
     def _train(self, x: np.ndarray, y: np.ndarray, lr: float, stop: int, val: tuple | None = None) -> list[float]:
         """Train a fresh pooler for `stop` epochs of the ``cfg.epochs``-long schedule; returns the validation score
         after each epoch (empty without `val`)."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.model = AttentivePooler(x.shape[-1], self.n_outputs, heads=cfg.heads)
+        self.model = AttentivePooler(x.shape[-1], self.n_outputs, heads=cfg.heads,
+                                     n_tokens=x.shape[1] if cfg.positions else None)  # fmt: skip
         opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=cfg.epochs * steps_per_epoch,
@@ -127,8 +156,8 @@ class AttentiveProbe:
         for _ in range(stop):
             self.model.train()
             for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
-                xb = torch.from_numpy(np.ascontiguousarray(x[idx.numpy()], dtype=np.float32))  # [b, L, D]
-                loss = _loss(self.task, self.model(xb), targets[idx])
+                xb = self._inputs(x[np.sort(idx.numpy())])  # [b, L, D], standardised
+                loss = _loss(self.task, self.model(xb), targets[np.sort(idx.numpy())])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -144,6 +173,7 @@ class AttentiveProbe:
         cfg = self.cfg
         if x.ndim != 3:
             raise ValueError(f"the attentive probe needs tokens [N, L, D], got shape {tuple(x.shape)}")
+        self._standardizer(x)
         if self.task == "regression":
             t = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
             self.y_mean, self.y_std = torch.as_tensor(t.mean(0)).float(), torch.as_tensor(t.std(0) + 1e-8).float()
@@ -172,8 +202,7 @@ class AttentiveProbe:
         if self.model is None:
             raise RuntimeError("AttentiveProbe: call fit() first")
         self.model.eval()
-        out = [self.model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)))
-               for i in range(0, len(x), batch_size)]  # fmt: skip
+        out = [self.model(self._inputs(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
         s = torch.cat(out)
         if self.task == "regression":
             s = s * self.y_std + self.y_mean
