@@ -481,7 +481,8 @@ def recon_table(args: argparse.Namespace, clips: int = 24) -> str:
         if name not in cache:
             cfg = load_config(run_dir(args, name.split("@")[0]) / "config.yaml")
             model = create_model(cfg.model, full=True)
-            model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+            model.load_state_dict({k: v for k, v in state.items() if not k.startswith("discriminator.")})  # no critic
             row = {}
             for store, split, label in RECON_SETS:
                 ds = PretrainDataset.from_config(args.work / "stores" / store, cfg.model, split=split,
@@ -527,9 +528,9 @@ def heldout_table(args: argparse.Namespace) -> str:
             continue
         for line in metrics.read_text().splitlines():
             row = json.loads(line)
-            rec = next((v for k, v in row.items() if k.endswith("/rec")), None)
-            base = next((v for k, v in row.items() if k.endswith("/patch_mean_rec")), None)
-            if rec is not None:
+            rec = next((v for k, v in row.items() if k.startswith("val") and k.endswith("/rec")), None)
+            base = next((v for k, v in row.items() if k.startswith("val") and k.endswith("/patch_mean_rec")), None)
+            if rec is not None and base is not None:
                 lines.append(f"| {name} | {row.get('step')} | {rec:.4f} | {base:.4f} |")
     return "\n".join(lines)
 
