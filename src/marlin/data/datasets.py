@@ -335,7 +335,6 @@ def balance_weights(dataset: Dataset, balance: str) -> Tensor | None:
         raise ValueError(f"balance={balance!r} needs `marlin prepare` stores (their groups), not "
                          f"{type(members[0]).__name__}")  # fmt: skip
     keys = [str(k) if balance == "store" else f"{k}\0{it.group}" for k, m in enumerate(members) for it in m.items]
-    _, inverse, counts = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True,
-                                   return_counts=True)  # fmt: skip
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     w = 1.0 / counts[inverse]
     return torch.as_tensor(w / w.sum(), dtype=torch.float64)
