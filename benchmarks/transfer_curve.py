@@ -9,10 +9,12 @@ so an interrupted run continues where it stopped:
                   its ``val`` split, so pretraining (which reads ``train``) never sees them;
                 - ``faces``: every other shared face clip (talking heads, MARLIN samples, ``faces_more``); 15% of the
                   ``faces_more`` identities are its ``val`` split: unseen *people* for the held-out reconstruction.
-2. ``pretrain`` two tiny models (ViT 192-d, depth 6; 112 px crops, 16 frames at stride 2, 90% of tokens hidden,
-                per-patch normalised targets) with the same data, steps, batch and learning rate, side by side:
-                ``marlin`` (fasking + adversarial critic) and ``tube`` (VideoMAE-style tube masking, no critic).
-                Checkpoints along the way are kept (``--keep-every``) for the curve.
+2. ``pretrain`` tiny models (ViT 192-d, depth 6; 112 px crops, 16 frames at stride 2, 90% of tokens hidden,
+                per-patch normalised targets) with the same data, schedule, batch and learning rate:
+                ``marlin`` (fasking + adversarial critic) and ``tube`` (VideoMAE-style tube masking, no critic), and
+                the masking variants (what the encoder sees: ``fasking``, ``fasking_opp``, ``random_mask`` at 90% and
+                ``fasking_75``, none with a critic) stopped at ``--variant-steps`` of that schedule.
+                Checkpoints along the way are kept (``--ckpt-every``) for the curve.
 3. ``features`` per encoder (random init = step 0, and every kept checkpoint of each run) the tokens of every GRID
                 clip: three 16-frame windows at stride 2 (start / middle / end), pooled per time step over the face
                 (``face``) and kept whole at half spatial resolution for the attentive probe; plus raw mouth pixels.
@@ -115,38 +117,56 @@ COMMON = [
 RUNS = {
     "marlin": ["mask.strategy=fasking", "loss.adversarial=true", "loss.adv_weight=0.001", "loss.gp_weight=10"],
     "tube": ["mask.strategy=tube", "loss.adversarial=false"],
+    # What the encoder sees (issue 14's lead: under fasking at 90% no visible token shows an eye, nose or mouth): the
+    # masking alone changes, no critic, everything else as above; stopped at --variant-steps of the same schedule.
+    "fasking": ["mask.strategy=fasking", "loss.adversarial=false"],
+    "fasking_opp": ["mask.strategy=fasking_opp", "loss.adversarial=false"],
+    "random_mask": ["mask.strategy=random", "loss.adversarial=false"],
+    "fasking_75": ["mask.strategy=fasking", "mask.ratio=0.75", "loss.adversarial=false"],
 }
+VARIANTS = ("fasking", "fasking_opp", "random_mask", "fasking_75")  # short runs, done first
 
 
 def run_dir(args: argparse.Namespace, name: str) -> Path:
     return args.work / f"pretrain_{name}"
 
 
+def _pretrain_cmd(args: argparse.Namespace, stores: dict[str, Path], name: str) -> list[str]:
+    stop = ["--stop-at", str(args.variant_steps)] if name in VARIANTS else []
+    return marlin_cmd("pretrain", *COMMON, *RUNS[name], "--data", f"{stores['grid_s1']},{stores['faces']}",
+                      "--out", str(run_dir(args, name)), f"val.source={stores['faces']}#val",
+                      f"val.every={args.ckpt_every}", f"ckpt.every={args.ckpt_every}", "--max-steps", str(args.steps),
+                      *stop, "--seed", "0", "--resume", "auto")  # fmt: skip
+
+
 def stage_pretrain(args: argparse.Namespace, stores: dict[str, Path]) -> None:
-    """Both runs side by side (``--threads-per-run`` each), resumed from their last checkpoint when interrupted.
-    Held-out reconstruction is measured on the unseen people only (``faces#val``): the GRID test sentences stay out."""
-    data = f"{stores['grid_s1']},{stores['faces']}"
-    procs = {}
-    for name in args.runs:
-        out = run_dir(args, name)
-        cmd = marlin_cmd("pretrain", *COMMON, *RUNS[name], "--data", data, "--out", str(out),
-                         f"val.source={stores['faces']}#val", f"val.every={args.ckpt_every}",
-                         f"ckpt.every={args.ckpt_every}", "--max-steps", str(args.steps), "--seed", "0",
-                         "--resume", "auto")  # fmt: skip
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads_per_run), PYTHONUNBUFFERED="1")
-        out.mkdir(parents=True, exist_ok=True)
-        log(f"{name}: {' '.join(cmd[2:])}")
-        procs[name] = subprocess.Popen(cmd, env=env, stdout=open(out / "log.txt", "a"), stderr=subprocess.STDOUT)
-    for name, p in procs.items():
-        if p.wait() != 0:
-            raise SystemExit(f"pretraining {name} failed (exit {p.returncode}); see {run_dir(args, name) / 'log.txt'}")
-        log(f"{name}: done")
+    """The runs, ``--parallel`` at a time (``--threads-per-run`` each), each resumed from its last checkpoint when
+    interrupted. Held-out reconstruction is measured on the unseen people only (``faces#val``): the GRID test sentences
+    stay out."""
+    todo = sorted(args.runs, key=lambda n: n not in VARIANTS)
+    running: dict[str, subprocess.Popen] = {}
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            name = todo.pop(0)
+            out, cmd = run_dir(args, name), _pretrain_cmd(args, stores, name)
+            out.mkdir(parents=True, exist_ok=True)
+            log(f"{name}: {' '.join(cmd[2:])}")
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads_per_run), PYTHONUNBUFFERED="1")
+            running[name] = subprocess.Popen(cmd, env=env, stdout=open(out / "log.txt", "a"), stderr=subprocess.STDOUT)
+        time.sleep(2)
+        for name, p in list(running.items()):
+            if p.poll() is None:
+                continue
+            del running[name]
+            if p.returncode != 0:
+                raise SystemExit(f"pretraining {name} failed (exit {p.returncode}); see {run_dir(args, name)}/log.txt")
+            log(f"{name}: done")
 
 
 # ---- stage 3: features ----------------------------------------------------------------------------------------------
 N_WINDOWS = 3  # start / middle / end of each 75-frame GRID clip, 16 frames at stride 2
 MOUTH = (7, 8, 9)  # LaPa upper lip, inner mouth, lower lip
-CLIP_FRAMES, RATE, SIDE = 16, 2, 112
+CLIP_FRAMES, RATE, SIDE, TUBELET = 16, 2, 112, 2
 
 
 def grid_items(args: argparse.Namespace, store) -> list:  # noqa: ANN001
@@ -331,8 +351,10 @@ def _probe_one(x, labels, head: str) -> dict:  # noqa: ANN001
         x = x.reshape(len(x), -1)  # time-kept: the steps in order
         cfg = ProbeConfig(folds=None, pca=200, seed=0, l2_grid=L2_GRID, inner_folds=3)
     else:
-        cfg = ProbeConfig(head="attentive", folds=None, seed=0, attentive=AttentiveConfig(epochs=12,
-                          lr_grid=(3e-3,)))  # fmt: skip
+        # one pool per time step (3 windows x 8), in order: a word slot is *when* the mouth says it; the epoch count is
+        # chosen on a held-out fifth of the training sentences
+        acfg = AttentiveConfig(epochs=20, lr_grid=(3e-3,), time_steps=N_WINDOWS * CLIP_FRAMES // TUBELET)
+        cfg = ProbeConfig(head="attentive", folds=None, seed=0, attentive=acfg)
     res = run_probe(x, labels, cfg)["by_fraction"]["1"]
     ci = res["ci95"]
     return {"accuracy": res["metrics"]["accuracy"]["mean"], "low": ci["low"], "high": ci["high"],
@@ -344,7 +366,7 @@ PRIORITY = ("linear L6 mouth", "attentive", "linear L6", "linear L4")  # job ord
 
 def probe_jobs(args: argparse.Namespace) -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     """(protocol, encoder, feature kind, head, slots) for every encoder with features, most telling protocol first;
-    the attentive probe (the costly one) on ``--attentive-slots`` only."""
+    the attentive probe (the costly one) on ``--attentive-slots`` of ``--attentive-encoders`` only."""
     jobs = [("pixels", "pixels", "pixels", "linear", SLOTS)]
     per_encoder = []
     for name in encoders(args):
@@ -352,7 +374,10 @@ def probe_jobs(args: argparse.Namespace) -> list[tuple[str, str, str, str, tuple
             continue
         depth = int(max(int(f.stem[1:]) for f in feature_file(args, name, "x").parent.glob("L*.npy")))
         for proto, (kind, head) in protocols(depth).items():
-            slots = tuple(args.attentive_slots) if head == "attentive" else SLOTS
+            slots = SLOTS
+            if head == "attentive":
+                wanted = args.attentive_encoders is None or name in args.attentive_encoders
+                slots = tuple(args.attentive_slots) if wanted else ()
             if slots:
                 per_encoder.append((proto, name, kind, head, slots))
     rank = {p: i for i, p in enumerate(PRIORITY)}
@@ -513,7 +538,7 @@ def health_table(args: argparse.Namespace) -> str:
         ev = np.clip(np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1], 0, None)
         p = ev / ev.sum()
         rank = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
-        name, _, step = folder.name.partition("_")
+        name, _, step = folder.name.rpartition("_") if folder.name != "random" else ("random", "", "0")
         lines.append(f"| {name} | {step or 0} | {rank:.1f} (of {x.shape[1]}) | {p[0]:.3f} |")
     return "\n".join(lines)
 
@@ -555,6 +580,8 @@ def main(argv: list[str] | None = None) -> None:
         default=list(SLOTS),
         help="word slots the attentive probe is trained on (minutes per slot on a CPU; none: skip it)",
     )
+    ap.add_argument("--attentive-encoders", nargs="*", metavar="NAME",
+                    help="encoders of the attentive probe (e.g. random tube@1000; default: all)")  # fmt: skip
     ap.add_argument(
         "--part",
         type=lambda t: tuple(int(v) for v in t.split("/")),
@@ -562,9 +589,18 @@ def main(argv: list[str] | None = None) -> None:
         metavar="I/N",
         help="probe stage: do every N-th job from the I-th (N processes on disjoint jobs)",
     )
+    ap.add_argument("--variant-steps", type=int, default=1000,
+                    help="masking variants stop at this step of the --steps schedule (resumable)")  # fmt: skip
+    ap.add_argument("--parallel", type=int, default=2, help="pretraining runs at a time")
     ap.add_argument("--threads-per-run", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the feature and probe stages")
-    ap.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=list(RUNS), help="pretraining runs to do")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        choices=sorted(RUNS),
+        default=list(RUNS),
+        help="pretraining runs to do (default: all; the masking variants first)",
+    )
     ap.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0], help="skip the stages before this one")
     ap.add_argument("--until", choices=STAGES, default=STAGES[-1], help="stop after this stage")
     args = ap.parse_args(argv)

@@ -49,9 +49,9 @@ def test_attentive_pooler_is_multihead_cross_attention_with_one_query():
         xn = pooler.norm_x(x)
         ref, ref_w = mha(pooler.query.expand(b, 1, dim), xn, xn, key_padding_mask=~mask, average_attn_weights=False)
         ours, attn = pooler.attend(x, mask)
-    assert torch.allclose(ours, ref[:, 0], atol=1e-5)
-    assert torch.allclose(attn.permute(0, 2, 1), ref_w[:, :, 0], atol=1e-6)  # [B, H, L]
-    assert attn[1, 7:].abs().max() == 0  # padded tokens get no weight
+    assert torch.allclose(ours[:, 0], ref[:, 0], atol=1e-5)
+    assert torch.allclose(attn[:, 0].permute(0, 2, 1), ref_w[:, :, 0], atol=1e-6)  # [B, H, L]
+    assert attn[1, 0, 7:].abs().max() == 0  # padded tokens get no weight
     assert pooler(x, mask).shape == (b, 5)
 
 
@@ -69,6 +69,40 @@ def test_attentive_probe_finds_the_token_that_mean_pooling_drowns():
     shifted = x * 0.01 + 5.0
     probe2 = AttentiveProbe("multiclass", 4, cfg).fit(shifted[:400], y[:400])
     assert (probe2.scores(shifted[400:]).argmax(1) == y[400:]).mean() > 0.9
+
+
+def test_time_steps_pool_each_group_alone_and_keep_their_order():
+    torch.manual_seed(0)
+    dim, b, steps, per = 16, 4, 3, 5
+    grouped = AttentivePooler(dim, 2, heads=2, time_steps=steps)
+    single = AttentivePooler(dim, 2, heads=2)
+    single.load_state_dict({k: v for k, v in grouped.state_dict().items() if not k.startswith("head.")}, strict=False)
+    x = torch.randn(b, steps * per, dim)
+    with torch.no_grad():
+        out, attn = grouped.attend(x)
+        for t in range(steps):  # each time step's tokens alone
+            ref, ref_attn = single.attend(x[:, t * per : (t + 1) * per])
+            assert torch.allclose(out[:, t], ref[:, 0], atol=1e-6) and torch.allclose(attn[:, t], ref_attn[:, 0])
+    with pytest.raises(ValueError, match="do not divide into 3 time steps"):
+        grouped(torch.randn(1, 7, dim))
+    # the label is the ORDER of two events (A then B, or B then A): one pool over the clip sees the same bag of tokens
+    # either way (no position embedding), the per-time-step pool sees which came first
+    rng = np.random.default_rng(0)
+    a, bb = rng.normal(size=(2, dim)).astype(np.float32) * 3
+    y = rng.integers(0, 2, 400)
+    x = rng.normal(size=(400, 2, per, dim)).astype(np.float32) * 0.3
+    slot = rng.integers(0, per, (400, 2))
+    for i in range(400):
+        first, second = (a, bb) if y[i] else (bb, a)
+        x[i, 0, slot[i, 0]] += first
+        x[i, 1, slot[i, 1]] += second
+    x = x.reshape(400, 2 * per, dim)
+    accs = {}
+    for t in (1, 2):
+        cfg = AttentiveConfig(epochs=15, lr_grid=(3e-3,), positions=False, time_steps=t)
+        probe = AttentiveProbe("multiclass", 2, cfg).fit(x[:300], y[:300], select=False)
+        accs[t] = (probe.scores(x[300:]).argmax(1) == y[300:]).mean()
+    assert accs[2] > 0.95 and accs[1] < 0.7, accs
 
 
 def test_attentive_probe_regression_and_binary_shapes():
@@ -210,6 +244,8 @@ def test_cli_probe_attentive_head_and_layer_extract_on_the_fly(tmp_path, capsys)
             "1",
             "--head",
             "attentive",
+            "--time-steps",
+            "2",
             "--folds",
             "2",
             "--out",
@@ -223,6 +259,10 @@ def test_cli_probe_attentive_head_and_layer_extract_on_the_fly(tmp_path, capsys)
     assert len(feats) == 12 and np.load(feats[0]).ndim == 3  # [W, L, D] tokens were extracted
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["head"] == "attentive" and res["config"]["extra"]["layer"] == 1
+    assert res["config"]["attentive"]["time_steps"] == 2
     rc = main(["probe", "--labels", str(tmp_path / "m.csv"), "--label", "kind", "--features", str(feats[0].parent),
                "--layer", "2", "--out", str(tmp_path / "o2")])  # fmt: skip
     assert rc == 2 and "--layer" in capsys.readouterr().err
+    rc = main(["probe", "--labels", str(tmp_path / "m.csv"), "--label", "kind", "--features", str(feats[0].parent),
+               "--time-steps", "2", "--out", str(tmp_path / "o3")])  # fmt: skip
+    assert rc == 2 and "--time-steps is an option of the attentive head" in capsys.readouterr().err

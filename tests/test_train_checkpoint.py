@@ -57,6 +57,24 @@ def test_resume_in_process_continues_exactly(tmp_path) -> None:
         assert torch.equal(v, final[k]), k
 
 
+def test_stop_at_ends_the_session_on_the_full_schedule_and_resume_finishes_it_exactly(tmp_path) -> None:
+    common = [*ARGS, "max_steps=4", "ckpt.every=10", "ckpt.export=false"]
+    full = Pretrainer(load_config("marlin_vit_tiny_test", [*common, f"out_dir={tmp_path / 'a'}"]))
+    whole = full.fit()
+    part_cfg = load_config("marlin_vit_tiny_test", [*common, f"out_dir={tmp_path / 'b'}", "stop_at=2"])
+    first = Pretrainer(part_cfg).fit()
+    assert first.steps == 2 and not first.stopped_by and not first.exports
+    assert load_training_checkpoint(tmp_path / "b/checkpoints/last.pt")["step"] == 2  # saved although not a ckpt step
+    for got, want in zip(first.history, whole.history[:2], strict=True):
+        assert _losses(got) == _losses(want)  # same schedule (lr), not one squeezed into 2 steps
+    rest_cfg = load_config("marlin_vit_tiny_test", [*common, f"out_dir={tmp_path / 'b'}"])
+    trainer = Pretrainer(rest_cfg)
+    rest = trainer.fit(resume="auto")
+    assert [h["step"] for h in rest.history] == [3, 4]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, trainer.model.state_dict()[k]), k
+
+
 def test_checkpoint_contents_and_loading_as_a_model(tmp_path) -> None:
     cfg = load_config("marlin_vit_tiny_test", [*ARGS, f"out_dir={tmp_path}", "max_steps=2", "ckpt.every=1"])
     trainer = Pretrainer(cfg)

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "OUT/checkpoints/last.pt when present)")  # fmt: skip
     p.add_argument("--init", help="start from a VideoMAE or marlin checkpoint (weights only)")
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides epochs)")
+    p.add_argument("--stop-at", type=int, help="end this session at this step, checkpoint saved; the schedule still "
+                   "spans the whole run and --resume goes on")  # fmt: skip
     p.add_argument("--epochs", type=float)
     p.add_argument("--batch-size", type=int, help="per process and micro-step")
     p.add_argument("--accum", type=int, help="gradient accumulation micro-steps per optimiser step")
@@ -53,7 +55,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
     pairs = [
         ("data.source", args.data), ("val.source", args.val_data), ("out_dir", args.out), ("init", args.init),
-        ("max_steps", args.max_steps),
+        ("max_steps", args.max_steps), ("stop_at", args.stop_at),
         ("epochs", args.epochs), ("batch_size", args.batch_size), ("accum_steps", args.accum),
         ("precision", args.precision), ("device", args.device), ("data.num_workers", args.workers),
         ("seed", args.seed), ("grad_checkpointing", True if args.grad_checkpointing else None),

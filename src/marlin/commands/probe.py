@@ -54,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--head", choices=("linear", "attentive"), default="linear",
                     help="linear probe on pooled features, or attentive probe (a learnt query over the tokens; "
                          "needs --keep-seq features, extracted so with --model)")  # fmt: skip
+    ev.add_argument("--time-steps", type=int, default=1, metavar="T",
+                    help="attentive head: pool each of T consecutive token groups on its own, in order, for tasks "
+                         "about when things happen (T = the encoder's time steps: 8 for 16 frames with tubelet 2, "
+                         "x the windows with --reduce concat); default 1: one pool over all tokens")  # fmt: skip
     ev.add_argument(
         "--split",
         choices=("kfold", "fixed"),
@@ -75,6 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from marlin.evaluate.attentive import AttentiveConfig
     from marlin.evaluate.features import FeatureError, load_features
     from marlin.evaluate.manifest import ManifestError, read_labels
     from marlin.evaluate.probe import ProbeConfig, run_probe, write_probe
@@ -83,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.layer is not None and args.features is not None:
             raise ValueError("--layer picks the encoder block to extract from: it needs --model, not --features")
+        if args.time_steps != 1 and args.head != "attentive":
+            raise ValueError("--time-steps is an option of the attentive head (--head attentive)")
         labels = read_labels(args.labels, args.label, task=args.task, path_col=args.path_col,
                              group_col=args.group_col, split_col=args.split_col)  # fmt: skip
         feats_src = args.features if args.features is not None else _extract(args, labels)
@@ -90,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = ProbeConfig(
             head=args.head, folds=args.folds if args.split == "kfold" else None, split=args.split_fractions,
             train_fractions=args.train_fractions, pca=args.pca, standardize=not args.no_standardize, l2=args.l2,
-            seed=args.seed, extra={"features": str(feats_src), "labels": str(args.labels), "reduce": args.reduce,
-                                   "layer": args.layer},
+            attentive=AttentiveConfig(time_steps=args.time_steps), seed=args.seed,
+            extra={"features": str(feats_src), "labels": str(args.labels), "reduce": args.reduce, "layer": args.layer},
         )  # fmt: skip
         results = run_probe(x, labels, cfg)
     except (ManifestError, FeatureError, SplitError, ValueError, ImportError) as e:

@@ -11,6 +11,12 @@ the logits ``(W_k x_i) . q_h`` equal ``x_i . (W_k,h^T q_h)`` and the values ``su
 ``nn.MultiheadAttention`` with these weights; a test checks it), so a forward pass costs ``O(L * D * heads)`` instead of
 ``O(L * D^2)``: probing 1000 clips x 1176 tokens takes seconds per epoch on a CPU.
 
+With ``time_steps`` T > 1 the tokens are T consecutive groups (the encoder's time steps, in order) and the query
+pools each group on its own: ``[B, T, D]``, kept in order into the head. One pool over a whole clip averages its time
+steps away, and where the answer is *when* something happens (which word a mouth says, in a sentence) that loses
+it: on GRID's 800 training sentences the single pool fitted them (train accuracy 0.97) and scored 0.36 on the test
+sentences for ``command``, the per-time-step pool 0.49 (random-init tokens; a linear probe on the same tokens 0.50).
+
 Tokens are standardised per position and channel on the training rows (as the linear probe standardises its
 features: a frozen encoder's tokens are mostly alike, and the pooler did not even fit its training clips without it),
 and a learnt embedding per token position tells the pooler where a token comes from.
@@ -42,6 +48,9 @@ class AttentiveConfig:
 
     heads: int = 4  # attention heads of the pooler (the token width must divide by it)
     positions: bool = True  # learn an embedding per token position (inputs of one fixed length [N, L, D])
+    # pool each of this many consecutive token groups (time steps) on its own and keep them in order; 1 = one pool
+    # over all tokens. For tasks about when things happen (lip reading): the encoder's time steps (x the windows)
+    time_steps: int = 1
     epochs: int = 40  # passes over the training rows (the refit uses the epoch count chosen on validation)
     batch_size: int = 32  # small batches: a few hundred labelled clips still give enough optimiser steps
     lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # AdamW peak rates tried; the best on validation is kept
@@ -51,14 +60,16 @@ class AttentiveConfig:
 
 
 class AttentivePooler(nn.Module):
-    """``[B, L, D]`` tokens (+ optional ``[B, L]`` bool mask, True = real token) -> ``[B, n_outputs]`` logits."""
+    """``[B, L, D]`` tokens (+ optional ``[B, L]`` bool mask, True = real token) -> ``[B, n_outputs]`` logits. With
+    ``time_steps`` T, the L tokens are T groups of L / T, each pooled on its own; the head sees the T results in
+    order."""
 
     def __init__(self, dim: int, n_outputs: int, heads: int = 4, mlp_ratio: float = 4.0,
-                 n_tokens: int | None = None) -> None:  # fmt: skip
+                 n_tokens: int | None = None, time_steps: int = 1) -> None:  # fmt: skip
         super().__init__()
         if dim % heads:
             raise ValueError(f"AttentivePooler: token width {dim} does not divide into {heads} heads")
-        self.dim, self.heads = dim, heads
+        self.dim, self.heads, self.time_steps = dim, heads, time_steps
         # with `n_tokens`, a learnt embedding per token position (zero at first): which window / time step / place a
         # token comes from, for encoders whose tokens carry little of it (order matters: a sentence's first word)
         self.pos = nn.Parameter(torch.zeros(n_tokens, dim)) if n_tokens else None
@@ -71,32 +82,37 @@ class AttentivePooler(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.norm_out = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, n_outputs)
+        self.head = nn.Linear(time_steps * dim, n_outputs)
 
     def attend(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Cross-attention of the query over `x`: (output ``[B, D]``, attention weights ``[B, L, heads]``)."""
-        d = self.dim // self.heads
+        """Cross-attention of the query over each time step's tokens of `x`: (output ``[B, T, D]``, attention weights
+        ``[B, T, L / T, heads]``)."""
+        b, length, _ = x.shape
+        steps, d = self.time_steps, self.dim // self.heads
+        if length % steps:
+            raise ValueError(f"AttentivePooler: {length} tokens do not divide into {steps} time steps")
         q = self.q_proj(self.query).view(self.heads, d)  # [H, d]
         w_k = self.k_proj.weight.view(self.heads, d, self.dim)  # [H, d, D]
         u = torch.einsum("hd,hdD->hD", q, w_k) / math.sqrt(d)  # [H, D]; the key bias shifts every logit alike
         xn = self.norm_x(x)  # [B, L, D]
         if self.pos is not None:
-            if x.shape[1] > len(self.pos):
-                raise ValueError(f"AttentivePooler: {x.shape[1]} tokens, but positions were learnt for {len(self.pos)}")
-            xn = xn + self.pos[: x.shape[1]]
-        logits = xn @ u.T  # [B, L, H]
+            if length > len(self.pos):
+                raise ValueError(f"AttentivePooler: {length} tokens, but positions were learnt for {len(self.pos)}")
+            xn = xn + self.pos[:length]
+        xn = xn.view(b, steps, length // steps, self.dim)  # [B, T, S, D]
+        logits = xn @ u.T  # [B, T, S, H]
         if mask is not None:
-            logits = logits.masked_fill(~mask[..., None], float("-inf"))
-        attn = logits.softmax(dim=1)  # [B, L, H]
-        pooled = torch.einsum("blh,blD->bhD", attn, xn)  # [B, H, D]
+            logits = logits.masked_fill(~mask.view(b, steps, -1, 1), float("-inf"))
+        attn = logits.softmax(dim=2)  # [B, T, S, H]
+        pooled = torch.einsum("btsh,btsD->bthD", attn, xn)  # [B, T, H, D]
         w_v = self.v_proj.weight.view(self.heads, d, self.dim)  # [H, d, D]
-        values = torch.einsum("bhD,hdD->bhd", pooled, w_v).reshape(len(x), self.dim) + self.v_proj.bias  # [B, D]
-        return self.out_proj(values), attn
+        values = torch.einsum("bthD,hdD->bthd", pooled, w_v).reshape(b, steps, self.dim) + self.v_proj.bias
+        return self.out_proj(values), attn  # [B, T, D]
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        z = self.query + self.attend(x, mask)[0]  # [B, D]
+        z = self.query + self.attend(x, mask)[0]  # [B, T, D]
         z = z + self.mlp(self.norm_mlp(z))
-        return self.head(self.norm_out(z))  # [B, n_outputs]
+        return self.head(self.norm_out(z).flatten(1))  # [B, n_outputs]
 
 
 def _loss(task: str, logits: Tensor, y: Tensor) -> Tensor:
@@ -150,8 +166,9 @@ class AttentiveProbe:
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.model = AttentivePooler(x.shape[-1], self.n_outputs, heads=cfg.heads,
-                                     n_tokens=x.shape[1] if cfg.positions else None)  # fmt: skip
+        n_tokens = x.shape[1] if cfg.positions else None
+        self.model = AttentivePooler(x.shape[-1], self.n_outputs, heads=cfg.heads, n_tokens=n_tokens,
+                                     time_steps=cfg.time_steps)  # fmt: skip
         opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=cfg.epochs * steps_per_epoch,

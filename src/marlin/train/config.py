@@ -134,6 +134,9 @@ class PretrainConfig:
     init: str | None = None  # VideoMAE or marlin checkpoint to start from (encoder/decoder weights only)
     epochs: float = 2000.0
     max_steps: int | None = None  # overrides epochs when set
+    # end this session at this step, checkpoint saved, the schedule still spanning the whole run (time-sliced
+    # compute, or a budget shorter than the schedule); --resume goes on from there. None = run to the end
+    stop_at: int | None = None
     batch_size: int = 16  # per process and micro-step
     accum_steps: int = 1  # micro-steps per optimiser step
     seed: int = 0
@@ -162,6 +165,7 @@ class PretrainConfig:
             (self.accum_steps >= 1, f"accum_steps must be >= 1, found {self.accum_steps}"),
             (self.loss.d_steps >= 1 and self.loss.g_steps >= 1, "loss.d_steps and loss.g_steps must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, found {self.max_steps}"),
+            (self.stop_at is None or self.stop_at >= 1, f"stop_at must be >= 1, found {self.stop_at}"),
             (self.epochs > 0, f"epochs must be > 0, found {self.epochs}"),
             (self.ckpt.every >= 1 and self.log.every >= 1, "ckpt.every and log.every must be >= 1"),
             (self.val.every >= 1 and self.val.max_clips >= 1, "val.every and val.max_clips must be >= 1"),

@@ -98,7 +98,8 @@ class _RunState:
     monitor: Monitor
     val_sets: dict[str, tuple[Dataset, list[int]]]
     ckpt_dir: Path
-    total: int  # steps of the run
+    total: int  # steps of the run (its schedule)
+    stop: int  # step this session ends at: `total`, or `stop_at` when that comes first
     saved_at: int | None = None  # step of the last checkpoint written
 
 
@@ -412,11 +413,12 @@ class Pretrainer:
         }
         monitor = Monitor(self.out_dir, enabled=self.dist.is_main, tensorboard=self.cfg.log.tensorboard)
         self._log_start(total, n_clips, val_sets)
-        run = _RunState(TrainResult(steps=self.step), monitor, val_sets, ckpt_dir, total)
+        stop = total if self.cfg.stop_at is None else min(total, self.cfg.stop_at)
+        run = _RunState(TrainResult(steps=self.step), monitor, val_sets, ckpt_dir, total, stop)
         with GracefulStop() as signals:
             try:
                 end = train_steps(
-                    self.train_step, iter(loader), start=self.step, stop=total, schedule=self.schedule,
+                    self.train_step, iter(loader), start=self.step, stop=stop, schedule=self.schedule,
                     optimizers=(self.g_opt, self.d_opt), accum_steps=self.cfg.accum_steps,
                     on_step=lambda step, metrics, micro: self._after_step(run, step, metrics, micro),
                     signals=signals, device=self.device,
@@ -427,7 +429,10 @@ class Pretrainer:
             finally:
                 monitor.close()
         run.result.steps = self.step
-        if not run.result.stopped_by:
+        if not run.result.stopped_by and self.step < total and self.dist.is_main:
+            log.info("stopped at step %d of %d (stop_at); %s holds it: continue with --resume", self.step, total,
+                     ckpt_dir / ckio.LAST)  # fmt: skip
+        elif not run.result.stopped_by:
             self._finish(run.result, end.seconds)
         return run.result
 
@@ -493,7 +498,7 @@ class Pretrainer:
             run.monitor.progress(step, run.total, metrics, c.global_batch(self.world_size))
         if run.val_sets and (step % c.val.every == 0 or step == run.total):
             self._validate_safely(run, step)
-        if step % c.ckpt.every == 0 or step == run.total:
+        if step % c.ckpt.every == 0 or step in (run.total, run.stop):
             self._checkpoint(run, step)
 
     def _validate_safely(self, run: _RunState, step: int) -> None:
