@@ -123,8 +123,11 @@ RUNS = {
     "fasking_opp": ["mask.strategy=fasking_opp", "loss.adversarial=false"],
     "random_mask": ["mask.strategy=random", "loss.adversarial=false"],
     "fasking_75": ["mask.strategy=fasking", "mask.ratio=0.75", "loss.adversarial=false"],
+    # the learning rate: 5x lower (MAE's linear scaling rule would give 4.7e-6 for batch 8; the runs use 5e-4)
+    "tube_lr1e-4": ["mask.strategy=tube", "loss.adversarial=false", "optim.lr=1e-4"],
 }
-VARIANTS = ("fasking", "fasking_opp", "random_mask", "fasking_75")  # short runs, done first
+COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:cyan")  # per run
+VARIANTS = ("fasking", "fasking_opp", "random_mask", "fasking_75", "tube_lr1e-4")  # short runs, done first
 
 
 def run_dir(args: argparse.Namespace, name: str) -> Path:
@@ -445,6 +448,24 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def _mean_cell(cells: dict) -> str:
+    return f"{sum(cells[s]['accuracy'] for s in SLOTS) / len(SLOTS):.3f}" if all(s in cells for s in SLOTS) else ""
+
+
+def summary(table: dict) -> str:
+    """Mean test accuracy over the six slots, one row per encoder and one column per protocol (the curve's numbers)."""
+    protos = [p for p in table if p != "pixels"]
+    names = sorted({n for p in protos for n in table[p]}, key=lambda n: (n != "random", n.split("@")[0], _step(n)))
+    lines = ["| encoder | step | " + " | ".join(protos) + " |", "|---|---|" + "---|" * len(protos)]
+    for name in names:
+        cells = [_mean_cell(table[proto].get(name, {})) for proto in protos]
+        lines.append(f"| {name.split('@')[0]} | {_step(name)} | " + " | ".join(cells) + " |")
+    pixels = table.get("pixels", {}).get("pixels", {})
+    if all(s in pixels for s in SLOTS):
+        lines.append(f"| raw mouth pixels | - | {_mean_cell(pixels)} (linear) |")
+    return "\n".join(lines)
+
+
 def plot_curve(table: dict, path: Path) -> Path | None:
     """Mean test accuracy over the six slots against pretraining steps, one panel per protocol."""
     try:
@@ -455,15 +476,16 @@ def plot_curve(table: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     protos = [p for p in table if p != "pixels"]
-    fig, axes = plt.subplots(1, len(protos), figsize=(4.2 * len(protos), 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(protos), figsize=(4.4 * len(protos), 4.0), sharey=True, squeeze=False)
     pixels = table.get("pixels", {}).get("pixels", {})
     for ax, proto in zip(axes[0], protos, strict=True):
         rows = table[proto]
-        for run, colour in (("marlin", "tab:red"), ("tube", "tab:blue")):
+        for run, colour in zip(RUNS, COLOURS, strict=True):
             pts = sorted((_step(n), sum(c[s]["accuracy"] for s in SLOTS) / len(SLOTS)) for n, c in rows.items()
                          if (n == "random" or n.startswith(run + "@")) and all(s in c for s in SLOTS))  # fmt: skip
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", color=colour, label=run)
+            if len(pts) > 1:  # a masking variant: one checkpoint, drawn as a point joined to step 0
+                ls = "-" if run in ("marlin", "tube") else ":"
+                ax.plot(*zip(*pts, strict=True), marker="o", color=colour, ls=ls, label=run)
         if all(s in pixels for s in SLOTS):
             ax.axhline(sum(pixels[s]["accuracy"] for s in SLOTS) / len(SLOTS), color="black", ls="--", lw=1,
                        label="raw mouth pixels")  # fmt: skip
@@ -471,7 +493,10 @@ def plot_curve(table: dict, path: Path) -> Path | None:
         ax.set_xlabel("pretraining steps (0 = random init)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("GRID test accuracy, mean of 6 slots")
-    axes[0][0].legend(fontsize=8)
+    legend: dict = {}  # every run drawn in any panel (a variant may lack a protocol)
+    for ax in axes[0]:
+        legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)})
+    axes[0][0].legend(list(legend.values()), list(legend), fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".part")
     fig.savefig(tmp, dpi=100, format="png")
@@ -543,6 +568,43 @@ def health_table(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+PARTS = {"mouth": (7, 8, 9), "eyes": (2, 3, 4, 5), "nose": (6,)}  # LaPa labels (brows with the eyes)
+
+
+def sees_table(args: argparse.Namespace, clips: int = 24, seeds: int = 4) -> str:
+    """What the encoder sees in each run: visible tokens per clip (of the run's masking and ratio, at the runs'
+    112 px geometry) that touch a mouth / eye / nose pixel in either frame of their tubelet, over GRID training
+    clips and a few mask seeds, next to how many tokens of the clip touch one."""
+    import torch
+
+    from marlin.data.datasets import PretrainDataset
+    from marlin.mae.masking import generate_visible, patch_has_label
+    from marlin.train.config import load_config
+
+    lines = ["| run | masking | visible tokens | with mouth | with eyes | with nose |", "|---|---|---|---|---|---|"]
+    for name in args.runs:
+        if not (run_dir(args, name) / "config.yaml").is_file():
+            continue
+        cfg = load_config(run_dir(args, name) / "config.yaml")
+        m = cfg.model
+        ds = PretrainDataset.from_config(args.work / "stores" / "grid_s1", m, split="train",
+                                         sample_rate=cfg.data.temporal_sample_rate, mode="eval")  # fmt: skip
+        idx = list(range(0, len(ds), max(1, len(ds) // clips)))[:clips]
+        parse = torch.stack([ds[i]["parse"] for i in idx])  # [B, T, S, S]
+        gen = torch.Generator().manual_seed(0)
+        vis = torch.cat([generate_visible(cfg.mask.strategy, len(idx), parse=parse, mask_ratio=cfg.mask.ratio,
+                                          clip_frames=m.clip_frames, tubelet=m.tubelet_size, img_size=m.img_size,
+                                          patch=m.patch_size, generator=gen) for _ in range(seeds)])  # fmt: skip
+        cells = []
+        for labels in PARTS.values():
+            hit = patch_has_label(parse, labels, m.patch_size)  # [B, T, h, w]
+            hit = hit.unflatten(1, (-1, m.tubelet_size)).any(2).flatten(1).repeat(seeds, 1)  # [B * seeds, N]
+            cells.append(f"{(vis & hit).sum(1).float().mean():.1f} of {hit.sum(1).float().mean():.0f}")
+        lines.append(f"| {name} | {cfg.mask.strategy} {cfg.mask.ratio:.0%} | {int(vis[0].sum())} | " +
+                     " | ".join(cells) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def heldout_table(args: argparse.Namespace) -> str:
     """Held-out reconstruction of unseen people (normalised targets) per evaluation: the run's error against the
     trivial predictor of each hidden patch's own mean (1.0 by construction)."""
@@ -570,7 +632,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--curve-steps",
         type=lambda t: {int(v) for v in t.split(",")},
-        default={1000, 3000, 6000},
+        default={1000, 1500, 2000, 3000, 6000},
         help="checkpoints probed for the curve (comma-separated steps; the latest is always probed)",
     )
     ap.add_argument(
@@ -617,11 +679,15 @@ def main(argv: list[str] | None = None) -> None:
         table = load_results(args)
         print(markdown(table))
         print()
+        print(summary(table))
+        print()
         print(heldout_table(args))
         print()
         print(recon_table(args))
         print()
         print(health_table(args))
+        print()
+        print(sees_table(args))
         picture = plot_curve(table, args.work / "transfer_curve.png")
         if picture:
             print(f"\npicture: {picture}")
