@@ -85,6 +85,8 @@ def test_time_steps_pool_each_group_alone_and_keep_their_order():
             assert torch.allclose(out[:, t], ref[:, 0], atol=1e-6) and torch.allclose(attn[:, t], ref_attn[:, 0])
     with pytest.raises(ValueError, match="do not divide into 3 time steps"):
         grouped(torch.randn(1, 7, dim))
+    with pytest.raises(ValueError, match="time_steps must be >= 1"):
+        AttentivePooler(dim, 2, heads=2, time_steps=0)
     # the label is the ORDER of two events (A then B, or B then A): one pool over the clip sees the same bag of tokens
     # either way (no position embedding), the per-time-step pool sees which came first
     rng = np.random.default_rng(0)

@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--layer picks the encoder block to extract from: it needs --model, not --features")
         if args.time_steps != 1 and args.head != "attentive":
             raise ValueError("--time-steps is an option of the attentive head (--head attentive)")
+        if args.time_steps < 1:
+            raise ValueError(f"--time-steps must be >= 1, found {args.time_steps}")
         labels = read_labels(args.labels, args.label, task=args.task, path_col=args.path_col,
                              group_col=args.group_col, split_col=args.split_col)  # fmt: skip
         feats_src = args.features if args.features is not None else _extract(args, labels)

@@ -15,7 +15,7 @@ With ``time_steps`` T > 1 the tokens are T consecutive groups (the encoder's tim
 pools each group on its own: ``[B, T, D]``, kept in order into the head. One pool over a whole clip averages its time
 steps away, and where the answer is *when* something happens (which word a mouth says, in a sentence) that loses
 it: on GRID's 800 training sentences the single pool fitted them (train accuracy 0.97) and scored 0.36 on the test
-sentences for ``command``, the per-time-step pool 0.49 (random-init tokens; a linear probe on the same tokens 0.50).
+sentences for ``command``, the per-time-step pool 0.47 (random-init tokens; a linear probe on the same tokens 0.50).
 
 Tokens are standardised per position and channel on the training rows (as the linear probe standardises its
 features: a frozen encoder's tokens are mostly alike, and the pooler did not even fit its training clips without it),
@@ -69,6 +69,8 @@ class AttentivePooler(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"AttentivePooler: token width {dim} does not divide into {heads} heads")
+        if time_steps < 1:
+            raise ValueError(f"AttentivePooler: time_steps must be >= 1, found {time_steps}")
         self.dim, self.heads, self.time_steps = dim, heads, time_steps
         # with `n_tokens`, a learnt embedding per token position (zero at first): which window / time step / place a
         # token comes from, for encoders whose tokens carry little of it (order matters: a sentence's first word)
