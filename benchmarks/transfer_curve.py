@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--curve-steps",
         type=lambda t: {int(v) for v in t.split(",")},
-        default={1000, 1500, 2000, 3000, 6000},
+        default={1000, 1500, 2000, 3000, 4000, 5000, 6000},
         help="checkpoints probed for the curve (comma-separated steps; the latest is always probed)",
     )
     ap.add_argument(
