@@ -432,24 +432,29 @@ def _step(name: str) -> int:
     return 0 if name == "random" else int(name.split("@")[1])
 
 
+def _slot_mean(cells: dict) -> float | None:
+    """Mean test accuracy over the six slots; None until every slot is probed."""
+    return sum(cells[s]["accuracy"] for s in SLOTS) / len(SLOTS) if all(s in cells for s in SLOTS) else None
+
+
+def _mean_cell(cells: dict) -> str:
+    mean = _slot_mean(cells)
+    return "" if mean is None else f"{mean:.3f}"
+
+
 def markdown(table: dict) -> str:
     """Per protocol and encoder: test accuracy (protocol split, 200 sentences) per slot and the mean over slots."""
     lines = ["| protocol | encoder | step | " + " | ".join(SLOTS) + " | mean |", "|---|---|---|" + "---|" * 7]
     for proto, rows in table.items():
         for name, cells in sorted(rows.items(), key=lambda kv: (kv[0].split("@")[0] != "random", kv[0].split("@")[0],
                                                                   _step(kv[0]) if "@" in kv[0] else 0)):  # fmt: skip
-            if not all(s in cells for s in SLOTS):
+            if _slot_mean(cells) is None:
                 continue
-            accs = [cells[s]["accuracy"] for s in SLOTS]
             shown = [f"{cells[s]['accuracy']:.3f} [{cells[s]['low']:.2f}, {cells[s]['high']:.2f}]" for s in SLOTS]
             step = "-" if name == "pixels" else str(_step(name))
             lines.append(f"| {proto} | {name.split('@')[0]} | {step} | " + " | ".join(shown) +
-                         f" | {sum(accs) / len(accs):.3f} |")  # fmt: skip
+                         f" | {_mean_cell(cells)} |")  # fmt: skip
     return "\n".join(lines)
-
-
-def _mean_cell(cells: dict) -> str:
-    return f"{sum(cells[s]['accuracy'] for s in SLOTS) / len(SLOTS):.3f}" if all(s in cells for s in SLOTS) else ""
 
 
 def summary(table: dict) -> str:
@@ -481,13 +486,13 @@ def plot_curve(table: dict, path: Path) -> Path | None:
     for ax, proto in zip(axes[0], protos, strict=True):
         rows = table[proto]
         for run, colour in zip(RUNS, COLOURS, strict=True):
-            pts = sorted((_step(n), sum(c[s]["accuracy"] for s in SLOTS) / len(SLOTS)) for n, c in rows.items()
-                         if (n == "random" or n.startswith(run + "@")) and all(s in c for s in SLOTS))  # fmt: skip
-            if len(pts) > 1:  # a masking variant: one checkpoint, drawn as a point joined to step 0
+            pts = sorted((_step(n), _slot_mean(c)) for n, c in rows.items()
+                         if (n == "random" or n.startswith(run + "@")) and _slot_mean(c) is not None)  # fmt: skip
+            if len(pts) > 1:  # step 0 alone (a run not probed yet) is not drawn; a variant's point joins step 0 dotted
                 ls = "-" if run in ("marlin", "tube") else ":"
                 ax.plot(*zip(*pts, strict=True), marker="o", color=colour, ls=ls, label=run)
         if all(s in pixels for s in SLOTS):
-            ax.axhline(sum(pixels[s]["accuracy"] for s in SLOTS) / len(SLOTS), color="black", ls="--", lw=1,
+            ax.axhline(_slot_mean(pixels), color="black", ls="--", lw=1,
                        label="raw mouth pixels")  # fmt: skip
         ax.set_title(proto)
         ax.set_xlabel("pretraining steps (0 = random init)")
