@@ -26,6 +26,7 @@ __all__ = [
     "N_MELS",
     "SAMPLE_RATE",
     "SILENCE",
+    "delay_mel",
     "log_mel",
     "mel_filterbank",
     "mel_steps",
@@ -123,4 +124,17 @@ def mel_window(mel: Tensor, frame_index: int, n_frames: int, fps: float) -> Tens
     out = mel.new_full((*mel.shape[:-1], length), SILENCE)
     if hi > lo:
         out[..., lo - start : hi - start] = mel[..., lo:hi]
+    return out
+
+
+def delay_mel(mel: Tensor, frames: int, fps: float) -> Tensor:
+    """The spectrogram of the same sound played `frames` video frames (at `fps`) late (> 0) or early (< 0): same
+    length, :data:`SILENCE` where nothing sounds. What a video whose audio track is out of sync by `frames` gives;
+    used to evaluate the offset search on clips with known delays."""
+    shift, total = mel_start(frames, fps), mel.shape[-1]
+    out = mel.new_full(mel.shape, SILENCE)
+    if shift >= 0:
+        out[..., shift:] = mel[..., : max(total - shift, 0)]
+    else:
+        out[..., : max(total + shift, 0)] = mel[..., -shift:]
     return out

@@ -21,7 +21,8 @@ CSV_FIELDS = ("path", "offset", "lse_d", "lse_c", "n_frames", "fps", "windows", 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", help="videos with sound: files, folders, globs or CSV lists")
+    p.add_argument("inputs", nargs="+", help="videos with sound: files, folders, globs, CSV lists or marlin prepare "
+                   "stores (STORE, STORE#val)")  # fmt: skip
     p.add_argument("--model", required=True, help="lip-sync expert (expert.pt from marlin sync-train)")
     p.add_argument("--max-offset", type=int, default=15, help="offsets searched: -N..N frames (default: %(default)s)")
     p.add_argument("--stride", type=int, default=1, help="frames between scored windows (default: %(default)s)")
@@ -46,7 +47,7 @@ def _csv_text(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from marlin.data.sources import collect_inputs
+    from marlin.sync.data import sync_inputs
     from marlin.sync.expert import load_expert
     from marlin.sync.score import plot_distances, score_video
     from marlin.utils.fileio import atomic_write_text, json_safe
@@ -56,7 +57,11 @@ def run(args: argparse.Namespace) -> int:
     crop = bool(expert.meta.get("crop_face", True)) if args.crop_face == "auto" else args.crop_face == "yes"
     detector = expert.meta.get("detector", "mediapipe")
     scores, rows, failed = [], [], 0
-    for path in collect_inputs(args.inputs, strict=True):
+    paths, skipped = sync_inputs(args.inputs)
+    if skipped:
+        print(f"marlin sync: {len(skipped)} store items have no sound and are left out (e.g. {skipped[0]})",
+              file=sys.stderr)  # fmt: skip
+    for path in paths:
         try:
             s = score_video(expert, path, max_offset=args.max_offset, stride=args.stride, batch_size=args.batch_size,
                             crop_face=crop, detector=detector, device=device)  # fmt: skip

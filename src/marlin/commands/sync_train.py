@@ -3,6 +3,8 @@
     marlin sync-train /data/grid_s1/videos --out runs/sync --model marlin_vit_small_ytf --steps 3000
     marlin sync-train train.csv --val val.csv --out runs/sync --freeze-encoder
     marlin sync-train crops/ --no-crop-face --out runs/sync --resume
+    marlin sync-train STORE#train --val STORE#val --out runs/sync       # marlin prepare stores: crops made once
+    marlin sync-train videos/ --visual pixels --model marlin_vit_tiny --out runs/sync_pixels   # raw-pixel baseline
     torchrun --nproc_per_node 4 -m marlin.cli sync-train videos/ --out runs/sync
 
 Writes OUT/expert.pt (read by `marlin sync --model`), OUT/last.pt (resume point) and OUT/results.json. See
@@ -22,13 +24,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from marlin.sync.train import SyncTrainConfig
 
     d = SyncTrainConfig()
-    p.add_argument("inputs", nargs="+", help="training videos with sound: files, folders, globs or CSV lists")
+    p.add_argument("inputs", nargs="+", help="training videos with sound: files, folders, globs, CSV lists or marlin "
+                   "prepare stores (STORE, STORE#train, STORE#val: the items whose video has sound)")  # fmt: skip
     p.add_argument("--val", nargs="+", default=[], help="held-out videos (default: --val-fraction of the inputs)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="(default: %(default)s)")
     add_model_arguments(p)
     p.add_argument("--out", required=True, help="run folder: expert.pt, last.pt, results.json")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--freeze-encoder", action="store_true", help="train the two heads and the audio net only")
+    p.add_argument("--visual", choices=("encoder", "pixels"), default=d.visual, help="visual stream: the encoder, or "
+                   "the raw-pixel baseline (--model then gives only the sizes; default: %(default)s)")  # fmt: skip
     p.add_argument("--encoder-lr-scale", type=float, default=d.encoder_lr_scale, help="the encoder's lr = lr x this "
                    "(default: %(default)s)")  # fmt: skip
     p.add_argument("--no-crop-face", action="store_true", help="the videos are face crops already (centre crop)")
@@ -58,15 +63,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marlin.data.sources import collect_inputs
+    from marlin.sync.data import sync_inputs
     from marlin.sync.train import SyncTrainConfig, sync_train
 
     try:
-        videos = tuple(map(str, collect_inputs(args.inputs, strict=True)))
-        val = tuple(map(str, collect_inputs(args.val, strict=True))) if args.val else ()
+        videos, skipped = sync_inputs(args.inputs)
+        val, skipped_val = sync_inputs(args.val) if args.val else ([], [])
+        if skipped or skipped_val:
+            print(f"marlin sync-train: {len(skipped) + len(skipped_val)} store items have no sound and are left out "
+                  f"(e.g. {(skipped or skipped_val)[0]})", file=sys.stderr)  # fmt: skip
         cfg = SyncTrainConfig(
-            videos=videos, val_videos=val, val_fraction=args.val_fraction, model=args.model,
-            random_init=args.random_init, freeze_encoder=args.freeze_encoder, encoder_lr_scale=args.encoder_lr_scale,
+            videos=tuple(videos), val_videos=tuple(val), val_fraction=args.val_fraction, model=args.model,
+            random_init=args.random_init, visual=args.visual, freeze_encoder=args.freeze_encoder,
+            encoder_lr_scale=args.encoder_lr_scale,
             embed_dim=args.embed_dim, fps=args.fps, crop_face=not args.no_crop_face, detector=args.detector,
             steps=args.steps, batch_size=args.batch_size, negatives=args.negatives, min_shift=args.min_shift,
             max_shift=args.max_shift, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,

@@ -1,7 +1,10 @@
 """Audio-visual training pairs for the lip-sync expert: a video's face clip and the mel windows that go with it.
 
-Frames come from the one clip sampler (:func:`marlin.data.clips.read_face_clip` around the tracked face, or
-:func:`marlin.data.clips.read_clip` for videos that are face crops already); sound from
+A source is a video file, or an item folder of a ``marlin prepare`` store (``STORE/items/<id>``: its face crops are
+made already, and its sound is read from the video the item came from; :func:`sync_inputs` expands ``STORE`` or
+``STORE#train`` / ``STORE#val`` into the items whose video has sound). Frames of a video come from the one clip sampler
+(:func:`marlin.data.clips.read_face_clip` around the tracked face, or :func:`marlin.data.clips.read_clip` for videos
+that are face crops already); frames of a store item from its crops (resized to the expert's size); sound from
 :func:`marlin.video.io.read_audio` -> :func:`marlin.audio.mel.log_mel`. A video whose audio ends more than
 :data:`MAX_SHORTFALL_S` before its last frame is refused (its last windows would pair lips with silence).
 
@@ -14,6 +17,7 @@ enough), as Wav2Lip trains its expert.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -29,7 +34,15 @@ from ..audio.mel import log_mel
 from ..utils.seeding import derive_seed
 from .expert import sync_window
 
-__all__ = ["MAX_SHORTFALL_S", "SyncPairs", "VideoAudio", "load_video_audio", "read_frames_for_sync"]
+__all__ = [
+    "MAX_SHORTFALL_S",
+    "SyncPairs",
+    "VideoAudio",
+    "load_video_audio",
+    "read_frames_for_sync",
+    "store_item_meta",
+    "sync_inputs",
+]
 
 MAX_SHORTFALL_S = 0.2
 """Seconds of video without audio tolerated at the end (GRID's AAC tracks end ~20 ms early); more is refused."""
@@ -45,26 +58,72 @@ class VideoAudio:
     fps: float
 
 
+def store_item_meta(path: str | os.PathLike) -> dict | None:
+    """The ``meta.json`` of a ``marlin prepare`` store item folder (``STORE/items/<id>``); None for anything else."""
+    p = Path(path)
+    if not (p.is_dir() and (p / "meta.json").is_file() and (p.parent.parent / "store.json").is_file()):
+        return None
+    return json.loads((p / "meta.json").read_text())
+
+
+def sync_inputs(specs: Sequence[str | os.PathLike]) -> tuple[list[str], list[str]]:
+    """(sources, skipped): files, folders, globs and CSV lists as every command reads them, and ``marlin prepare``
+    stores (``STORE``, or one split: ``STORE#train`` / ``STORE#val``) as their item folders whose video has sound;
+    `skipped` names the store items without sound. Errors as :func:`marlin.data.sources.collect_inputs` (strict)."""
+    from ..data.sources import collect_inputs
+    from ..data.store import ClipStore
+    from ..video.io import has_audio
+
+    out, skipped = [], []
+    for spec in map(str, specs):
+        root, _, split = spec.partition("#")
+        if not (Path(root).expanduser() / "store.json").is_file():
+            out += [str(p) for p in collect_inputs([spec], strict=True)]
+            continue
+        store = ClipStore(Path(root).expanduser())
+        items = store.split(split or None)
+        if not items:
+            raise ValueError(f"{spec}: no items{f' in split {split!r}' if split else ''}")
+        for item in items:
+            folder = str(store.item_dir(item))
+            (out if has_audio(store.meta(item)["source"]) else skipped).append(folder)
+    return out, skipped
+
+
 def load_video_audio(path: str | os.PathLike, max_shortfall_s: float = MAX_SHORTFALL_S) -> VideoAudio:
-    """Decode a video's audio and compute its log-mel; one-line ValueError for a file without video frame timing or
-    with audio shorter than the video (more than `max_shortfall_s`)."""
+    """Decode a video's audio (a store item's: of the video it came from) and compute its log-mel; one-line
+    ValueError for a file without video frame timing or with audio shorter than the frames (more than
+    `max_shortfall_s`)."""
     from ..video.io import read_audio
 
-    wav, info = read_audio(path)
+    meta = store_item_meta(path)
+    wav, info = read_audio(meta["source"] if meta else path)
     if info.video_frames is None or not info.fps:
         raise ValueError(f"{path}: no video stream with a frame rate; lip sync needs a video with sound")
-    if info.shortfall_s > max_shortfall_s:
-        raise ValueError(f"{path}: the audio ends {info.shortfall_s:.2f} s before the video "
-                         f"({info.duration_s:.2f} s of sound for {info.video_duration_s:.2f} s of video); "
+    step = int(meta.get("frame_step", 1)) if meta else 1
+    n_frames, fps = (int(meta["n_frames"]) if meta else int(info.video_frames)), float(info.fps) / step
+    shortfall = n_frames / fps - info.duration_s  # the frames read, not the whole source (a store may keep fewer)
+    if shortfall > max_shortfall_s:
+        raise ValueError(f"{path}: the audio ends {shortfall:.2f} s before the video "
+                         f"({info.duration_s:.2f} s of sound for {n_frames / fps:.2f} s of video); "
                          "trim the video to its sound")  # fmt: skip
-    return VideoAudio(Path(path), log_mel(wav), int(info.video_frames), float(info.fps))
+    return VideoAudio(Path(path), log_mel(wav), n_frames, fps)
 
 
 def read_frames_for_sync(path: str | os.PathLike, indices: Sequence[int], size: int, crop_face: bool,
                          detector: str = "mediapipe") -> Tensor:  # fmt: skip
-    """Frames `indices` as uint8 ``[3, T, size, size]``: cropped around the tracked face, or centre-cropped."""
+    """Frames `indices` as uint8 ``[3, T, size, size]``: a store item's crops (resized), else cropped around the
+    tracked face, or centre-cropped."""
     from ..data.clips import read_clip, read_face_clip
+    from ..data.store import read_stream
 
+    meta = store_item_meta(path)
+    if meta is not None:
+        crops = torch.from_numpy(read_stream(path, meta["streams"]["video"], list(indices)))  # [T, S', S', 3]
+        x = crops.permute(3, 0, 1, 2).contiguous()  # [3, T, S', S']
+        if x.shape[-1] != size:
+            x = F.interpolate(x.float(), size=(size, size), mode="area").round_().clamp_(0, 255).to(torch.uint8)
+        return x
     if not crop_face:
         return read_clip(path, indices, size)
     crops = read_face_clip(path, indices, size, detector=detector)  # [T, S, S, 3]

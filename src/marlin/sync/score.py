@@ -29,7 +29,15 @@ import torch
 from .data import load_video_audio, read_frames_for_sync
 from .expert import SyncExpert
 
-__all__ = ["SyncScore", "plot_distances", "score_video"]
+__all__ = [
+    "SyncScore",
+    "embed_windows",
+    "offset_distances",
+    "plot_distances",
+    "score_video",
+    "summarise",
+    "window_starts",
+]
 
 
 @dataclass
@@ -51,14 +59,48 @@ class SyncScore:
         return asdict(self)
 
 
-def _embed_windows(expert: SyncExpert, frames: torch.Tensor, starts: list[int], batch_size: int,
-                   device: torch.device) -> torch.Tensor:  # fmt: skip
+def window_starts(n_frames: int, clip_frames: int, max_offset: int, stride: int) -> tuple[list[int], bool]:
+    """(starts, padded): the scored windows, those whose audio stays inside the video at every offset; every window
+    (``padded``: shifted audio partly silence) when the video is too short for any."""
+    last = n_frames - clip_frames
+    starts = [s for s in range(0, last + 1, stride) if max_offset <= s <= last - max_offset]
+    return (starts, False) if starts else (list(range(0, last + 1, stride)), True)
+
+
+@torch.no_grad()
+def embed_windows(expert: SyncExpert, frames: torch.Tensor, starts: list[int], batch_size: int = 16,
+                  device: torch.device | str = "cpu") -> torch.Tensor:  # fmt: skip
     """Visual embeddings ``[W, E]`` of the clips starting at `starts` of `frames` (uint8 ``[3, N, S, S]``)."""
     t, out = expert.clip_frames, []
     for i in range(0, len(starts), batch_size):
         clips = torch.stack([frames[:, s : s + t] for s in starts[i : i + batch_size]])
         out.append(expert.embed_video(clips.to(device).float().div_(255.0)).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def offset_distances(expert: SyncExpert, v: torch.Tensor, starts: list[int], mel: torch.Tensor, fps: float,
+                     offsets: list[int], device: torch.device | str = "cpu") -> np.ndarray:  # fmt: skip
+    """``[W, K]`` Euclidean distances between window ``w``'s visual embedding `v[w]` and the audio window that starts
+    ``offsets[k]`` frames after it in `mel`; each audio window is embedded once."""
+    audio_starts = sorted({s + k for s in starts for k in offsets})
+    mels = torch.stack([expert.window(mel, a, fps) for a in audio_starts])  # [A, 80, L]
+    a = torch.cat([expert.embed_audio(mels[i : i + 256].to(device)).cpu() for i in range(0, len(mels), 256)])
+    row = {s: i for i, s in enumerate(audio_starts)}
+    idx = torch.tensor([[row[s + k] for k in offsets] for s in starts])  # [W, K]
+    return (v[:, None] - a[idx]).norm(dim=-1).numpy().astype(np.float64)  # [W, K]
+
+
+def summarise(path: str, n_frames: int, fps: float, starts: list[int], offsets: list[int], dist: np.ndarray,
+              padded: bool) -> SyncScore:  # fmt: skip
+    """Offset, LSE-D and LSE-C of a video (and of each window) from its ``[W, K]`` distances."""
+    mean = dist.mean(0)  # [K]
+    best = int(mean.argmin())
+    windows = [{"start": s, "offset": offsets[int(d.argmin())], "lse_d": float(d.min()),
+                "lse_c": float(np.median(d) - d.min())} for s, d in zip(starts, dist, strict=True)]  # fmt: skip
+    return SyncScore(path=str(path), n_frames=n_frames, fps=fps, offset=offsets[best], lse_d=float(mean[best]),
+                     lse_c=float(np.median(mean) - mean[best]), offsets=offsets, distances=[float(x) for x in mean],
+                     windows=windows, padded=padded)  # fmt: skip
 
 
 @torch.no_grad()
@@ -75,26 +117,11 @@ def score_video(expert: SyncExpert, path: str | os.PathLike, *, max_offset: int 
     if va.n_frames < t:
         raise ValueError(f"{path}: {va.n_frames} frames, fewer than the expert's {t}-frame window")
     frames = read_frames_for_sync(path, range(va.n_frames), expert.config.img_size, crop_face, detector)
-    last = va.n_frames - t
-    starts = [s for s in range(0, last + 1, stride) if max_offset <= s <= last - max_offset]
-    padded = not starts
-    if padded:
-        starts = list(range(0, last + 1, stride))
-    v = _embed_windows(expert, frames, starts, batch_size, device)  # [W, E]
+    starts, padded = window_starts(va.n_frames, t, max_offset, stride)
+    v = embed_windows(expert, frames, starts, batch_size, device)  # [W, E]
     offsets = list(range(-max_offset, max_offset + 1))
-    audio_starts = sorted({s + k for s in starts for k in offsets})
-    mels = torch.stack([expert.window(va.mel, a, va.fps) for a in audio_starts])  # [A, 80, L]
-    a = torch.cat([expert.embed_audio(mels[i : i + 256].to(device)).cpu() for i in range(0, len(mels), 256)])
-    row = {s: i for i, s in enumerate(audio_starts)}
-    idx = torch.tensor([[row[s + k] for k in offsets] for s in starts])  # [W, K]
-    dist = (v[:, None] - a[idx]).norm(dim=-1).numpy().astype(np.float64)  # [W, K]
-    mean = dist.mean(0)  # [K]
-    best = int(mean.argmin())
-    windows = [{"start": s, "offset": offsets[int(d.argmin())], "lse_d": float(d.min()),
-                "lse_c": float(np.median(d) - d.min())} for s, d in zip(starts, dist, strict=True)]  # fmt: skip
-    return SyncScore(path=str(path), n_frames=va.n_frames, fps=va.fps, offset=offsets[best], lse_d=float(mean[best]),
-                     lse_c=float(np.median(mean) - mean[best]), offsets=offsets, distances=[float(x) for x in mean],
-                     windows=windows, padded=padded)  # fmt: skip
+    dist = offset_distances(expert, v, starts, va.mel, va.fps, offsets, device)
+    return summarise(str(path), va.n_frames, va.fps, starts, offsets, dist, padded)
 
 
 def plot_distances(scores: list[SyncScore], path: str | os.PathLike) -> Path:

@@ -36,7 +36,7 @@ from ..utils.precision import autocast
 from ..utils.schedule import CosineSchedule
 from ..utils.seeding import derive_seed
 from .data import SyncPairs
-from .expert import SyncExpert
+from .expert import VISUAL_STREAMS, SyncExpert
 
 __all__ = ["SyncTrainConfig", "SyncTrainResult", "evaluate_pairs", "sync_train"]
 
@@ -54,6 +54,7 @@ class SyncTrainConfig:
     val_fraction: float = 0.1
     model: str = "marlin_vit_base_ytf"  # the encoder: registered name, checkpoint or save_pretrained directory
     random_init: bool = False
+    visual: str = "encoder"  # "pixels": the raw-pixel baseline stream instead of the encoder (`model` gives the sizes)
     freeze_encoder: bool = False
     encoder_lr_scale: float = 0.1  # the encoder trains at lr * this (it is pretrained; the heads are new)
     embed_dim: int = 128
@@ -61,7 +62,7 @@ class SyncTrainConfig:
     crop_face: bool = True  # False: the videos are face crops already (centre-cropped)
     detector: str = "mediapipe"
     steps: int = 2000
-    batch_size: int = 8  # clips per process and step
+    batch_size: int = 8  # clips per process and step (>= 2: the embeddings' batch norm needs two)
     negatives: int = 2  # shifted windows per clip
     min_shift: int = 2
     max_shift: int = 15
@@ -82,7 +83,9 @@ class SyncTrainConfig:
     def __post_init__(self) -> None:
         self.videos, self.val_videos = tuple(map(str, self.videos)), tuple(map(str, self.val_videos))
         checks = [(self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-                  (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+                  (self.batch_size >= 2, f"batch size must be >= 2 (the embeddings are batch-normalised), got "
+                                         f"{self.batch_size}"),
+                  (self.visual in VISUAL_STREAMS, f"visual must be one of {VISUAL_STREAMS}, got {self.visual!r}"),
                   (self.lr > 0, f"lr must be > 0, got {self.lr}"),
                   (0 <= self.val_fraction < 1, f"val fraction must be in [0, 1), got {self.val_fraction}"),
                   (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
@@ -161,16 +164,18 @@ def _build(cfg: SyncTrainConfig, encoder: MarlinEncoder | None) -> SyncExpert:
     if encoder is None:
         from ..models.model import from_spec
 
-        encoder = from_spec(cfg.model, full=False, random_init=cfg.random_init).encoder
+        encoder = from_spec(cfg.model, full=False, random_init=cfg.random_init or cfg.visual == "pixels").encoder
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical heads on every rank
-    return SyncExpert(encoder.config, embed_dim=cfg.embed_dim, fps=cfg.fps, encoder=encoder)
+    return SyncExpert(encoder.config, embed_dim=cfg.embed_dim, fps=cfg.fps, visual=cfg.visual,
+                      encoder=encoder if cfg.visual == "encoder" else None)  # fmt: skip
 
 
 def _optimizer(cfg: SyncTrainConfig, expert: SyncExpert) -> torch.optim.Optimizer:
-    if cfg.freeze_encoder:
+    if cfg.freeze_encoder and expert.encoder is not None:
         expert.encoder.requires_grad_(False)
     groups = []
-    for part, scale in ((expert.encoder, cfg.encoder_lr_scale), (expert, 1.0)):
+    parts = ((expert.encoder, cfg.encoder_lr_scale), (expert, 1.0)) if expert.encoder is not None else ((expert, 1.0),)
+    for part, scale in parts:
         named = [(n, p) for n, p in part.named_parameters() if part is expert.encoder or not n.startswith("encoder.")]
         for g in param_groups(named, weight_decay=cfg.weight_decay):
             g["lr_scale"] = scale
@@ -229,7 +234,7 @@ class _Run:
     def train_step(self, micro: list[dict[str, Tensor]]) -> dict[str, float]:
         batch, dev = micro[0], self.dist.device
         self.net.train()
-        if self.cfg.freeze_encoder:
+        if self.cfg.freeze_encoder and self.expert.encoder is not None:
             self.expert.encoder.eval()
         with autocast(dev, self.cfg.precision):
             logits = self.net(batch["video"].to(dev).float().div_(255.0), batch["mel"].to(dev))

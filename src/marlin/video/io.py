@@ -48,6 +48,7 @@ __all__ = [
     "VideoError",
     "VideoInfo",
     "VideoWarning",
+    "has_audio",
     "iter_frames",
     "probe_video",
     "read_audio",
@@ -582,6 +583,14 @@ def _decode_audio(container: av.container.InputContainer, stream: av.AudioStream
         warnings.warn(f"{path}: skipped {n_failed} damaged audio packet(s) ({_reason(last_error)})", VideoWarning,
                       stacklevel=3)  # fmt: skip
     return np.concatenate(chunks).astype(np.float32, copy=False), first_time
+
+
+def has_audio(path: str | os.PathLike) -> bool:
+    """Whether a media file has an audio stream (header only, nothing decoded); :class:`VideoError` for a missing or
+    unreadable file."""
+    p = Path(path)
+    with _open_file(p, "media") as container:
+        return bool(container.streams.audio)
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> tuple[np.ndarray, AudioInfo]:
