@@ -221,3 +221,19 @@ def test_from_spec_names_a_dangling_or_looping_link_as_a_file(tmp_path):
     for link in (loop, dangling):
         with pytest.raises(FileNotFoundError, match="symbolic link"):
             from_spec(link)
+
+
+def test_from_spec_random_init_of_a_checkpoint_builds_its_architecture_untrained(tmp_path):
+    """`--random-init` with a checkpoint path used to load the checkpoint's weights silently (a 'random init'
+    baseline that was in fact the pretrained encoder)."""
+    from marlin.models.model import from_spec
+
+    torch.manual_seed(0)
+    trained = Marlin(get_config("marlin_vit_tiny_test").replace(img_size=48)).eval()
+    path = trained.save_pretrained(tmp_path / "tiny")
+    loaded, fresh = from_spec(path), from_spec(path, random_init=True)
+    assert fresh.config == loaded.config == trained.config and not fresh.training
+    w = "encoder.blocks.0.attn.qkv.weight"
+    assert torch.equal(loaded.state_dict()[w], trained.state_dict()[w])
+    assert fresh.state_dict()[w].shape == trained.state_dict()[w].shape
+    assert not torch.allclose(fresh.state_dict()[w], trained.state_dict()[w])
