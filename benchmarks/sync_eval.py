@@ -246,8 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "sync_eval")
     ap.add_argument("--marlin", type=Path, default=curve / "pretrain_marlin" / "checkpoints" / "step_3000.pt")
     ap.add_argument("--tube", type=Path, default=curve / "pretrain_tube" / "checkpoints" / "step_6000.pt")
-    ap.add_argument("--arms", nargs="+", choices=ARMS, default=["pixels", "random", "marlin"],
-                    help="visual streams (tube: optional, another ~35 min of CPU)")  # fmt: skip
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="visual streams (~20-30 min each)")
     ap.add_argument("--steps", type=int, default=600, help="sync-train steps per expert")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--delays", type=lambda t: [int(v) for v in t.split(",")], default=[-12, -6, -3, 0, 3, 6, 12])
