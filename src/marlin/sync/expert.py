@@ -7,8 +7,8 @@ Two streams map a window of ``clip_frames`` video frames and the mel frames that
   visible (the encoder's masking path, as in pretraining: the mouth keeps the positions it had in pretraining, and
   half the tokens cost nothing). Tokens are averaged over space per time step (``clip_frames / tubelet_size``
   steps), so the timing of the mouth movement inside the window survives pooling; an MLP maps the steps to the
-  embedding. ``visual="pixels"`` is the learning-free baseline's stream: the lower half of each frame, grey and
-  4x downsampled, one linear map per time step instead of the encoder (same MLP after it).
+  embedding. ``visual="pixels"`` is the raw-pixel baseline's stream (no image features): the lower half of each
+  frame, grey and 4x downsampled, one linear map per time step instead of the encoder (same MLP after it).
 * Audio: a small 2D conv net on the ``[80, L]`` mel window, pooled to a few frequency bands x the same number of
   time steps, then a linear layer. Windows of other frame rates are resampled to the length of the expert's ``fps``.
 
