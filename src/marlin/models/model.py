@@ -477,12 +477,9 @@ def from_spec(spec: str | os.PathLike, *, full: bool = False, random_init: bool 
     registered name (released weights are downloaded once into the cache). `random_init` builds the architecture
     untrained instead: the named one, or the one a checkpoint's config describes (its weights are not used; the
     baseline a pretrained encoder is compared with)."""
-    if isinstance(spec, str) and spec.startswith("hf://"):
-        model = load(spec, full=full)
-        return Marlin(model.config, as_feature_extractor=not full).eval() if random_init else model
-    path = Path(spec).expanduser()
-    if path.exists():
-        model = load(path, full=full)
+    hub, path = isinstance(spec, str) and spec.startswith("hf://"), Path(spec).expanduser()
+    if hub or path.exists():
+        model = load(spec if hub else path, full=full)
         return Marlin(model.config, as_feature_extractor=not full).eval() if random_init else model
     if path.is_symlink():  # a link to nothing (or to itself): a file was meant, not a model name
         raise FileNotFoundError(f"{path}: a symbolic link to a missing file (or a link loop); expected a checkpoint")
