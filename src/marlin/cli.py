@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("marlin.commands.export", "the encoder as ONNX (pooled or token features), checked with ONNX Runtime"),
     "sync-train": ("marlin.commands.sync_train", "train a lip-sync expert (MARLIN lips + mel audio) on videos"),
     "sync": ("marlin.commands.sync", "audio-visual offset, LSE-D and LSE-C of videos with a lip-sync expert"),
+    "lipsync-train": ("marlin.commands.lipsync_train", "train a lip generator (MARLIN face encoder) for dubbing"),
+    "lipsync": ("marlin.commands.lipsync", "redraw a video's mouth to speak another sound track (dubbing)"),
 }
 
 

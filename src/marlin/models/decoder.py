@@ -30,13 +30,17 @@ class MarlinDecoder(nn.Module):
         self.apply(init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
-    def forward(self, x: Tensor, visible: Tensor) -> Tensor:
-        """x: [B, N_vis, Dd] decoder-width visible tokens; visible: [B, N] bool -> [B, N_masked, patch_dim]."""
+    def forward(self, x: Tensor, visible: Tensor, hidden_extra: Tensor | None = None) -> Tensor:
+        """x: [B, N_vis, Dd] decoder-width visible tokens; visible: [B, N] bool -> [B, N_masked, patch_dim].
+
+        `hidden_extra` ``[B, N_masked, Dd]`` is added to the mask tokens (conditioning on what the visible tokens
+        cannot tell, e.g. the lip generator's reference frames and sound)."""
         b, _, d = x.shape
         pos = self.pos_embedding.emb.expand(b, -1, -1)  # [B, N, Dd]
         pos_vis = pos[visible].view(b, -1, d)  # [B, N_vis, Dd]
         pos_masked = pos[~visible].view(b, -1, d)  # [B, N_masked, Dd]
-        x = torch.cat([x + pos_vis, self.mask_token + pos_masked], dim=1)  # [B, N, Dd], visible first
+        hidden = self.mask_token + pos_masked if hidden_extra is None else self.mask_token + pos_masked + hidden_extra
+        x = torch.cat([x + pos_vis, hidden], dim=1)  # [B, N, Dd], visible first
         for block in self.blocks:
             x = block(x)
         x = x[:, -pos_masked.shape[1] :]  # the hidden tokens, in token order

@@ -39,7 +39,17 @@ from ..audio.mel import N_MELS, mel_steps, mel_window
 from ..models.config import MarlinConfig
 from ..models.encoder import MarlinEncoder
 
-__all__ = ["SYNC_FORMAT", "VISUAL_STREAMS", "AudioEncoder", "PixelStream", "SyncExpert", "load_expert", "sync_window"]
+__all__ = [
+    "SYNC_FORMAT",
+    "VISUAL_STREAMS",
+    "AudioEncoder",
+    "MelSteps",
+    "PixelStream",
+    "SyncExpert",
+    "load_expert",
+    "lower_half_tokens",
+    "sync_window",
+]
 
 SYNC_FORMAT = "marlin-sync-v2"  # v1 (no embedding norms, never learned) is not read
 FREQ_BANDS = 5  # frequency bands the audio net keeps apart before its last layer
@@ -64,10 +74,12 @@ def sync_window(mel: Tensor, frame_index: int, clip_frames: int, fps: float, len
     return w
 
 
-class AudioEncoder(nn.Module):
-    """Mel window ``[B, 80, L]`` (values in [-4, 4]) -> embedding ``[B, embed_dim]`` (not normalised)."""
+class MelSteps(nn.Module):
+    """Mel window ``[B, 80, L]`` (values in [-4, 4]) -> features per time step ``[B, time_steps, out_dim]``: a small 2D
+    conv net pooled to a few frequency bands x `time_steps` steps (the expert's audio trunk; the lip generator's audio
+    stream)."""
 
-    def __init__(self, embed_dim: int, time_steps: int, width: int = 32) -> None:
+    def __init__(self, time_steps: int, width: int = 32) -> None:
         super().__init__()
         chans = [1, width, 2 * width, 4 * width, 8 * width]
         strides = [(1, 1), (2, 1), (2, 2), (2, 1)]  # (mel, time): frequency shrinks faster than time
@@ -76,11 +88,25 @@ class AudioEncoder(nn.Module):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(8, c_out), nn.GELU()]
         self.convs = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d((FREQ_BANDS, time_steps))  # coarse bands: which frequencies sound matters
-        self.proj = nn.Linear(chans[-1] * FREQ_BANDS * time_steps, embed_dim)
+        self.out_dim = chans[-1] * FREQ_BANDS
+
+    def grid(self, mel: Tensor) -> Tensor:
+        """``[B, 80, L]`` -> ``[B, C, bands, time_steps]``."""
+        return self.pool(self.convs(mel[:, None] / 4.0))
 
     def forward(self, mel: Tensor) -> Tensor:
-        x = self.convs(mel[:, None] / 4.0)  # [B, C, 80', L']
-        return self.proj(self.pool(x).flatten(1))  # [B, E]
+        return self.grid(mel).permute(0, 3, 1, 2).flatten(2)  # [B, t, C * bands]
+
+
+class AudioEncoder(MelSteps):
+    """Mel window ``[B, 80, L]`` (values in [-4, 4]) -> embedding ``[B, embed_dim]`` (not normalised)."""
+
+    def __init__(self, embed_dim: int, time_steps: int, width: int = 32) -> None:
+        super().__init__(time_steps, width)
+        self.proj = nn.Linear(self.out_dim * time_steps, embed_dim)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        return self.proj(self.grid(mel).flatten(1))  # [B, E]
 
 
 class PixelStream(nn.Module):

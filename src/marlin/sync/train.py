@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,14 +151,6 @@ def evaluate_pairs(expert: SyncExpert, data: SyncPairs, *, batch_size: int = 8, 
             "auc": binary_auc(y.astype(np.int64), s)}  # fmt: skip
 
 
-def _step_batches(start: int, stop: int, batch: int, rank: int, world: int) -> Iterator[list[int]]:
-    """This rank's item indices of steps ``start .. stop - 1`` (the global batch of step s is items
-    ``s * batch * world ...``)."""
-    for step in range(start, stop):
-        first = (step * world + rank) * batch
-        yield list(range(first, first + batch))
-
-
 def _build(cfg: SyncTrainConfig, encoder: MarlinEncoder | None) -> SyncExpert:
     if encoder is None:
         from ..models.model import from_spec
@@ -280,11 +271,11 @@ class _Run:
 
     def loop(self) -> int:
         """Run the remaining steps on the engine; returns the signal that stopped it early (0: ran to the end)."""
-        from ..train.engine import train_steps
+        from ..train.engine import rank_batches, train_steps
         from ..utils.distributed import GracefulStop
 
         cfg, d = self.cfg, self.dist
-        sampler = _step_batches(self.step, cfg.steps, cfg.batch_size, d.rank, d.world_size)
+        sampler = rank_batches(self.step, cfg.steps, cfg.batch_size, d.rank, d.world_size)
         loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers,
                             persistent_workers=False, pin_memory=d.device.type == "cuda")  # fmt: skip
         with GracefulStop() as signals:

@@ -62,6 +62,15 @@ def _next_micro(batches: Iterator[Any], accum_steps: int, pad_missing: bool, sto
         return None
 
 
+def rank_batches(start: int, stop: int, batch: int, rank: int, world: int) -> Iterator[list[int]]:
+    """This rank's item indices of steps ``start .. stop - 1`` of a seeded sample stream (the global batch of step
+    s is items ``s * batch * world ...``, rank r reading its ``batch`` of them): a resumed or multi-process run reads
+    exactly the items of one uninterrupted run."""
+    for step in range(start, stop):
+        first = (step * world + rank) * batch
+        yield list(range(first, first + batch))
+
+
 def train_steps(
     step_fn: Callable[[list[Any]], dict[str, float]],
     batches: Iterator[Any],

@@ -450,9 +450,12 @@ def write_video(
     crf: int | None = 18,
     preset: str | None = "medium",
     pix_fmt: str = "yuv420p",
+    audio: tuple[np.ndarray, int] | None = None,
 ) -> Path:
     """Encode RGB frames (``[T, H, W, 3]`` uint8, or an iterable of ``[H, W, 3]``) to a video file; return its path.
 
+    ``audio=(samples, sample_rate)`` adds a sound track (mono float samples in [-1, 1], starting with frame 0): AAC
+    in MP4/MOV/M4V files, else FLAC (lossless; MKV and the like).
     The container follows the file extension (``.mp4``, ``.mkv``, ...); MP4/MOV files get their index at the front
     (``+faststart``) so a truncated copy still plays. ``crf`` and ``preset`` apply to libx264/libx265 only; CRF 18
     is close to visually lossless. The file is written to a temporary name in the same folder and renamed into place
@@ -466,6 +469,9 @@ def write_video(
     rate = Fraction(fps).limit_denominator(1001 * 1000)
     if rate <= 0:
         raise ValueError(f"{path}: fps must be positive, got {fps}")
+    if audio is not None and (int(audio[1]) < 1 or np.asarray(audio[0]).size == 0):
+        raise ValueError(f"{path}: audio needs samples and a sample rate >= 1, got {np.asarray(audio[0]).size} "
+                         f"samples at {audio[1]} Hz")  # fmt: skip
     try:
         av.Codec(codec, "w")
     except Exception as err:  # PyAV raises UnknownCodecError or ValueError depending on the name
@@ -485,6 +491,7 @@ def write_video(
             raise ValueError(f"{path}: no container format for the extension {path.suffix!r}") from err
         with container:
             stream: av.VideoStream | None = None
+            sound: av.AudioStream | None = None
             for index, frame in enumerate(frames):
                 _check_rgb(frame, path, index)
                 height, width = frame.shape[:2]
@@ -498,6 +505,9 @@ def write_video(
                     stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
                     if codec in ("libx264", "libx265"):
                         stream.options = {k: str(v) for k, v in (("crf", crf), ("preset", preset)) if v is not None}
+                    if audio is not None:  # every stream exists before the first packet is written
+                        sound = container.add_stream("aac" if options else "flac", rate=int(audio[1]))
+                        sound.layout = "mono"
                 elif (height, width) != (stream.height, stream.width):
                     raise ValueError(
                         f"{path}: frame {index} is {width}x{height}, "
@@ -507,6 +517,8 @@ def write_video(
             if stream is None:
                 raise ValueError(f"{path}: no frames to write")
             container.mux(stream.encode(None))  # flush the encoder
+            if sound is not None:
+                _mux_audio(container, sound, audio)
         os.chmod(tmp, default_file_mode())  # as any plainly created file (mkstemp alone leaves 0600)
         os.replace(tmp, path)
     except av.FFmpegError as err:
@@ -514,6 +526,21 @@ def write_video(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _mux_audio(container: av.container.OutputContainer, stream: av.AudioStream, audio: tuple[np.ndarray, int]) -> None:
+    """Encode mono float samples into the audio `stream` of `container` (PyAV re-frames them to the encoder's
+    frame size)."""
+    samples, rate = np.clip(np.asarray(audio[0], dtype=np.float32).reshape(-1), -1.0, 1.0), int(audio[1])
+    fmt = "fltp" if stream.codec_context.name == "aac" else "s16"
+    block = rate  # one second per frame handed to the encoder
+    for i in range(0, len(samples), block):
+        chunk = samples[i : i + block][None]  # [1, n]
+        data = chunk if fmt == "fltp" else (chunk * 32767).round().astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(data, format=fmt, layout="mono")
+        frame.sample_rate, frame.pts = rate, i
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
 
 
 # ---- audio ----------------------------------------------------------------------------------------------------------

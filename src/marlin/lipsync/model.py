@@ -1,0 +1,118 @@
+"""The lip generator: draws the lower half of a face window so that the mouth speaks the given sound (Wav2Lip's
+generator, with a MARLIN encoder as its face encoder).
+
+Inputs per window of ``clip_frames`` frames (face crops, ``[B, 3, T, S, S]`` in [0, 1]):
+
+* `target`: the frames to redraw. The encoder sees only their *upper-half* tokens (its masking path, as in
+  pretraining: the lower half is never read, so nothing of the true mouth leaks in).
+* `reference`: frames of the same face at another time (training) or the frames themselves (dubbing). The encoder
+  sees their lower-half tokens: what this person's mouth, teeth and skin look like.
+* `mel`: the window's mel spectrogram ``[B, 80, L]`` (:func:`marlin.sync.expert.sync_window`), mapped to one
+  feature per time step (``clip_frames / tubelet_size`` steps) by the expert's audio trunk
+  (:class:`marlin.sync.expert.MelSteps`).
+
+A MARLIN decoder gets the upper-half tokens as its visible tokens and predicts the pixels of every lower-half token;
+each hidden token's input is the mask token + its position + the reference token at the same place + the sound of
+its time step. The output is a *residual on the reference pixels* (``reference patch + prediction``): at
+initialisation the generator copies the reference mouth (sharp, the right person), and training only has to move it
+to the shape the sound asks for. :func:`compose` puts the drawn lower half under the target's upper half.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..mae.patches import merge_hidden, patchify, unpatchify
+from ..models.config import MarlinConfig
+from ..models.decoder import MarlinDecoder
+from ..models.encoder import MarlinEncoder
+from ..sync.expert import MelSteps, lower_half_tokens
+
+__all__ = ["LIPSYNC_FORMAT", "LipGenerator", "load_generator"]
+
+LIPSYNC_FORMAT = "marlin-lipsync-v1"
+
+
+class LipGenerator(nn.Module):
+    """Encoder + audio trunk + decoder (see the module docstring).
+
+    ``forward(target, reference, mel)`` -> predicted lower-half patches ``[B, N_lower, patch_dim]`` (raw pixels in
+    about [0, 1], ``(c, t, h, w)`` order as :func:`marlin.mae.patches.patchify`); :meth:`generate` returns whole
+    windows.
+    """
+
+    def __init__(self, config: MarlinConfig, *, encoder: MarlinEncoder | None = None, fps: float = 25.0,
+                 audio_width: int = 32) -> None:  # fmt: skip
+        super().__init__()
+        self.config, self.fps, self.audio_width = config, fps, audio_width
+        self.meta: dict[str, Any] = {}
+        self.encoder = encoder if encoder is not None else MarlinEncoder(config)
+        d, dd = config.encoder_embed_dim, config.decoder_embed_dim
+        t, h, w = config.grid_size
+        self.decoder = MarlinDecoder(config)
+        self.enc_to_dec = nn.Linear(d, dd, bias=False)
+        self.ref_to_dec = nn.Linear(d, dd)
+        self.audio = MelSteps(t, audio_width)
+        self.audio_to_dec = nn.Linear(self.audio.out_dim, dd)
+        lower = lower_half_tokens(config)  # [N]
+        self.register_buffer("lower", lower, persistent=False)
+        self.register_buffer("lower_step", (torch.arange(t * h * w) // (h * w))[lower], persistent=False)  # [N_lower]
+        nn.init.zeros_(self.decoder.head.weight)  # start as a copy of the reference (the residual is zero)
+        nn.init.zeros_(self.decoder.head.bias)
+
+    @property
+    def clip_frames(self) -> int:
+        return self.config.clip_frames
+
+    @property
+    def mel_length(self) -> int:
+        from ..audio.mel import mel_steps
+
+        return mel_steps(self.clip_frames, self.fps)
+
+    def forward(self, target: Tensor, reference: Tensor, mel: Tensor) -> Tensor:
+        b = target.shape[0]
+        upper, lower = (~self.lower).expand(b, -1), self.lower.expand(b, -1)  # [B, N]
+        seen = self.enc_to_dec(self.encoder(target, visible=upper))  # [B, N_upper, Dd]
+        ref = self.ref_to_dec(self.encoder(reference, visible=lower))  # [B, N_lower, Dd]
+        sound = self.audio_to_dec(self.audio(mel))  # [B, t, Dd]
+        residual = self.decoder(seen, upper, hidden_extra=ref + sound[:, self.lower_step])  # [B, N_lower, patch_dim]
+        c = self.config
+        ref_pixels = patchify(reference, c.tubelet_size, c.patch_size)[:, self.lower]  # [B, N_lower, patch_dim]
+        return ref_pixels + residual
+
+    def compose(self, target: Tensor, lower_patches: Tensor) -> Tensor:
+        """The target windows ``[B, 3, T, S, S]`` with their lower half replaced by `lower_patches` (clamped to
+        [0, 1])."""
+        c = self.config
+        patches = patchify(target, c.tubelet_size, c.patch_size)  # [B, N, patch_dim]
+        upper = (~self.lower).expand(len(target), -1)  # [B, N]: the target keeps these tokens
+        merged = merge_hidden(patches, lower_patches.clamp(0, 1).to(patches.dtype), upper)
+        return unpatchify(merged, c.grid_size, c.tubelet_size, c.patch_size, c.in_chans)
+
+    def generate(self, target: Tensor, reference: Tensor, mel: Tensor) -> Tensor:
+        """Whole windows ``[B, 3, T, S, S]``: the target's upper half over the drawn lower half."""
+        return self.compose(target, self(target, reference, mel))
+
+    def checkpoint(self, **extra: Any) -> dict[str, Any]:
+        """A weights-only dict :func:`load_generator` reads back (the encoder config travels with it)."""
+        return {"format": LIPSYNC_FORMAT, "config": self.config.to_dict(), "fps": self.fps,
+                "audio_width": self.audio_width,
+                "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}, **extra}  # fmt: skip
+
+
+def load_generator(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LipGenerator:
+    """Read a generator written by ``marlin lipsync-train`` (weights only) into an eval-mode model; its other entries
+    (training config, step, validation metrics) are in ``generator.meta``."""
+    from ..models.checkpoint import load_tagged_checkpoint
+
+    obj = load_tagged_checkpoint(path, LIPSYNC_FORMAT, "lip generator (from marlin lipsync-train)")
+    gen = LipGenerator(MarlinConfig.from_dict(obj["config"]), fps=float(obj["fps"]),
+                       audio_width=int(obj["audio_width"]))  # fmt: skip
+    gen.load_state_dict(obj["state_dict"])
+    gen.meta = {k: v for k, v in obj.items() if k != "state_dict"}
+    return gen.eval().to(map_location)

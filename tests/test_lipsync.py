@@ -1,0 +1,194 @@
+"""The lip generator (`marlin.lipsync`): the model, its windows, its losses, `marlin lipsync-train` and dubbing.
+
+Synthetic task as in `test_sync`: a face-like frame whose dark mouth opens with the loudness of a tone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from marlin.lipsync.data import LipWindows, reference_start
+from marlin.lipsync.dub import dub_crops, paste_lower, window_starts_covering
+from marlin.lipsync.losses import pixel_loss, sync_loss
+from marlin.lipsync.model import LipGenerator, load_generator
+from marlin.lipsync.train import LipsyncTrainConfig, lipsync_train
+from marlin.mae.patches import patchify
+from marlin.models.encoder import MarlinEncoder
+from marlin.sync.expert import SyncExpert, sync_window
+from test_sync import TINY, loudness, talking_audio, talking_frames, talking_video
+
+SIZE = TINY.img_size
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("talking")
+    return [talking_video(root / f"v{i}.mkv", 40, seed=300 + i) for i in range(6)]
+
+
+def _window(seed: int, b: int = 2) -> torch.Tensor:
+    return torch.rand(b, 3, TINY.clip_frames, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_new_generator_copies_the_reference_mouth_under_the_target_face() -> None:
+    torch.manual_seed(0)
+    gen = LipGenerator(TINY).eval()
+    target, reference = _window(1), _window(2)
+    mel = torch.randn(2, 80, gen.mel_length)
+    out = gen.generate(target, reference, mel)  # [B, 3, T, S, S]
+    top = (TINY.grid_size[1] // 2) * TINY.patch_size  # first redrawn pixel row
+    assert out.shape == target.shape
+    assert torch.equal(out[..., :top, :], target[..., :top, :])
+    assert torch.allclose(out[..., top:, :], reference[..., top:, :], atol=1e-6)  # the residual starts at zero
+
+
+def test_the_target_mouth_never_reaches_the_drawing() -> None:
+    """Only the target's upper-half tokens enter the encoder: changing its lower half changes nothing drawn."""
+    torch.manual_seed(0)
+    gen = LipGenerator(TINY).eval()
+    torch.nn.init.normal_(gen.decoder.head.weight, std=0.05)  # a generator that draws something
+    target, reference, mel = _window(1), _window(2), torch.randn(2, 80, gen.mel_length)
+    other = target.clone()
+    other[..., SIZE // 2 :, :] = torch.rand_like(other[..., SIZE // 2 :, :])
+    with torch.no_grad():
+        a, b = gen(target, reference, mel), gen(other, reference, mel)
+        c = gen(target, reference, torch.randn(2, 80, gen.mel_length))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)  # ... while the sound does reach it
+
+
+def test_reference_windows_come_from_another_moment() -> None:
+    rng = np.random.default_rng(0)
+    for start in (0, 5, 20):
+        got = {reference_start(start, 24, 8, rng) for _ in range(50)}
+        assert all(abs(s - start) >= 8 and 0 <= s <= 24 for s in got) and len(got) > 3
+    assert reference_start(3, 10, 8, None) == 10 and reference_start(8, 10, 8, None) == 0
+    assert reference_start(2, 4, 8, rng) in (0, 4)  # too short for a distant window: the farthest start
+
+
+def test_windows_carry_the_frames_and_the_sound_of_their_moment(videos: list[Path]) -> None:
+    data = LipWindows([str(v) for v in videos], clip_frames=8, size=SIZE, mel_length=TINY_MEL, crop_face=False,
+                      seed=3)  # fmt: skip
+    item = data[5]
+    assert item["target"].shape == item["reference"].shape == (3, 8, SIZE, SIZE) and item["mel"].shape == (80, 26)
+    for k, v in data[5].items():
+        assert torch.equal(v, item[k])  # a function of (seed, item)
+    va = data.audio(data._video_of(5))
+    mouth = (item["target"].float().mean(0)[:, 16:, 9:23] < 100).float().mean((1, 2))  # open fraction per frame
+    starts = [s for s in range(va.n_frames - 7) if torch.equal(sync_window(va.mel, s, 8, va.fps, 26), item["mel"])]
+    assert len(starts) == 1  # the mel window identifies the target's start ...
+    amp = loudness(40, 300 + videos.index(Path(data._video_of(5))))[starts[0] : starts[0] + 8]
+    assert np.corrcoef(mouth.numpy(), amp)[0, 1] > 0.9  # ... and the target's mouth follows that sound
+
+
+TINY_MEL = 26  # mel steps of an 8-frame window at 25 fps
+
+
+def test_pixel_losses_and_the_sync_loss_reach_the_pixels_not_the_expert() -> None:
+    pred, truth = torch.zeros(2, 3, 4), torch.full((2, 3, 4), 0.5)
+    assert pixel_loss(pred, truth, "mse") == pytest.approx(0.25) and pixel_loss(pred, truth, "l1") == 0.5
+    with pytest.raises(ValueError, match="pixel loss"):
+        pixel_loss(pred, truth, "huber")
+    torch.manual_seed(0)
+    expert = SyncExpert(TINY, embed_dim=16, visual="pixels").eval().requires_grad_(False)
+    video = _window(3).requires_grad_(True)
+    loss, p = sync_loss(expert, video, torch.randn(2, 80, expert.mel_length))
+    loss.backward()
+    assert video.grad is not None and video.grad.abs().sum() > 0 and p.shape == (2,) and ((p > 0) & (p < 1)).all()
+    assert all(q.grad is None for q in expert.parameters())
+    big = torch.nn.functional.interpolate(video.detach().flatten(1, 2), scale_factor=2).unflatten(1, (3, 8))
+    loss2, _ = sync_loss(expert, big, torch.randn(2, 80, expert.mel_length))  # other sizes are resized
+    assert torch.isfinite(loss2)
+
+
+def test_window_starts_cover_every_frame() -> None:
+    assert window_starts_covering(16, 8) == [0, 8]
+    assert window_starts_covering(21, 8) == [0, 8, 13]
+    with pytest.raises(ValueError, match="fewer than one"):
+        window_starts_covering(5, 8)
+
+
+def test_dub_crops_redraws_only_the_lower_face_of_every_frame() -> None:
+    torch.manual_seed(0)
+    gen = LipGenerator(TINY).eval()
+    torch.nn.init.normal_(gen.decoder.head.weight, std=0.05)
+    crops = (torch.rand(3, 21, SIZE, SIZE) * 255).to(torch.uint8)
+    out = dub_crops(gen, crops, torch.randn(80, 100), 25.0, batch_size=2)
+    top = (TINY.grid_size[1] // 2) * TINY.patch_size
+    assert out.shape == crops.shape and out.dtype == torch.uint8
+    assert torch.equal(out[..., :top, :], crops[..., :top, :])
+    changed = (out[..., top:, :] != crops[..., top:, :]).flatten(0, 0).float().mean((0, 2, 3))  # per frame
+    assert (changed > 0.5).all()
+    with pytest.raises(ValueError, match="uint8 crops"):
+        dub_crops(gen, crops.float(), torch.randn(80, 100), 25.0)
+
+
+def test_paste_lower_changes_only_the_lower_face_inside_its_window() -> None:
+    frame = np.full((60, 80, 3), 10, np.uint8)
+    crop = np.full((SIZE, SIZE, 3), 250, np.uint8)
+    out = paste_lower(frame, crop, np.array([20, 10, 60, 50]), top=0.5, edge=0.1)
+    assert (out[:30] == 10).all() and (out[:, :20] == 10).all() and (out[:, 60:] == 10).all() and (out[50:] == 10).all()
+    assert (out[38:44, 30:50] == 250).all()  # inside the lower half, away from the feathered borders
+    edge = paste_lower(frame, crop, np.array([-20, 30, 20, 70]), top=0.5)  # partly outside the frame
+    assert edge.shape == frame.shape and (edge[55, 5] > 10).all()
+
+
+def test_lipsync_train_resumes_and_writes_a_generator(tmp_path: Path, videos: list[Path]) -> None:
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    expert = SyncExpert(TINY, embed_dim=16, visual="pixels")
+    torch.save(expert.checkpoint(), tmp_path / "expert.pt")
+    base = dict(videos=tuple(map(str, videos[:4])), val_videos=tuple(map(str, videos[4:])), crop_face=False,
+                batch_size=2, workers=0, out=str(out), device="cpu", log_every=1, save_every=2,
+                expert=str(tmp_path / "expert.pt"), sync_weight=0.1)  # fmt: skip
+    first = lipsync_train(LipsyncTrainConfig(steps=2, **base), encoder=MarlinEncoder(TINY))
+    assert (out / "generator.pt").is_file() and first.step == 2 and first.val is not None
+    assert {"mse", "ref_mse", "l1", "ref_l1", "p_sync", "p_sync_real"} <= set(first.val)
+    with pytest.raises(ValueError, match="pass --resume"):
+        lipsync_train(LipsyncTrainConfig(steps=3, **base), encoder=MarlinEncoder(TINY))
+    resumed = lipsync_train(LipsyncTrainConfig(steps=3, **base), resume=True, encoder=MarlinEncoder(TINY))
+    assert resumed.step == 3 and [h["step"] for h in resumed.history if "loss" in h] == [1, 2, 3]
+    gen = load_generator(out / "generator.pt")
+    assert gen.meta["step"] == 3 and gen.clip_frames == 8 and not gen.training
+    with pytest.raises(ValueError, match="sync weight"):
+        LipsyncTrainConfig(sync_weight=1.0)
+
+
+@pytest.mark.slow  # ~30 s
+def test_the_generator_learns_to_open_the_mouth_with_the_sound(tmp_path: Path) -> None:
+    """Held-out videos: the drawn mouth is closer to the truth than the copied reference mouth."""
+    vids = [str(talking_video(tmp_path / f"v{i}.mkv", 40, seed=400 + i)) for i in range(12)]
+    cfg = LipsyncTrainConfig(videos=tuple(vids[:9]), val_videos=tuple(vids[9:]), crop_face=False, batch_size=8,
+                             workers=0, steps=80, lr=1e-3, warmup_steps=10, device="cpu", log_every=40, val_every=0,
+                             save_every=0)  # fmt: skip
+    torch.manual_seed(0)
+    result = lipsync_train(cfg, encoder=MarlinEncoder(TINY))
+    assert result.val is not None and result.val["mse"] < 0.7 * result.val["ref_mse"], result.val
+
+
+def test_marlin_lipsync_dubs_a_real_face_video_and_muxes_the_new_sound(tmp_path: Path) -> None:
+    from marlin import cli
+    from marlin.video.io import probe_video, read_audio, read_video, write_video
+    from marlin.viz.sample import make_sample_clip
+
+    video = make_sample_clip(tmp_path / "face.mp4", n_frames=30)
+    amp = loudness(40, 1)
+    sound = write_video(tmp_path / "sound.mkv", talking_frames(amp), fps=25, audio=(talking_audio(amp), 16000))
+    torch.manual_seed(0)
+    gen = LipGenerator(TINY)
+    torch.nn.init.normal_(gen.decoder.head.weight, std=0.05)
+    torch.save(gen.checkpoint(), tmp_path / "gen.pt")
+    out = tmp_path / "dubbed.mp4"
+    assert cli.main(["lipsync", str(video), str(sound), "-o", str(out), "--model", str(tmp_path / "gen.pt")]) == 0
+    info, (wav, ainfo) = probe_video(out), read_audio(out)
+    assert info.n_frames == 40 and ainfo.duration_s == pytest.approx(1.6, abs=0.06)  # the sound's length: looped
+    ref = talking_audio(amp)
+    assert np.corrcoef(wav[800:24000], ref[800:24000])[0, 1] > 0.95
+    before, after = read_video(video).astype(int), read_video(out).astype(int)
+    diff = np.abs(after[:30] - before).mean((0, 3))  # [H, W]
+    assert diff[:100].mean() < 2.5 and diff.max() > 20  # the upper frame as it was; the mouth redrawn
+    assert cli.main(["lipsync", str(video), str(sound), "-o", str(out), "--model", str(tmp_path / "sound.mkv")]) == 2
