@@ -16,7 +16,6 @@ from marlin.lipsync.dub import dub_crops, paste_lower, window_starts_covering
 from marlin.lipsync.losses import pixel_loss, sync_loss
 from marlin.lipsync.model import LipGenerator, load_generator
 from marlin.lipsync.train import LipsyncTrainConfig, lipsync_train
-from marlin.mae.patches import patchify
 from marlin.models.encoder import MarlinEncoder
 from marlin.sync.expert import SyncExpert, sync_window
 from test_sync import TINY, loudness, talking_audio, talking_frames, talking_video

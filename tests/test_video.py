@@ -351,3 +351,18 @@ def test_written_videos_get_the_usual_file_mode(tmp_path: Path) -> None:
     finally:
         os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".mp4", "aac"), (".mkv", "flac")])
+def test_write_video_muxes_a_sound_track_aligned_with_frame_0(tmp_path: Path, suffix: str, codec: str) -> None:
+    frames = np.random.default_rng(0).integers(0, 255, (50, 32, 48, 3), dtype=np.uint8)
+    t = np.arange(32000) / 16000
+    sound = (0.5 * np.sin(2 * np.pi * 440 * t) * (t > 0.5)).astype(np.float32)  # silence, then a tone at 0.5 s
+    path = mv.write_video(tmp_path / f"a{suffix}", frames, fps=25, audio=(sound, 16000))
+    wav, info = mv.read_audio(path)
+    assert info.codec == codec and info.video_frames == 50 and info.duration_s == pytest.approx(2.0, abs=0.06)
+    onset = int(np.argmax(np.abs(wav) > 0.1))
+    assert abs(onset - 8000) < 80  # the tone starts at 0.5 s of the video, within 5 ms
+    assert np.corrcoef(wav[9000:30000], sound[9000:30000])[0, 1] > 0.99
+    with pytest.raises(ValueError, match="audio needs samples"):
+        mv.write_video(tmp_path / f"b{suffix}", frames, audio=(np.zeros(0), 16000))

@@ -454,8 +454,7 @@ def write_video(
 ) -> Path:
     """Encode RGB frames (``[T, H, W, 3]`` uint8, or an iterable of ``[H, W, 3]``) to a video file; return its path.
 
-    ``audio=(samples, sample_rate)`` adds a sound track (mono float samples in [-1, 1], starting with frame 0): AAC
-    in MP4/MOV/M4V files, else FLAC (lossless; MKV and the like).
+    ``audio=(samples, rate)`` adds a mono sound track (floats in [-1, 1] from frame 0): AAC in MP4, else FLAC.
     The container follows the file extension (``.mp4``, ``.mkv``, ...); MP4/MOV files get their index at the front
     (``+faststart``) so a truncated copy still plays. ``crf`` and ``preset`` apply to libx264/libx265 only; CRF 18
     is close to visually lossless. The file is written to a temporary name in the same folder and renamed into place
@@ -469,9 +468,7 @@ def write_video(
     rate = Fraction(fps).limit_denominator(1001 * 1000)
     if rate <= 0:
         raise ValueError(f"{path}: fps must be positive, got {fps}")
-    if audio is not None and (int(audio[1]) < 1 or np.asarray(audio[0]).size == 0):
-        raise ValueError(f"{path}: audio needs samples and a sample rate >= 1, got {np.asarray(audio[0]).size} "
-                         f"samples at {audio[1]} Hz")  # fmt: skip
+    _check_audio_arg(path, audio)
     try:
         av.Codec(codec, "w")
     except Exception as err:  # PyAV raises UnknownCodecError or ValueError depending on the name
@@ -505,9 +502,7 @@ def write_video(
                     stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
                     if codec in ("libx264", "libx265"):
                         stream.options = {k: str(v) for k, v in (("crf", crf), ("preset", preset)) if v is not None}
-                    if audio is not None:  # every stream exists before the first packet is written
-                        sound = container.add_stream("aac" if options else "flac", rate=int(audio[1]))
-                        sound.layout = "mono"
+                    sound = _add_audio_stream(container, audio, "aac" if options else "flac")
                 elif (height, width) != (stream.height, stream.width):
                     raise ValueError(
                         f"{path}: frame {index} is {width}x{height}, "
@@ -526,6 +521,22 @@ def write_video(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _check_audio_arg(path: Path, audio: tuple[np.ndarray, int] | None) -> None:
+    if audio is not None and (int(audio[1]) < 1 or np.asarray(audio[0]).size == 0):
+        raise ValueError(f"{path}: audio needs samples and a sample rate >= 1, got {np.asarray(audio[0]).size} "
+                         f"samples at {audio[1]} Hz")  # fmt: skip
+
+
+def _add_audio_stream(container: av.container.OutputContainer, audio: tuple[np.ndarray, int] | None,
+                      codec: str) -> av.AudioStream | None:  # fmt: skip
+    """A mono `codec` stream for `audio` (None without audio); every stream must exist before the first packet."""
+    if audio is None:
+        return None
+    sound = container.add_stream(codec, rate=int(audio[1]))
+    sound.layout = "mono"
+    return sound
 
 
 def _mux_audio(container: av.container.OutputContainer, stream: av.AudioStream, audio: tuple[np.ndarray, int]) -> None:

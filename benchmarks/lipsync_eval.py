@@ -1,0 +1,241 @@
+"""Does dubbing with the lip generator improve sync on sentences it never saw? (issue 12, stage 2, item 6)
+
+One command, resumable stages (each keeps its outputs in ``--work`` and is skipped when they exist):
+
+1. ``train``  ``marlin lipsync-train`` the generator: the tiny 112 px MARLIN encoder pretrained by
+              ``benchmarks/transfer_curve.py`` (``--marlin``), on GRID s1's protocol *training* sentences and the
+              training identities of the other shared clips with sound (as ``benchmarks/sync_eval.py``'s experts);
+              pixel MSE only (``--sync-weight 0``: see ``marlin.lipsync.train`` for why), so every expert below is
+              an independent judge that the generator never trained against.
+2. ``eval``   GRID s1's protocol *test* sentences (never used by pretraining, the experts or the generator). Clip
+              ``i`` is dubbed with the sound of clip ``i + 1`` (another sentence of the same speaker). Each judge
+              (``--judges``: experts from ``benchmarks/sync_eval.py``) scores, with the new sound: the undubbed video
+              and the dubbed one; and the real clip with its own sound (the ceiling). LSE-D (lower: better), LSE-C
+              (higher: better) and the found offset (0 is right) over the windows whose shifted sound stays inside
+              the clip. Since both sentences are by the same speaker in the same framing, the mouth of clip ``i + 1``
+              itself is what the new sound looked like: the lower-face MSE to it, dubbed vs undubbed, is a second,
+              expert-free measure. Reconstruction on in-sync sound: the held-out windows of
+              ``marlin lipsync-train``'s validation (reference from another moment), drawn vs copying the
+              reference (MSE, PSNR, L1).
+3. ``report`` Markdown tables and a picture strip (original mouth / dubbed mouth / the mouth that spoke the sound).
+
+    python benchmarks/transfer_curve.py --until stores     # stores and pretraining (once)
+    python benchmarks/sync_eval.py --arms pixels tube       # the judges (once)
+    python benchmarks/lipsync_eval.py                       # train, eval, report in runs/lipsync_eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("train", "eval", "report")
+MAX_OFFSET = 15
+
+
+def log(msg: str) -> None:
+    print(f"[lipsync_eval {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def stage_train(args: argparse.Namespace) -> None:
+    out = args.work / "generator"
+    if (out / "generator.pt").is_file():
+        log(f"trained ({out / 'generator.pt'})")
+        return
+    grid, faces = args.curve / "stores" / "grid_s1", args.curve / "stores" / "faces"
+    cmd = [sys.executable, "-m", "marlin.cli", "lipsync-train", f"{grid}#train", f"{faces}#train", "--model",
+           str(args.marlin), "--expert", str(args.judges[0]), "--sync-weight", "0", "--pixel-loss", "mse", "--steps",
+           str(args.steps), "--batch-size", "8", "--lr", "5e-4", "--workers", "2", "--val-every", "200",
+           "--save-every", "100", "--log-every", "20", "--seed", "0", "--out", str(out)]  # fmt: skip
+    if (out / "last.pt").is_file():
+        cmd.append("--resume")
+    log(" ".join(cmd))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.log", "a") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+    if rc:
+        raise SystemExit(f"marlin lipsync-train exited with {rc}; see {out / 'train.log'}")
+
+
+def sync_of(expert, frames, mel, fps: float) -> dict:  # noqa: ANN001
+    """Offset, LSE-D, LSE-C of crops uint8 ``[3, N, S, S]`` with sound `mel`, as ``marlin sync`` computes them."""
+    from marlin.sync.score import embed_windows, offset_distances, summarise, window_starts
+
+    n = frames.shape[1]
+    starts, padded = window_starts(n, expert.clip_frames, MAX_OFFSET, 1)
+    offsets = list(range(-MAX_OFFSET, MAX_OFFSET + 1))
+    dist = offset_distances(expert, embed_windows(expert, frames, starts), starts, mel, fps, offsets)
+    s = summarise("", n, fps, starts, offsets, dist, padded)
+    return {"offset": s.offset, "lse_d": s.lse_d, "lse_c": s.lse_c}
+
+
+def lower_mse(a, b, top: int) -> float:  # noqa: ANN001
+    """MSE in [0, 1] units of the rows from `top` down of two uint8 crop stacks ``[3, N, S, S]``."""
+    return float(((a[..., top:, :].float() - b[..., top:, :].float()) / 255.0).square().mean())
+
+
+def pair_result(gen, judges: dict, src: str, dst: str, top: int) -> dict:  # noqa: ANN001
+    """Clip `src` dubbed with the sound of clip `dst`, scored by every judge."""
+    from marlin.lipsync.dub import dub_crops
+    from marlin.sync.data import load_video_audio, read_frames_for_sync
+
+    va_src, va_dst = load_video_audio(src), load_video_audio(dst)
+    n = min(va_src.n_frames, va_dst.n_frames)
+    size = gen.config.img_size
+    orig = read_frames_for_sync(src, range(n), size, crop_face=True)  # [3, n, S, S]
+    spoke = read_frames_for_sync(dst, range(n), size, crop_face=True)  # the mouth that made the new sound
+    dubbed = dub_crops(gen, orig, va_dst.mel, va_dst.fps)
+    out: dict = {"src": src, "dst": dst, "n": n, "mse_to_sound": {"undubbed": lower_mse(orig, spoke, top),
+                                                                  "dubbed": lower_mse(dubbed, spoke, top)},
+                 "self_change": lower_mse(dubbed, orig, top)}  # fmt: skip
+    for name, expert in judges.items():
+        out[name] = {"undubbed": sync_of(expert, orig, va_dst.mel, va_dst.fps),
+                     "dubbed": sync_of(expert, dubbed, va_dst.mel, va_dst.fps),
+                     "real": sync_of(expert, orig, va_src.mel, va_src.fps)}  # fmt: skip
+    return out
+
+
+def _held_out(args: argparse.Namespace) -> list[str]:
+    from marlin.sync.data import sync_inputs
+
+    return sync_inputs([f"{args.curve / 'stores' / 'grid_s1'}#val"])[0][: args.pairs]
+
+
+def stage_eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from marlin.lipsync.data import LipWindows
+    from marlin.lipsync.model import load_generator
+    from marlin.lipsync.train import evaluate_generator
+    from marlin.sync.expert import load_expert
+
+    torch.set_num_threads(args.threads)
+    gen = load_generator(args.work / "generator" / "generator.pt")
+    judges = {Path(p).parent.name: load_expert(p) for p in args.judges}
+    clips = _held_out(args)
+    path = args.work / "eval.json"
+    done = json.loads(path.read_text()) if path.is_file() else {"judges": list(judges), "pairs": []}
+    if "reconstruction" not in done:
+        data = LipWindows(clips, clip_frames=gen.clip_frames, size=gen.config.img_size, mel_length=gen.mel_length,
+                          train=False)  # fmt: skip
+        done["reconstruction"] = evaluate_generator(gen, data, batch_size=8)
+        log(f"reconstruction on {len(clips)} held-out windows: {done['reconstruction']}")
+    top = (gen.config.grid_size[1] // 2) * gen.config.patch_size
+    seen = {p["src"] for p in done["pairs"]}
+    for i, src in enumerate(clips):
+        if src in seen:
+            continue
+        done["pairs"].append(pair_result(gen, judges, src, clips[(i + 1) % len(clips)], top))
+        if len(done["pairs"]) % 20 == 0 or i + 1 == len(clips):
+            tmp = path.with_suffix(".part")
+            tmp.write_text(json.dumps(done))
+            tmp.replace(path)
+            log(f"{len(done['pairs'])} / {len(clips)} pairs")
+
+
+def _ci(x: np.ndarray, seed: int = 0, n: int = 1000) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = [x[rng.integers(0, len(x), len(x))].mean() for _ in range(n)]
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def report(args: argparse.Namespace) -> str:
+    doc = json.loads((args.work / "eval.json").read_text())
+    pairs, lines = doc["pairs"], []
+    r = doc["reconstruction"]
+    psnr = lambda mse: 10 * np.log10(1 / mse)  # noqa: E731
+    lines += [f"Reconstruction, in-sync sound, reference from another moment ({len(pairs)} held-out GRID windows):",
+              "", "| lower face | MSE | PSNR (dB) | L1 |", "|---|---|---|---|",
+              f"| drawn by the generator | {r['mse']:.5f} | {psnr(r['mse']):.2f} | {r['l1']:.4f} |",
+              f"| copying the reference | {r['ref_mse']:.5f} | {psnr(r['ref_mse']):.2f} | {r['ref_l1']:.4f} |",
+              ""]  # fmt: skip
+    lines += [f"Dubbing: {len(pairs)} held-out GRID sentences, each with the sound of the next one "
+              "(LSE-D lower and LSE-C higher are better; offset: share of clips found within +-1 frame of 0):", "",
+              "| judge | video + new sound | LSE-D | LSE-C (95% CI) | offset within +-1 |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for judge in doc["judges"]:
+        for cond, label in (("undubbed", "undubbed"), ("dubbed", "dubbed"), ("real", "real clip, its own sound")):
+            d = np.array([p[judge][cond]["lse_d"] for p in pairs])
+            c = np.array([p[judge][cond]["lse_c"] for p in pairs])
+            near = np.mean([abs(p[judge][cond]["offset"]) <= 1 for p in pairs])
+            lo, hi = _ci(c)
+            lines.append(f"| {judge} | {label} | {d.mean():.3f} | {c.mean():.3f} ({lo:.3f}-{hi:.3f}) | {near:.3f} |")
+        better = np.mean([p[judge]["dubbed"]["lse_c"] > p[judge]["undubbed"]["lse_c"]
+                          and p[judge]["dubbed"]["lse_d"] < p[judge]["undubbed"]["lse_d"] for p in pairs])  # fmt: skip
+        lines.append(f"| {judge} | share of clips with LSE-C up and LSE-D down | | {better:.3f} | |")
+    m = {k: np.array([p["mse_to_sound"][k] for p in pairs]) for k in ("undubbed", "dubbed")}
+    closer = float(np.mean(m["dubbed"] < m["undubbed"]))
+    lines += ["", f"Lower-face MSE to the clip that spoke the sound: undubbed {m['undubbed'].mean():.5f}, dubbed "
+              f"{m['dubbed'].mean():.5f} (dubbed closer for {closer:.3f} of clips); how much dubbing changes the "
+              f"lower face: MSE {np.mean([p['self_change'] for p in pairs]):.5f}."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def strip(args: argparse.Namespace, rows: int = 3, frames: tuple[int, ...] = tuple(range(20, 52, 4))) -> Path:
+    """Original / dubbed / sound's own mouth for the first `rows` pairs, lower face only, every 4th frame."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from marlin.lipsync.dub import dub_crops
+    from marlin.lipsync.model import load_generator
+    from marlin.sync.data import load_video_audio, read_frames_for_sync
+
+    gen = load_generator(args.work / "generator" / "generator.pt")
+    clips, size = _held_out(args), gen.config.img_size
+    top = (gen.config.grid_size[1] // 2) * gen.config.patch_size
+    label_w, blocks = 150, []
+    for i in range(rows):
+        src, dst = clips[i], clips[(i + 1) % len(clips)]
+        va = load_video_audio(dst)
+        n = min(load_video_audio(src).n_frames, va.n_frames)
+        orig = read_frames_for_sync(src, range(n), size, crop_face=True)
+        spoke = read_frames_for_sync(dst, range(n), size, crop_face=True)
+        dubbed = dub_crops(gen, orig, va.mel, va.fps)
+        for name, x in (("original", orig), ("dubbed: new sound", dubbed), ("mouth of the sound", spoke)):
+            row = torch.cat([x[:, f, top - 8 :] for f in frames], dim=2)  # [3, S - top + 8, F * S]
+            img = Image.new("RGB", (label_w + row.shape[2], row.shape[1]), "white")
+            img.paste(Image.fromarray(row.permute(1, 2, 0).numpy()), (label_w, 0))
+            ImageDraw.Draw(img).text((4, row.shape[1] // 2 - 6), f"{Path(src).name[:10]} {name}", fill="black")
+            blocks.append(np.asarray(img))
+        blocks.append(np.full((6, blocks[-1].shape[1], 3), 255, np.uint8))
+    path = args.work / "lipsync_strip.png"
+    Image.fromarray(np.concatenate(blocks)).save(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    curve = REPO / "runs" / "transfer_curve"
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--curve", type=Path, default=curve, help="transfer_curve's --work (stores, checkpoints)")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "lipsync_eval")
+    ap.add_argument("--marlin", type=Path, default=curve / "pretrain_marlin" / "checkpoints" / "step_3000.pt")
+    ap.add_argument("--judges", nargs="+", type=Path, default=[REPO / "runs" / "sync_eval" / a / "expert.pt"
+                    for a in ("pixels", "tube")], help="experts that score the dubbed clips (the first also reports "
+                    "P(in sync) during training)")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--pairs", type=int, default=200, help="held-out GRID test sentences dubbed")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--from", dest="first", choices=STAGES, default="train")
+    ap.add_argument("--until", choices=STAGES, default="report")
+    args = ap.parse_args(argv)
+    todo = STAGES[STAGES.index(args.first) : STAGES.index(args.until) + 1]
+    if "train" in todo:
+        stage_train(args)
+    if "eval" in todo:
+        stage_eval(args)
+    if "report" in todo:
+        text = report(args)
+        (args.work / "report.md").write_text(text + "\n")
+        print(text)
+        log(f"picture: {strip(args)}")
+
+
+if __name__ == "__main__":
+    main()
