@@ -16,6 +16,7 @@ from marlin.lipsync.dub import dub_crops, paste_lower, window_starts_covering
 from marlin.lipsync.losses import pixel_loss, sync_loss
 from marlin.lipsync.model import LipGenerator, load_generator
 from marlin.lipsync.train import LipsyncTrainConfig, lipsync_train
+from marlin.mae.patches import patchify
 from marlin.models.encoder import MarlinEncoder
 from marlin.sync.expert import SyncExpert, sync_window
 from test_sync import TINY, loudness, talking_audio, talking_frames, talking_video
@@ -157,16 +158,25 @@ def test_lipsync_train_resumes_and_writes_a_generator(tmp_path: Path, videos: li
         LipsyncTrainConfig(sync_weight=1.0)
 
 
-@pytest.mark.slow  # ~30 s
-def test_the_generator_learns_to_open_the_mouth_with_the_sound(tmp_path: Path) -> None:
-    """Held-out videos: the drawn mouth is closer to the truth than the copied reference mouth."""
+@pytest.mark.slow  # ~60 s
+def test_the_generator_learns_to_draw_the_mouth_the_sound_asks_for(tmp_path: Path) -> None:
+    """Held-out windows: the drawn mouth beats copying the reference mouth, and beats the same generator given
+    another window's sound (so it uses the sound, not only the average mouth). Measured: 0.83 and 0.91."""
     vids = [str(talking_video(tmp_path / f"v{i}.mkv", 40, seed=400 + i)) for i in range(12)]
     cfg = LipsyncTrainConfig(videos=tuple(vids[:9]), val_videos=tuple(vids[9:]), crop_face=False, batch_size=8,
                              workers=0, steps=80, lr=1e-3, warmup_steps=10, device="cpu", log_every=40, val_every=0,
                              save_every=0)  # fmt: skip
     torch.manual_seed(0)
-    result = lipsync_train(cfg, encoder=MarlinEncoder(TINY))
-    assert result.val is not None and result.val["mse"] < 0.7 * result.val["ref_mse"], result.val
+    gen = lipsync_train(cfg, encoder=MarlinEncoder(TINY)).generator.eval()
+    data = LipWindows(vids[9:], clip_frames=8, size=SIZE, mel_length=gen.mel_length, crop_face=False, seed=7)
+    batch = torch.utils.data.default_collate([data[i] for i in range(24)])
+    target, reference, mel = batch["target"].float() / 255, batch["reference"].float() / 255, batch["mel"]
+    truth = patchify(target, 2, 8)[:, gen.lower]
+    with torch.no_grad():
+        right = pixel_loss(gen(target, reference, mel), truth)
+        wrong = pixel_loss(gen(target, reference, mel.roll(1, 0)), truth)  # each window gets another one's sound
+    copy = pixel_loss(patchify(reference, 2, 8)[:, gen.lower], truth)
+    assert right < 0.9 * copy and right < 0.96 * wrong, (float(right), float(wrong), float(copy))
 
 
 def test_marlin_lipsync_dubs_a_real_face_video_and_muxes_the_new_sound(tmp_path: Path) -> None:
