@@ -20,7 +20,7 @@ One command, resumable stages (each keeps its outputs in ``--work`` and is skipp
 3. ``report`` Markdown tables and a picture strip (original mouth / dubbed mouth / the mouth that spoke the sound).
 
     python benchmarks/transfer_curve.py --until stores     # stores and pretraining (once)
-    python benchmarks/sync_eval.py --arms pixels tube       # the judges (once)
+    python benchmarks/sync_eval.py --arms pixels random     # the judges (once)
     python benchmarks/lipsync_eval.py                       # train, eval, report in runs/lipsync_eval
 """
 
@@ -217,9 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "lipsync_eval")
     ap.add_argument("--marlin", type=Path, default=curve / "pretrain_marlin" / "checkpoints" / "step_3000.pt")
     ap.add_argument("--judges", nargs="+", type=Path, default=[REPO / "runs" / "sync_eval" / a / "expert.pt"
-                    for a in ("pixels", "tube")], help="experts that score the dubbed clips (the first also reports "
+                    for a in ("pixels", "random")], help="experts that score the dubbed clips (the first also reports "
                     "P(in sync) during training)")  # fmt: skip
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--pairs", type=int, default=200, help="held-out GRID test sentences dubbed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--from", dest="first", choices=STAGES, default="train")

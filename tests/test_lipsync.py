@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from marlin.lipsync.data import LipWindows, reference_start
+from marlin.lipsync.data import LipWindows, reference_frame
 from marlin.lipsync.dub import dub_crops, paste_lower, window_starts_covering
 from marlin.lipsync.losses import pixel_loss, sync_loss
 from marlin.lipsync.model import LipGenerator, load_generator
@@ -61,13 +61,13 @@ def test_the_target_mouth_never_reaches_the_drawing() -> None:
     assert not torch.allclose(a, c)  # ... while the sound does reach it
 
 
-def test_reference_windows_come_from_another_moment() -> None:
+def test_the_reference_frame_comes_from_another_moment() -> None:
     rng = np.random.default_rng(0)
-    for start in (0, 5, 20):
-        got = {reference_start(start, 24, 8, rng) for _ in range(50)}
-        assert all(abs(s - start) >= 8 and 0 <= s <= 24 for s in got) and len(got) > 3
-    assert reference_start(3, 10, 8, None) == 10 and reference_start(8, 10, 8, None) == 0
-    assert reference_start(2, 4, 8, rng) in (0, 4)  # too short for a distant window: the farthest start
+    for start in (0, 5, 20):  # window start .. start + 7 of 32 frames
+        got = {reference_frame(start, 32, 8, rng) for _ in range(50)}
+        assert all((f < start - 4 or f >= start + 12) and 0 <= f < 32 for f in got) and len(got) > 3
+    assert reference_frame(3, 18, 8, None) == 17 and reference_frame(9, 18, 8, None) == 0
+    assert reference_frame(1, 10, 8, rng) in (0, 9)  # too short for a distant frame: the farthest one
 
 
 def test_windows_carry_the_frames_and_the_sound_of_their_moment(videos: list[Path]) -> None:
@@ -75,6 +75,7 @@ def test_windows_carry_the_frames_and_the_sound_of_their_moment(videos: list[Pat
                       seed=3)  # fmt: skip
     item = data[5]
     assert item["target"].shape == item["reference"].shape == (3, 8, SIZE, SIZE) and item["mel"].shape == (80, 26)
+    assert torch.equal(item["reference"], item["reference"][:, :1].expand(-1, 8, -1, -1))  # one frame, held still
     for k, v in data[5].items():
         assert torch.equal(v, item[k])  # a function of (seed, item)
     va = data.audio(data._video_of(5))
@@ -161,7 +162,8 @@ def test_lipsync_train_resumes_and_writes_a_generator(tmp_path: Path, videos: li
 @pytest.mark.slow  # ~60 s
 def test_the_generator_learns_to_draw_the_mouth_the_sound_asks_for(tmp_path: Path) -> None:
     """Held-out windows: the drawn mouth beats copying the reference mouth, and beats the same generator given
-    another window's sound (so it uses the sound, not only the average mouth). Measured: 0.83 and 0.91."""
+    another window's sound (so it uses the sound, not only the average mouth; a generator deaf to it gives exactly 1).
+    Measured: 0.79 and 0.94."""
     vids = [str(talking_video(tmp_path / f"v{i}.mkv", 40, seed=400 + i)) for i in range(12)]
     cfg = LipsyncTrainConfig(videos=tuple(vids[:9]), val_videos=tuple(vids[9:]), crop_face=False, batch_size=8,
                              workers=0, steps=80, lr=1e-3, warmup_steps=10, device="cpu", log_every=40, val_every=0,
@@ -176,7 +178,7 @@ def test_the_generator_learns_to_draw_the_mouth_the_sound_asks_for(tmp_path: Pat
         right = pixel_loss(gen(target, reference, mel), truth)
         wrong = pixel_loss(gen(target, reference, mel.roll(1, 0)), truth)  # each window gets another one's sound
     copy = pixel_loss(patchify(reference, 2, 8)[:, gen.lower], truth)
-    assert right < 0.9 * copy and right < 0.96 * wrong, (float(right), float(wrong), float(copy))
+    assert right < 0.9 * copy and right < 0.98 * wrong, (float(right), float(wrong), float(copy))
 
 
 def test_marlin_lipsync_dubs_a_real_face_video_and_muxes_the_new_sound(tmp_path: Path) -> None:

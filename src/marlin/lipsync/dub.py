@@ -1,8 +1,9 @@
 """Dubbing: redraw the mouth of a face video so that it speaks another sound track (``marlin lipsync``).
 
 :func:`dub_crops` works on face crops: the video is cut into windows of ``clip_frames`` frames (the last one aligned
-to the end), each window is its own reference (Wav2Lip's inference: the face as it is, the mouth to be redrawn) and
-gets the mel window of the new sound at its frames. :func:`dub_video` does it for a video file: the main face is
+to the end), its reference is its middle frame held still (as in training, one frame: the person's mouth, teeth and
+skin, but none of the original mouth's movement, which belongs to the old sound) and it gets the mel window of the
+new sound at its frames. :func:`dub_video` does it for a video file: the main face is
 detected and tracked as ``marlin extract --crop-face`` does, the crops are dubbed, the drawn lower face is pasted back
 into each frame with feathered edges, and the new sound is muxed in. The output lasts as long as the sound; when the
 sound is longer than the video, the video loops (as Wav2Lip does). Frames without a face are left as they are.
@@ -55,8 +56,9 @@ def dub_crops(gen: LipGenerator, crops: Tensor, mel: Tensor, fps: float, *, batc
     for i in range(0, len(starts), batch_size):
         chunk = starts[i : i + batch_size]
         video = torch.stack([crops[:, s : s + t] for s in chunk]).to(device).float().div_(255.0)  # [b, 3, T, S, S]
+        still = video[:, :, t // 2 : t // 2 + 1].expand_as(video)  # the middle frame, held
         mels = torch.stack([sync_window(mel, s, t, fps, gen.mel_length) for s in chunk]).to(device)  # [b, 80, L]
-        drawn = gen.generate(video, video, mels).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu()
+        drawn = gen.generate(video, still, mels).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu()
         for s, window in zip(chunk, drawn, strict=True):
             out[:, s : s + t] = window
     return out

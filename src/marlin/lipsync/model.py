@@ -5,8 +5,9 @@ Inputs per window of ``clip_frames`` frames (face crops, ``[B, 3, T, S, S]`` in 
 
 * `target`: the frames to redraw. The encoder sees only their *upper-half* tokens (its masking path, as in
   pretraining: the lower half is never read, so nothing of the true mouth leaks in).
-* `reference`: frames of the same face at another time (training) or the frames themselves (dubbing). The encoder
-  sees their lower-half tokens: what this person's mouth, teeth and skin look like.
+* `reference`: a still frame of the same face repeated over the window (another moment's in training, see
+  :mod:`marlin.lipsync.data`; the window's middle frame in dubbing). The encoder sees its lower-half tokens: what
+  this person's mouth, teeth and skin look like.
 * `mel`: the window's mel spectrogram ``[B, 80, L]`` (:func:`marlin.sync.expert.sync_window`), mapped to one
   feature per time step (``clip_frames / tubelet_size`` steps) by the expert's audio trunk
   (:class:`marlin.sync.expert.MelSteps`).
