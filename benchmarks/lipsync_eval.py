@@ -198,11 +198,12 @@ def strip(args: argparse.Namespace, rows: int = 3, frames: tuple[int, ...] = tup
         orig = read_frames_for_sync(src, range(n), size, crop_face=True)
         spoke = read_frames_for_sync(dst, range(n), size, crop_face=True)
         dubbed = dub_crops(gen, orig, va.mel, va.fps)
-        for name, x in (("original", orig), ("dubbed: new sound", dubbed), ("mouth of the sound", spoke)):
+        a, b = Path(src).name, Path(dst).name
+        for name, x in ((f"{a}: original", orig), (f"{a} + sound of {b}", dubbed), (f"{b}: who spoke it", spoke)):
             row = torch.cat([x[:, f, top - 8 :] for f in frames], dim=2)  # [3, S - top + 8, F * S]
             img = Image.new("RGB", (label_w + row.shape[2], row.shape[1]), "white")
             img.paste(Image.fromarray(row.permute(1, 2, 0).numpy()), (label_w, 0))
-            ImageDraw.Draw(img).text((4, row.shape[1] // 2 - 6), f"{Path(src).name[:10]} {name}", fill="black")
+            ImageDraw.Draw(img).text((4, row.shape[1] // 2 - 6), name, fill="black")
             blocks.append(np.asarray(img))
         blocks.append(np.full((6, blocks[-1].shape[1], 3), 255, np.uint8))
     path = args.work / "lipsync_strip.jpg"  # photographs: JPEG is a fifth of the PNG's size
