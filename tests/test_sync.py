@@ -229,6 +229,8 @@ def test_store_items_are_sources_with_the_sound_of_their_video(tmp_path: Path, v
     assert sync_inputs([f"{store}#train"])[0] == items and sync_inputs([videos[0]]) == ([str(videos[0])], [])
     with pytest.raises(ValueError, match="no items in split 'val'"):
         sync_inputs([f"{store}#val"])
+    assert sync_inputs(items[:2]) == (items[:2], [])  # item folders named one by one
+    assert sync_inputs([skipped[0]]) == ([], [skipped[0]])
     item = next(i for i in items if store_item_meta(i)["source"] == str(videos[1]))
     from_store, from_video = load_video_audio(item), load_video_audio(videos[1])
     assert (from_store.n_frames, from_store.fps) == (from_video.n_frames, from_video.fps) == (60, 25.0)

@@ -68,7 +68,8 @@ def store_item_meta(path: str | os.PathLike) -> dict | None:
 
 def sync_inputs(specs: Sequence[str | os.PathLike]) -> tuple[list[str], list[str]]:
     """(sources, skipped): files, folders, globs and CSV lists as every command reads them, and ``marlin prepare``
-    stores (``STORE``, or one split: ``STORE#train`` / ``STORE#val``) as their item folders whose video has sound;
+    stores (``STORE``, or one split: ``STORE#train`` / ``STORE#val``, or one item folder) as item folders whose video
+    has sound;
     `skipped` names the store items without sound. Errors as :func:`marlin.data.sources.collect_inputs` (strict)."""
     from ..data.sources import collect_inputs
     from ..data.store import ClipStore
@@ -77,6 +78,10 @@ def sync_inputs(specs: Sequence[str | os.PathLike]) -> tuple[list[str], list[str
     out, skipped = [], []
     for spec in map(str, specs):
         root, _, split = spec.partition("#")
+        item = store_item_meta(Path(root).expanduser()) if not split else None
+        if item is not None:  # one item folder of a store
+            (out if has_audio(item["source"]) else skipped).append(str(Path(root).expanduser()))
+            continue
         if not (Path(root).expanduser() / "store.json").is_file():
             out += [str(p) for p in collect_inputs([spec], strict=True)]
             continue
