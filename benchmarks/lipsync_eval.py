@@ -50,10 +50,16 @@ def stage_train(args: argparse.Namespace) -> None:
         log(f"trained ({out / 'generator.pt'})")
         return
     grid, faces = args.curve / "stores" / "grid_s1", args.curve / "stores" / "faces"
+    expert = args.sync_expert or args.judges[0]
     cmd = [sys.executable, "-m", "marlin.cli", "lipsync-train", f"{grid}#train", f"{faces}#train", "--model",
-           str(args.marlin), "--expert", str(args.judges[0]), "--sync-weight", "0", "--pixel-loss", "mse", "--steps",
-           str(args.steps), "--batch-size", "8", "--lr", "5e-4", "--workers", "2", "--val-every", "200",
-           "--save-every", "100", "--log-every", "20", "--seed", "0", "--out", str(out)]  # fmt: skip
+           str(args.marlin), "--expert", str(expert), "--sync-weight", str(args.sync_weight), "--sync-jitter",
+           str(args.sync_jitter), "--pixel-loss", "mse", "--steps", str(args.steps), "--batch-size", "8", "--lr",
+           str(args.lr), "--warmup-steps", str(min(100, args.steps // 10)), "--adv-weight", str(args.adv_weight),
+           "--workers", "2", "--val-every", str(args.val_every), "--save-every", "50", "--log-every", "20", "--seed",
+           "0", "--out", str(out)]  # fmt: skip
+    others = [str(j) for j in args.judges if j.resolve() != Path(expert).resolve()]
+    cmd += ["--judge", others[0]] if others else []
+    cmd += ["--init", str(args.init)] if args.init else []
     if (out / "last.pt").is_file():
         cmd.append("--resume")
     log(" ".join(cmd))
@@ -122,6 +128,9 @@ def stage_eval(args: argparse.Namespace) -> None:
     clips = _held_out(args)
     path = args.work / "eval.json"
     done = json.loads(path.read_text()) if path.is_file() else {"judges": list(judges), "pairs": []}
+    train = gen.meta.get("train_config") or {}
+    done["loss_expert"] = next((name for name, p in zip(judges, args.judges, strict=True) if train.get("sync_weight")
+                                and Path(train.get("expert") or "").resolve() == p.resolve()), None)  # fmt: skip
     if "reconstruction" not in done:
         data = LipWindows(clips, clip_frames=gen.clip_frames, size=gen.config.img_size, mel_length=gen.mel_length,
                           train=False)  # fmt: skip
@@ -161,7 +170,8 @@ def report(args: argparse.Namespace) -> str:
               "| judge | video + new sound | LSE-D | LSE-C (95% CI) | offset within +-1 |",
               "|---|---|---|---|---|"]  # fmt: skip
     for judge in doc["judges"]:
-        for cond, label in (("undubbed", "undubbed"), ("dubbed", "dubbed"), ("real", "real clip, its own sound")):
+        dubbed = "dubbed (its sync loss: not independent)" if judge == doc.get("loss_expert") else "dubbed"
+        for cond, label in (("undubbed", "undubbed"), ("dubbed", dubbed), ("real", "real clip, its own sound")):
             d = np.array([p[judge][cond]["lse_d"] for p in pairs])
             c = np.array([p[judge][cond]["lse_c"] for p in pairs])
             near = np.mean([abs(p[judge][cond]["offset"]) <= 1 for p in pairs])
@@ -221,6 +231,14 @@ def main(argv: list[str] | None = None) -> None:
                     for a in ("pixels", "random")], help="experts that score the dubbed clips (the first also reports "
                     "P(in sync) during training)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--val-every", type=int, default=200)
+    ap.add_argument("--init", type=Path, help="start from this generator.pt (the sync-loss stage)")
+    ap.add_argument("--sync-weight", type=float, default=0.0, help="0: pixel loss only, every judge independent")
+    ap.add_argument("--sync-expert", type=Path, help="the expert of the sync loss (default: the first judge); the "
+                    "report marks it, since it is no independent judge of this generator")  # fmt: skip
+    ap.add_argument("--sync-jitter", type=int, default=0)
+    ap.add_argument("--adv-weight", type=float, default=0.0, help="weight of the patch critic's term (0: none)")
     ap.add_argument("--pairs", type=int, default=200, help="held-out GRID test sentences dubbed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--from", dest="first", choices=STAGES, default="train")

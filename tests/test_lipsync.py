@@ -13,9 +13,9 @@ import torch
 
 from marlin.lipsync.data import LipWindows, reference_frame
 from marlin.lipsync.dub import dub_crops, paste_lower, window_starts_covering
-from marlin.lipsync.losses import pixel_loss, sync_loss
+from marlin.lipsync.losses import jitter_windows, pixel_loss, sync_loss
 from marlin.lipsync.model import LipGenerator, load_generator
-from marlin.lipsync.train import LipsyncTrainConfig, lipsync_train
+from marlin.lipsync.train import LipsyncTrainConfig, evaluate_generator, lipsync_train
 from marlin.mae.patches import patchify
 from marlin.models.encoder import MarlinEncoder
 from marlin.sync.expert import SyncExpert, sync_window
@@ -157,6 +157,67 @@ def test_lipsync_train_resumes_and_writes_a_generator(tmp_path: Path, videos: li
     assert gen.meta["step"] == 3 and gen.clip_frames == 8 and not gen.training
     with pytest.raises(ValueError, match="sync weight"):
         LipsyncTrainConfig(sync_weight=1.0)
+
+
+def test_jitter_moves_each_window_as_a_whole_and_keeps_gradients() -> None:
+    video = _window(3, b=4).requires_grad_(True)  # [B, 3, T, S, S]
+    moved = jitter_windows(video, 3, torch.Generator().manual_seed(0))
+    assert moved.shape == video.shape
+    assert torch.equal(jitter_windows(video, 0), video)
+    assert torch.equal(moved, jitter_windows(video, 3, torch.Generator().manual_seed(0)))  # seeded
+    inner = slice(3, SIZE - 3)
+    for i in range(4):  # the interior of each window is the original moved by one (dy, dx), the same in every frame
+        shifted = {(dy, dx): video[i].roll((dy, dx), (-2, -1))[..., inner, inner] for dy in range(-3, 4)
+                   for dx in range(-3, 4)}  # fmt: skip
+        assert len([k for k, v in shifted.items() if torch.equal(moved[i, ..., inner, inner], v)]) == 1
+    draws = [jitter_windows(video, 3, torch.Generator().manual_seed(s))[0] for s in range(6)]
+    assert any(not torch.equal(d, draws[0]) for d in draws)  # offsets differ between draws
+    moved.sum().backward()
+    assert video.grad is not None and video.grad.abs().sum() > 0
+
+
+def test_a_warm_start_continues_a_generator_and_a_judge_is_reported(tmp_path: Path, videos: list[Path]) -> None:
+    torch.manual_seed(0)
+    expert = SyncExpert(TINY, embed_dim=16, visual="pixels")
+    torch.save(expert.checkpoint(), tmp_path / "expert.pt")
+    base = dict(videos=tuple(map(str, videos[:4])), val_videos=tuple(map(str, videos[4:])), crop_face=False,
+                batch_size=2, workers=0, device="cpu", save_every=0, val_every=0)  # fmt: skip
+    first = lipsync_train(LipsyncTrainConfig(steps=2, lr=1e-3, out=str(tmp_path / "a"), **base),
+                          encoder=MarlinEncoder(TINY))  # fmt: skip
+    warm = LipsyncTrainConfig(steps=1, lr=1e-9, warmup_steps=0, init=str(tmp_path / "a" / "generator.pt"),
+                              expert=str(tmp_path / "expert.pt"), judge=str(tmp_path / "expert.pt"), sync_weight=0.5,
+                              sync_jitter=2, out=str(tmp_path / "b"), **base)  # fmt: skip
+    second = lipsync_train(warm)
+    head, start = second.generator.decoder.head.weight, first.generator.decoder.head.weight
+    assert start.abs().sum() > 0 and torch.allclose(head, start, atol=1e-6)  # not a new, zero-initialised head
+    assert second.val["p_sync"] == pytest.approx(second.val["p_sync_judge"])  # the same expert judged twice
+    assert second.val["p_sync_real"] == pytest.approx(second.val["p_sync_judge_real"])
+    with pytest.raises(ValueError, match="trained at 25 fps"):
+        lipsync_train(LipsyncTrainConfig(steps=1, fps=30.0, init=warm.init, out=str(tmp_path / "c"), **base))
+    data = LipWindows([str(v) for v in videos[4:]], clip_frames=8, size=SIZE, mel_length=first.generator.mel_length,
+                      crop_face=False, train=False)  # fmt: skip
+    assert set(evaluate_generator(first.generator, data)) == {"mse", "ref_mse", "l1", "ref_l1"}
+    with pytest.raises(ValueError, match="sync jitter"):
+        LipsyncTrainConfig(sync_jitter=-1)
+
+
+def test_the_critic_trains_with_the_generator_and_resumes_with_the_run(tmp_path: Path, videos: list[Path]) -> None:
+    base = dict(videos=tuple(map(str, videos[:4])), val_videos=(), val_fraction=0.0, crop_face=False, batch_size=2,
+                workers=0, device="cpu", save_every=1, val_every=0, log_every=1, lr=1e-3)  # fmt: skip
+    adv = dict(adv_weight=0.1, sync_jitter=2, out=str(tmp_path / "adv"))
+    first = lipsync_train(LipsyncTrainConfig(steps=2, **adv, **base), encoder=MarlinEncoder(TINY))
+    assert all({"adv", "critic", "gp"} <= set(h) for h in first.history if "loss" in h)
+    state = torch.load(tmp_path / "adv" / "last.pt", weights_only=True)
+    critic = dict(state["extra"]["critic"])
+    assert critic and state["extra"]["critic_optimizer"]["state"]  # the critic has taken steps
+    resumed = lipsync_train(LipsyncTrainConfig(steps=3, **adv, **base), resume=True, encoder=MarlinEncoder(TINY))
+    assert resumed.step == 3
+    later = torch.load(tmp_path / "adv" / "last.pt", weights_only=True)["extra"]["critic"]
+    assert any(not torch.equal(later[k], critic[k]) for k in critic)  # restored, then trained on
+    lipsync_train(LipsyncTrainConfig(steps=1, **{**base, "out": str(tmp_path / "plain")}), encoder=MarlinEncoder(TINY))
+    with pytest.raises(ValueError, match="had no critic"):
+        lipsync_train(LipsyncTrainConfig(steps=2, **{**adv, **base, "out": str(tmp_path / "plain")}), resume=True,
+                      encoder=MarlinEncoder(TINY))  # fmt: skip
 
 
 @pytest.mark.slow  # ~60 s

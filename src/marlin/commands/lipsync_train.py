@@ -3,7 +3,9 @@ with sound, with the sync loss of a `marlin sync-train` expert.
 
     marlin lipsync-train videos/ --out runs/lipsync --model marlin_vit_small_ytf --expert runs/sync/expert.pt
     marlin lipsync-train STORE#train --val STORE#val --out runs/lipsync --expert runs/sync/expert.pt --resume
-    marlin lipsync-train crops/ --no-crop-face --out runs/lipsync --sync-weight 0      # L1 only
+    marlin lipsync-train crops/ --no-crop-face --out runs/lipsync --sync-weight 0      # pixel loss only
+    marlin lipsync-train videos/ --out runs/lipsync_sync --init runs/lipsync/generator.pt --expert EXPERT \
+        --sync-weight 0.05 --sync-jitter 4 --judge OTHER_EXPERT                         # sync loss once warm
     torchrun --nproc_per_node 4 -m marlin.cli lipsync-train videos/ --out runs/lipsync --expert EXPERT
 
 Writes OUT/generator.pt (read by `marlin lipsync --model`), OUT/last.pt (resume point) and OUT/results.json. See
@@ -29,6 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "mouths is reported, and with --sync-weight > 0 it is a loss")  # fmt: skip
     p.add_argument("--sync-weight", type=float, default=d.sync_weight, help="loss = (1 - w) pixel loss + w sync loss "
                    "(default: %(default)s; see marlin.lipsync.train for why not Wav2Lip's 0.03)")  # fmt: skip
+    p.add_argument("--sync-jitter", type=int, default=d.sync_jitter, help="move each drawn window by a random "
+                   "offset of up to this many pixels before the expert scores it, so that patterns which fool the "
+                   "expert at one position do not pay (default: %(default)s)")  # fmt: skip
+    p.add_argument("--judge", help="a second expert.pt, never a loss: its P(in sync) of the drawn mouths in "
+                   "validation shows whether the loss's expert is being fooled")  # fmt: skip
+    p.add_argument("--adv-weight", type=float, default=d.adv_weight, help="weight of a patch critic's term "
+                   "(WGAN-GP, as in pretraining) against drawn-looking patches (default: %(default)s)")  # fmt: skip
+    p.add_argument("--init", help="start from this generator.pt (e.g. a pixel-loss run, before adding the sync loss)")
     p.add_argument("--pixel-loss", choices=("mse", "l1"), default=d.pixel_loss, help="(default: %(default)s)")
 
 
@@ -38,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = LipsyncTrainConfig(**video_run_fields(args, "lipsync-train"), expert=args.expert,
-                                 sync_weight=args.sync_weight, pixel_loss=args.pixel_loss)  # fmt: skip
+                                 sync_weight=args.sync_weight, sync_jitter=args.sync_jitter, judge=args.judge,
+                                 init=args.init, adv_weight=args.adv_weight,
+                                 pixel_loss=args.pixel_loss)  # fmt: skip
         result = lipsync_train(cfg, resume=args.resume)
     except (ValueError, OSError, RuntimeError, ImportError) as e:
         print(f"marlin lipsync-train: {one_line(e)}", file=sys.stderr)

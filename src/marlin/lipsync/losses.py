@@ -1,14 +1,17 @@
 """The lip generator's losses, as pure functions: a pixel loss on the drawn lower half (squared or absolute error),
-and the sync loss of a frozen lip-sync expert (Wav2Lip's ``-log P(in sync)``)."""
+the sync loss of a frozen lip-sync expert (Wav2Lip's ``-log P(in sync)``), and what the adversarial term's patch
+critic sees (:func:`critic_patches`; the WGAN losses themselves are :mod:`marlin.mae.losses`', as in pretraining)."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..mae.patches import patchify
 from ..sync.expert import SyncExpert
 
-__all__ = ["PIXEL_LOSSES", "expert_input", "pixel_loss", "sync_loss"]
+__all__ = ["PIXEL_LOSSES", "critic_patches", "expert_input", "jitter_windows", "pixel_loss", "sync_loss"]
 
 PIXEL_LOSSES = ("mse", "l1")
 
@@ -39,9 +42,36 @@ def expert_input(expert: SyncExpert, video: Tensor) -> Tensor:
     return flat.unflatten(0, (b, t)).transpose(1, 2)  # [B, 3, T, side, side]
 
 
+def jitter_windows(video: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
+    """Each window ``[B, 3, T, S, S]`` moved by its own random whole-pixel offset in ``[-max_shift, max_shift]``
+    along both axes (the same for all its frames: the motion is kept), edges repeated; differentiable.
+
+    Why: a generator trained against a fixed expert learns patterns that fool exactly that network (ours drew
+    checkerboards); the expert sees each drawn mouth at a random offset instead, so only changes that keep their
+    meaning when moved, such as the shape of the mouth, lower the loss (Expectation over Transformation)."""
+    if max_shift <= 0:
+        return video
+    b, s = video.shape[0], video.shape[-1]
+    shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator).tolist()  # [B, (dy, dx)]
+    padded = F.pad(video.flatten(1, 2), (max_shift,) * 4, mode="replicate").unflatten(1, video.shape[1:3])
+    out = [padded[i, ..., max_shift - dy : max_shift - dy + s, max_shift - dx : max_shift - dx + s]
+           for i, (dy, dx) in enumerate(shifts)]  # fmt: skip
+    return torch.stack(out)  # [B, 3, T, S, S]
+
+
 def sync_loss(expert: SyncExpert, video: Tensor, mel: Tensor) -> tuple[Tensor, Tensor]:
     """(loss, P(in sync) per window ``[B]``): ``-log sigmoid(logit)`` of windows ``[B, 3, T, S, S]`` in [0, 1]
     against their mel windows ``[B, 80, L]``, averaged; gradients reach the video, the expert stays as it is (its
     parameters should not require grad, and it should be in eval mode: its batch norms then use running stats)."""
     logits = expert(expert_input(expert, video), mel[:, None])[:, 0].float()  # [B]
     return F.softplus(-logits).mean(), logits.sigmoid().detach()
+
+
+def critic_patches(video: Tensor, lower: Tensor, tubelet: int, patch: int, jitter: int = 0,
+                   generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    """The lower-half patches ``[B, N_lower, patch_dim]`` of windows ``[B, 3, T, S, S]`` moved by up to `jitter`
+    pixels (:func:`jitter_windows`) first, `lower` the ``[N]`` lower-half token mask.
+
+    Why moved: the generator draws each patch on its own, so its flaws sit on the patch grid (seams between
+    patches); at a random offset a seam falls inside the patches the critic scores, where a per-patch critic sees it."""
+    return patchify(jitter_windows(video, jitter, generator), tubelet, patch)[:, lower]

@@ -2,11 +2,13 @@
 
 Each optimiser step takes ``batch_size`` windows of :class:`marlin.lipsync.data.LipWindows` per process (a face
 window, a reference window of the same video, the sound in sync with the face), draws the lower half from the upper
-half + reference + sound, and minimises ``(1 - sync_weight) * L1 + sync_weight * sync loss`` (Wav2Lip's generator
-objective; the sync loss is ``-log P(in sync)`` of a frozen expert from ``marlin sync-train``, left out when no
-expert is given). Held-out videos give, every ``val_every`` steps and at the end: the L1 of the drawn mouth, the L1
-of copying the reference mouth (the baseline the generator must beat), and the expert's P(in sync) of drawn and of
-real windows.
+half + reference + sound, and minimises ``(1 - sync_weight) * pixel loss + sync_weight * sync loss + adv_weight *
+adversarial loss`` (Wav2Lip's generator objective: the sync loss is ``-log P(in sync)`` of a frozen expert from
+``marlin sync-train``, left out when no expert is given; the adversarial term is a patch critic's, as in pretraining,
+updated once per step with WGAN-GP). Wav2Lip trains the pixel loss first and adds the others to the warm generator:
+``init`` starts a run from a ``generator.pt``. Held-out videos give, every ``val_every`` steps and at the end: the
+error of the drawn mouth, that of copying the reference mouth (the baseline the generator must beat), and P(in sync)
+of drawn and of real windows by the expert and by an independent ``judge`` (a second expert that is never a loss).
 
 Outputs in ``out``: ``last.pt`` (``--resume`` continues exactly where it stopped), ``generator.pt`` (read by
 :func:`marlin.lipsync.model.load_generator` and ``marlin lipsync --model``), ``results.json``. torchrun-ready.
@@ -23,14 +25,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..mae.critic import PatchCritic
+from ..mae.losses import critic_loss, generator_adv_loss, gradient_penalty
 from ..mae.patches import patchify
 from ..train.steprun import StepRun, VideoRunConfig, encoder_scaled_optimizer, run_to_end, split_videos
-from ..utils.distributed import DistInfo
+from ..utils.distributed import DistInfo, all_reduce_grads, broadcast_module
 from ..utils.fileio import json_safe
 from ..utils.precision import autocast
 from ..utils.seeding import derive_seed
 from .data import LipWindows
-from .losses import PIXEL_LOSSES, pixel_loss, sync_loss
+from .losses import PIXEL_LOSSES, critic_patches, expert_input, jitter_windows, pixel_loss, sync_loss
 from .model import LipGenerator
 
 __all__ = ["LipsyncTrainConfig", "LipsyncTrainResult", "evaluate_generator", "lipsync_train"]
@@ -51,11 +55,22 @@ class LipsyncTrainConfig(VideoRunConfig):
     # grey pixels) a weight of 0.03 raised P(in sync) of drawn mouths from 0.01 to 0.78 in 140 steps while their
     # error grew (L1 0.044 vs 0.034 for copying the reference): the generator learned to fool the expert.
     sync_weight: float = 0.0
+    # Random whole-pixel offsets of the drawn windows before the expert scores them (losses.jitter_windows): what
+    # fools one expert at one position rarely survives a move; 0: off.
+    sync_jitter: int = 0
+    judge: str | None = None  # a second expert, never a loss: its P(in sync) in validation (is the loss's fooled?)
+    init: str | None = None  # a generator.pt to start from (Wav2Lip adds the sync loss once the generator is warm)
+    # Weight of the adversarial term: a patch critic (pretraining's, WGAN-GP) scores drawn vs real lower-face patches
+    # at random offsets, so that flaws an expert can be fooled with (seams, stripes) cost something; 0: no critic.
+    adv_weight: float = 0.0
+    gp_weight: float = 10.0  # the critic's gradient penalty (WGAN-GP's usual 10)
     steps: int = 3000
 
     def checks(self) -> list[tuple[bool, str]]:
         return [*super().checks(),
                 (0 <= self.sync_weight < 1, f"sync weight must be in [0, 1), got {self.sync_weight}"),
+                (self.sync_jitter >= 0, f"sync jitter must be >= 0 pixels, got {self.sync_jitter}"),
+                (self.adv_weight >= 0, f"adversarial weight must be >= 0, got {self.adv_weight}"),
                 (self.pixel_loss in PIXEL_LOSSES, f"pixel loss must be one of {PIXEL_LOSSES}")]  # fmt: skip
 
 
@@ -82,13 +97,24 @@ def load_frozen_expert(path: str, generator: LipGenerator, device: torch.device)
     return expert
 
 
+def warm_generator(path: str, fps: float) -> LipGenerator:
+    """The generator of `path` (a ``generator.pt``) in train mode, to continue training (``init``); refused when it
+    was trained for another frame rate."""
+    from .model import load_generator
+
+    gen = load_generator(path)
+    if gen.fps != fps:
+        raise ValueError(f"{path}: the generator was trained at {gen.fps:g} fps, this run is at {fps:g} (--fps)")
+    return gen.train()
+
+
 def window_losses(gen: LipGenerator, batch: dict[str, Tensor], expert: Any, sync_weight: float,
-                  device: torch.device, net: nn.Module | None = None,
-                  kind: str = "mse") -> dict[str, Tensor]:  # fmt: skip
-    """Loss terms of one batch: ``mse`` and ``l1`` of the drawn mouth, ``ref_mse`` and ``ref_l1`` of copying the
-    reference (the baseline), ``sync`` and ``p_sync`` (when an expert is given) and the weighted ``loss`` (`kind`
-    is the pixel term). `net` runs the forward pass when given
-    (the DDP wrapper of `gen`)."""
+                  device: torch.device, net: nn.Module | None = None, kind: str = "mse", jitter: int = 0,
+                  rng: torch.Generator | None = None) -> dict[str, Tensor]:  # fmt: skip
+    """Loss terms of one batch: the drawn lower-half patches ``pred``, ``mse`` and ``l1`` of the drawn mouth,
+    ``ref_mse`` and ``ref_l1`` of copying the reference (the baseline), ``sync`` and ``p_sync`` (when an expert is
+    given) and the weighted ``loss`` (`kind` is the pixel term). `net` runs the forward pass when given (the DDP
+    wrapper of `gen`); the expert sees the drawn windows moved by up to `jitter` pixels (drawn from `rng`)."""
     c = gen.config
     target = batch["target"].to(device).float().div_(255.0)  # [B, 3, T, S, S]
     reference = batch["reference"].to(device).float().div_(255.0)
@@ -97,6 +123,7 @@ def window_losses(gen: LipGenerator, batch: dict[str, Tensor], expert: Any, sync
     truth = patchify(target, c.tubelet_size, c.patch_size)[:, gen.lower]
     ref = patchify(reference, c.tubelet_size, c.patch_size)[:, gen.lower]
     out = {
+        "pred": pred,
         "mse": pixel_loss(pred, truth, "mse"),
         "l1": pixel_loss(pred, truth, "l1"),
         "ref_mse": pixel_loss(ref, truth, "mse").detach(),
@@ -106,35 +133,44 @@ def window_losses(gen: LipGenerator, batch: dict[str, Tensor], expert: Any, sync
         out["loss"] = out[kind]
         return out
     with torch.set_grad_enabled(torch.is_grad_enabled() and sync_weight > 0):  # weight 0: a report only
-        out["sync"], out["p_sync"] = sync_loss(expert, gen.compose(target, pred), mel)
+        drawn = jitter_windows(gen.compose(target, pred), jitter, rng)  # [B, 3, T, S, S]
+        out["sync"], out["p_sync"] = sync_loss(expert, drawn, mel)
     out["loss"] = (1 - sync_weight) * out[kind] + sync_weight * out["sync"]
     return out
 
 
 @torch.no_grad()
-def evaluate_generator(gen: LipGenerator, data: LipWindows, *, expert: Any = None, batch_size: int = 8,
-                       workers: int = 0, device: torch.device | str = "cpu") -> dict[str, float]:  # fmt: skip
+def evaluate_generator(gen: LipGenerator, data: LipWindows, *, expert: Any = None, judge: Any = None,
+                       batch_size: int = 8, workers: int = 0,
+                       device: torch.device | str = "cpu") -> dict[str, float]:  # fmt: skip
     """Held-out means: ``mse`` / ``l1`` of the drawn mouth, ``ref_mse`` / ``ref_l1`` of the copied reference mouth
-    and, with an expert, ``p_sync`` of drawn windows and ``p_sync_real`` of the real ones."""
-    from .losses import expert_input
-
+    and, with an expert, ``p_sync`` of drawn windows and ``p_sync_real`` of the real ones (with a judge too:
+    ``p_sync_judge`` and ``p_sync_judge_real``)."""
     gen.eval()
     device = torch.device(device)
     sums: dict[str, float] = {}
     n = 0
     for batch in DataLoader(data, batch_size=batch_size, num_workers=workers):
-        terms = window_losses(gen, batch, expert, 0.0, device)
+        terms = window_losses(gen, batch, None, 0.0, device)
         b = len(batch["mel"])
-        if expert is not None:
-            real = batch["target"].to(device).float().div_(255.0)
-            logit = expert(expert_input(expert, real), batch["mel"].to(device)[:, None])[:, 0]
-            terms["p_sync_real"] = logit.sigmoid().mean()
-            terms["p_sync"] = terms["p_sync"].mean()
-        for k in ("mse", "ref_mse", "l1", "ref_l1", "p_sync", "p_sync_real"):
-            if k in terms:
-                sums[k] = sums.get(k, 0.0) + float(terms[k]) * b
+        for suffix, scorer in (("", expert), ("_judge", judge)):
+            if scorer is not None:
+                terms.update(_p_sync(gen, scorer, batch, terms["pred"], device, suffix))
+        for k, v in terms.items():
+            if k in ("mse", "ref_mse", "l1", "ref_l1") or k.startswith("p_sync"):
+                sums[k] = sums.get(k, 0.0) + float(v) * b
         n += b
     return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _p_sync(gen: LipGenerator, expert: Any, batch: dict[str, Tensor], drawn: Tensor, device: torch.device,
+            suffix: str) -> dict[str, Tensor]:  # fmt: skip
+    """Mean P(in sync) of a batch's drawn windows and of its real ones, by one expert."""
+    mel = batch["mel"].to(device)[:, None]  # [B, 1, 80, L]
+    real = batch["target"].to(device).float().div_(255.0)  # [B, 3, T, S, S]
+    drawn_windows = gen.compose(real, drawn)
+    return {f"p_sync{suffix}": expert(expert_input(expert, drawn_windows), mel)[:, 0].sigmoid().mean(),
+            f"p_sync{suffix}_real": expert(expert_input(expert, real), mel)[:, 0].sigmoid().mean()}  # fmt: skip
 
 
 class _LipRun(StepRun):
@@ -148,25 +184,45 @@ class _LipRun(StepRun):
 
         self.cfg, self.dist = cfg, dist
         self.train_videos, self.val_videos = split_videos(cfg)
-        if encoder is None:
-            encoder = from_spec(cfg.model, full=False, random_init=cfg.random_init).encoder
-        torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical new parts on every rank
-        self.gen = self.model = LipGenerator(encoder.config, encoder=encoder, fps=cfg.fps).to(dist.device)
+        if cfg.init:
+            self.gen = warm_generator(cfg.init, cfg.fps).to(dist.device)
+        else:
+            if encoder is None:
+                encoder = from_spec(cfg.model, full=False, random_init=cfg.random_init).encoder
+            torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical new parts on every rank
+            self.gen = LipGenerator(encoder.config, encoder=encoder, fps=cfg.fps).to(dist.device)
+        self.model = self.gen
         self.expert = load_frozen_expert(cfg.expert, self.gen, dist.device) if cfg.expert else None
+        self.judge = load_frozen_expert(cfg.judge, self.gen, dist.device) if cfg.judge else None
         c = self.gen.config
         common = dict(clip_frames=c.clip_frames, size=c.img_size, mel_length=self.gen.mel_length,
                       crop_face=cfg.crop_face, detector=cfg.detector, seed=cfg.seed)  # fmt: skip
         self.train_set = LipWindows(self.train_videos, **common)
         self.val_set = LipWindows(self.val_videos, train=False, **common) if self.val_videos else None
         self.optimizer = encoder_scaled_optimizer(self.gen, self.gen.encoder, cfg)
+        self.critic = self.d_opt = None
+        if cfg.adv_weight > 0:
+            self.critic = PatchCritic.from_config(self.gen.config).to(dist.device)
+            broadcast_module(self.critic)
+            self.d_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
         self.start()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"critic": self.critic, "critic_optimizer": self.d_opt} if self.critic is not None else {}
 
     def train_step(self, micro: list[dict[str, Tensor]]) -> dict[str, float]:
         self.net.train()
-        cfg = self.cfg
+        cfg, batch = self.cfg, micro[0]
+        rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "jitter", self.step, self.dist.rank))
         with autocast(self.dist.device, cfg.precision):
-            terms = window_losses(self.gen, micro[0], self.expert, cfg.sync_weight, self.dist.device, self.net,
-                                  cfg.pixel_loss)  # fmt: skip
+            terms = window_losses(self.gen, batch, self.expert, cfg.sync_weight, self.dist.device, self.net,
+                                  cfg.pixel_loss, cfg.sync_jitter, rng)  # fmt: skip
+            pred = terms.pop("pred")
+            if self.critic is not None:
+                real = batch["target"].to(self.dist.device).float().div_(255.0)  # [B, 3, T, S, S]
+                terms.update(self.critic_step(real, self.gen.compose(real, pred.detach()), rng))
+                terms["adv"] = self.adversarial(self.gen.compose(real, pred), rng)
+                terms["loss"] = terms["loss"] + cfg.adv_weight * terms["adv"]
         if not torch.isfinite(terms["loss"]):
             raise RuntimeError(f"non-finite lipsync-train loss at step {self.step + 1}: lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
@@ -175,18 +231,47 @@ class _LipRun(StepRun):
             nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
         self.optimizer.step()
         means = {k: float(v.detach().float().mean()) for k, v in terms.items()}
-        self.record(means, len(micro[0]["mel"]))
+        self.record(means, len(batch["mel"]))
         return means
+
+    def _critic_input(self, windows: Tensor, rng: torch.Generator) -> Tensor:
+        c = self.gen.config
+        return critic_patches(windows, self.gen.lower, c.tubelet_size, c.patch_size, max(self.cfg.sync_jitter, 1),
+                              rng)  # fmt: skip  # [B, N_lower, patch_dim]
+
+    def critic_step(self, real: Tensor, drawn: Tensor, rng: torch.Generator) -> dict[str, Tensor]:
+        """One WGAN-GP update of the critic on real vs drawn (detached) windows ``[B, 3, T, S, S]``."""
+        real_p, fake_p = self._critic_input(real, rng), self._critic_input(drawn, rng)  # [B, N_lower, patch_dim]
+        d_loss = critic_loss(self.critic(real_p), self.critic(fake_p))
+        alpha = torch.rand(1, generator=rng).item()
+        gp = gradient_penalty(self.critic, real_p, fake_p, alpha)
+        self.d_opt.zero_grad(set_to_none=True)
+        (d_loss + self.cfg.gp_weight * gp).backward()
+        if not torch.isfinite(d_loss + gp):
+            raise RuntimeError(f"non-finite critic loss at step {self.step + 1}: lower --lr")
+        all_reduce_grads(self.critic.parameters())
+        self.d_opt.step()
+        return {"critic": d_loss.detach(), "gp": gp.detach()}
+
+    def adversarial(self, drawn: Tensor, rng: torch.Generator) -> Tensor:
+        """The generator's side: ``-mean(critic score)`` of its drawn windows, the critic frozen."""
+        self.critic.requires_grad_(False)
+        adv = generator_adv_loss(self.critic(self._critic_input(drawn, rng)))
+        self.critic.requires_grad_(True)
+        return adv
 
     def log_line(self, rec: dict[str, float], rate: float) -> str:
         sync = f", sync loss {rec['sync']:.4f}, P(in sync) {rec['p_sync']:.3f}" if "sync" in rec else ""
+        if "adv" in rec:
+            sync += f", adversarial {rec['adv']:.3f} (critic {rec['critic']:.3f}, gp {rec['gp']:.3f})"
         return (f"MSE {rec['mse']:.5f}, L1 {rec['l1']:.4f} (copying the reference: {rec['ref_mse']:.5f}, "
                 f"{rec['ref_l1']:.4f}){sync}, lr {rec['lr']:.3g}, {rate:.1f} windows/s")  # fmt: skip
 
     def evaluate(self) -> dict[str, float]:
         """Drawn vs copied-reference MSE and L1; the expert's P(in sync) of drawn and real windows."""
-        return evaluate_generator(self.gen, self.val_set, expert=self.expert, batch_size=self.cfg.batch_size,
-                                  workers=self.cfg.workers, device=self.dist.device)  # fmt: skip
+        return evaluate_generator(self.gen, self.val_set, expert=self.expert, judge=self.judge,
+                                  batch_size=self.cfg.batch_size, workers=self.cfg.workers,
+                                  device=self.dist.device)  # fmt: skip
 
 
 def lipsync_train(cfg: LipsyncTrainConfig, *, resume: bool = False,
@@ -198,7 +283,9 @@ def lipsync_train(cfg: LipsyncTrainConfig, *, resume: bool = False,
     """
 
     def describe(run: StepRun) -> str:
-        sync = f"x{cfg.sync_weight} ({cfg.expert})" if cfg.expert else "off"
+        sync = f"x{cfg.sync_weight} ({cfg.expert}, jitter {cfg.sync_jitter} px)" if cfg.expert else "off"
+        sync += f", judge {cfg.judge}" if cfg.judge else ""
+        sync += f", starting from {cfg.init}" if cfg.init else ""
         return (f"{run.model.config.name}: {len(run.train_videos)} train / {len(run.val_videos)} val videos, steps "
                 f"{run.step}..{cfg.steps}, batch {cfg.batch_size} x {run.dist.world_size} ranks, sync loss {sync}, "
                 f"device {run.dist.device}")  # fmt: skip

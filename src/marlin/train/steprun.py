@@ -170,6 +170,11 @@ class StepRun:
     def log_line(self, rec: dict[str, float], rate: float) -> str:
         raise NotImplementedError
 
+    def extra_state(self) -> dict[str, Any]:
+        """Modules and optimisers besides ``model`` and ``optimizer`` that ``last.pt`` keeps (a critic and its
+        optimiser), by name; none by default."""
+        return {}
+
     def record(self, means: dict[str, float], n: int) -> None:
         """Add one step's per-item means over `n` items to the sums of the next log line."""
         for k, v in means.items():
@@ -186,6 +191,10 @@ class StepRun:
             raise ValueError(f"{path}: that run trained on other videos; pass the same videos or another --out")
         self.model.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for name, obj in self.extra_state().items():
+            if name not in state.get("extra", {}):
+                raise ValueError(f"{path}: that run had no {name}; resume with its settings or use another --out")
+            obj.load_state_dict(state["extra"][name])
         self.step, self.history = int(state["step"]), list(state.get("history", []))
         if self.main:
             log.info("resumed %s at step %d of %d", path, self.step, self.cfg.steps)
@@ -196,7 +205,8 @@ class StepRun:
         self.out.mkdir(parents=True, exist_ok=True)
         state = {"state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                  "optimizer": self.optimizer.state_dict(), "step": self.step, "history": self.history,
-                 "train_videos": self.train_videos, "config": json_safe(self.cfg.to_dict())}  # fmt: skip
+                 "train_videos": self.train_videos, "config": json_safe(self.cfg.to_dict()),
+                 "extra": {name: obj.state_dict() for name, obj in self.extra_state().items()}}  # fmt: skip
         atomic_write(self.out / LAST_FILE, lambda p: torch.save(state, p))
 
     def after_step(self, step: int, metrics: dict[str, float], micro: list[Any]) -> None:
