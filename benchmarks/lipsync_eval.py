@@ -60,6 +60,8 @@ def stage_train(args: argparse.Namespace) -> None:
     others = [str(j) for j in args.judges if j.resolve() != Path(expert).resolve()]
     cmd += ["--judge", others[0]] if others else []
     cmd += ["--init", str(args.init)] if args.init else []
+    cmd += ["--still-upper"] if args.still_upper else []
+    cmd += ["--expert-audio"] if args.expert_audio else []
     if (out / "last.pt").is_file():
         cmd.append("--resume")
     log(" ".join(cmd))
@@ -87,6 +89,20 @@ def lower_mse(a, b, top: int) -> float:  # noqa: ANN001
     return float(((a[..., top:, :].float() - b[..., top:, :].float()) / 255.0).square().mean())
 
 
+def seam_ratio(crops, patch: int, top: int) -> float:  # noqa: ANN001
+    """Mean absolute step between neighbouring pixels across the generator's patch borders, over that inside its
+    patches, in the lower face of uint8 crops ``[3, N, S, S]``: about 1 for camera footage, above 1 when the drawing
+    shows its patch grid (the seams a fooled expert or a weak decoder leave)."""
+    x = crops[..., top:, :].float().mean(0)  # [N, H, S] grey
+    dx = (x[..., 1:] - x[..., :-1]).abs()  # [N, H, S - 1]: step between column j and j + 1
+    dy = (x[:, 1:] - x[:, :-1]).abs()  # [N, H - 1, S]
+    col_seam = (np.arange(dx.shape[-1]) + 1) % patch == 0
+    row_seam = (np.arange(dy.shape[1]) + 1) % patch == 0
+    across = (dx[..., col_seam].mean() + dy[:, row_seam].mean()) / 2
+    within = (dx[..., ~col_seam].mean() + dy[:, ~row_seam].mean()) / 2
+    return float(across / within.clamp_min(1e-6))
+
+
 def pair_result(gen, judges: dict, src: str, dst: str, top: int) -> dict:  # noqa: ANN001
     """Clip `src` dubbed with the sound of clip `dst`, scored by every judge."""
     from marlin.lipsync.dub import dub_crops
@@ -100,7 +116,9 @@ def pair_result(gen, judges: dict, src: str, dst: str, top: int) -> dict:  # noq
     dubbed = dub_crops(gen, orig, va_dst.mel, va_dst.fps)
     out: dict = {"src": src, "dst": dst, "n": n, "mse_to_sound": {"undubbed": lower_mse(orig, spoke, top),
                                                                   "dubbed": lower_mse(dubbed, spoke, top)},
-                 "self_change": lower_mse(dubbed, orig, top)}  # fmt: skip
+                 "self_change": lower_mse(dubbed, orig, top),
+                 "seams": {"undubbed": seam_ratio(orig, gen.config.patch_size, top),
+                           "dubbed": seam_ratio(dubbed, gen.config.patch_size, top)}}  # fmt: skip
     for name, expert in judges.items():
         out[name] = {"undubbed": sync_of(expert, orig, va_dst.mel, va_dst.fps),
                      "dubbed": sync_of(expert, dubbed, va_dst.mel, va_dst.fps),
@@ -185,6 +203,11 @@ def report(args: argparse.Namespace) -> str:
     lines += ["", f"Lower-face MSE to the clip that spoke the sound: undubbed {m['undubbed'].mean():.5f}, dubbed "
               f"{m['dubbed'].mean():.5f} (dubbed closer for {closer:.3f} of clips); how much dubbing changes the "
               f"lower face: MSE {np.mean([p['self_change'] for p in pairs]):.5f}."]  # fmt: skip
+    if all("seams" in p for p in pairs):
+        seams = {k: np.mean([p["seams"][k] for p in pairs]) for k in ("undubbed", "dubbed")}
+        lines += ["", f"Patch-grid seams in the lower face (step across the generator's patch borders / step inside "
+                  f"its patches; about 1 for camera footage): undubbed {seams['undubbed']:.3f}, dubbed "
+                  f"{seams['dubbed']:.3f}."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -238,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sync-expert", type=Path, help="the expert of the sync loss (default: the first judge); the "
                     "report marks it, since it is no independent judge of this generator")  # fmt: skip
     ap.add_argument("--sync-jitter", type=int, default=0)
+    ap.add_argument("--still-upper", action="store_true", help="the generator sees one still upper half per window")
+    ap.add_argument("--expert-audio", action="store_true", help="its sound trunk starts from the sync expert's")
     ap.add_argument("--adv-weight", type=float, default=0.0, help="weight of the patch critic's term (0: none)")
     ap.add_argument("--pairs", type=int, default=200, help="held-out GRID test sentences dubbed")
     ap.add_argument("--threads", type=int, default=2)

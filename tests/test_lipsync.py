@@ -13,9 +13,10 @@ import torch
 
 from marlin.lipsync.data import LipWindows, reference_frame
 from marlin.lipsync.dub import dub_crops, paste_lower, window_starts_covering
-from marlin.lipsync.losses import jitter_windows, pixel_loss, sync_loss
-from marlin.lipsync.model import LipGenerator, load_generator
-from marlin.lipsync.train import LipsyncTrainConfig, evaluate_generator, lipsync_train
+from marlin.lipsync.losses import critic_frames, jitter_windows, pixel_loss, sync_loss
+from marlin.lipsync.model import LipGenerator, MouthCritic, load_generator
+from marlin.lipsync.train import LipsyncTrainConfig, evaluate_generator, lipsync_train, take_expert_audio
+from marlin.mae.losses import gradient_penalty
 from marlin.mae.patches import patchify
 from marlin.models.encoder import MarlinEncoder
 from marlin.sync.expert import SyncExpert, sync_window
@@ -128,6 +129,35 @@ def test_dub_crops_redraws_only_the_lower_face_of_every_frame() -> None:
         dub_crops(gen, crops.float(), torch.randn(80, 100), 25.0)
 
 
+def test_a_still_upper_generator_reads_only_the_middle_frame_of_the_face(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    gen = LipGenerator(TINY, still_upper=True).eval()
+    torch.nn.init.normal_(gen.decoder.head.weight, std=0.05)
+    target, reference, mel = _window(1), _window(2), torch.randn(2, 80, gen.mel_length)
+    middle = TINY.clip_frames // 2
+    other = target.clone()
+    other[:, :, :middle] = torch.rand_like(other[:, :, :middle])  # every frame but the middle one
+    other[:, :, middle + 1 :] = torch.rand_like(other[:, :, middle + 1 :])
+    moved = target.clone()
+    moved[:, :, middle, : SIZE // 2] = torch.rand_like(moved[:, :, middle, : SIZE // 2])
+    with torch.no_grad():
+        a, b, c = gen(target, reference, mel), gen(other, reference, mel), gen(moved, reference, mel)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    torch.save(gen.checkpoint(), tmp_path / "gen.pt")
+    assert load_generator(tmp_path / "gen.pt").still_upper
+
+
+def test_the_sound_trunk_can_start_from_the_experts() -> None:
+    torch.manual_seed(0)
+    gen, expert = LipGenerator(TINY), SyncExpert(TINY, embed_dim=16, visual="pixels")
+    assert not torch.equal(gen.audio.convs[0].weight, expert.audio.convs[0].weight)
+    take_expert_audio(gen, expert)
+    mel = torch.randn(2, 80, gen.mel_length)
+    assert torch.equal(gen.audio(mel), super(type(expert.audio), expert.audio).forward(mel))  # the trunk's features
+    with pytest.raises(ValueError, match="needs an expert"):
+        take_expert_audio(gen, None)
+
+
 def test_paste_lower_changes_only_the_lower_face_inside_its_window() -> None:
     frame = np.full((60, 80, 3), 10, np.uint8)
     crop = np.full((SIZE, SIZE, 3), 250, np.uint8)
@@ -176,6 +206,24 @@ def test_jitter_moves_each_window_as_a_whole_and_keeps_gradients() -> None:
     assert video.grad is not None and video.grad.abs().sum() > 0
 
 
+def test_the_critic_scores_each_lower_face_frame() -> None:
+    video = _window(4, b=2)  # [B, 3, T, S, S]
+    top = SIZE // 2
+    frames = critic_frames(video, top)  # [B, T, 3 * (S - top) * S]
+    assert frames.shape == (2, TINY.clip_frames, 3 * (SIZE - top) * SIZE)
+    assert torch.equal(frames[1, 3].view(3, SIZE - top, SIZE), video[1, :, 3, top:])
+    torch.manual_seed(0)
+    critic = MouthCritic(SIZE - top, SIZE)
+    scores = critic(frames)  # [B, T, 1]
+    assert scores.shape == (2, TINY.clip_frames, 1)
+    changed = frames.clone()
+    changed[0, 5] = 0.5  # one frame of one window
+    moved = (critic(changed) != scores)[..., 0]
+    assert moved[0, 5] and moved.sum() == 1  # frames are scored on their own
+    gp = gradient_penalty(critic, frames, changed, 0.5)
+    assert gp.ndim == 0 and torch.isfinite(gp)
+
+
 def test_a_warm_start_continues_a_generator_and_a_judge_is_reported(tmp_path: Path, videos: list[Path]) -> None:
     torch.manual_seed(0)
     expert = SyncExpert(TINY, embed_dim=16, visual="pixels")
@@ -196,7 +244,8 @@ def test_a_warm_start_continues_a_generator_and_a_judge_is_reported(tmp_path: Pa
         lipsync_train(LipsyncTrainConfig(steps=1, fps=30.0, init=warm.init, out=str(tmp_path / "c"), **base))
     data = LipWindows([str(v) for v in videos[4:]], clip_frames=8, size=SIZE, mel_length=first.generator.mel_length,
                       crop_face=False, train=False)  # fmt: skip
-    assert set(evaluate_generator(first.generator, data)) == {"mse", "ref_mse", "l1", "ref_l1"}
+    assert set(evaluate_generator(first.generator, data)) == {"mse", "ref_mse", "l1", "ref_l1", "mse_other_sound"}
+    assert "mse_other_sound" not in evaluate_generator(first.generator, data, batch_size=1)
     with pytest.raises(ValueError, match="sync jitter"):
         LipsyncTrainConfig(sync_jitter=-1)
 

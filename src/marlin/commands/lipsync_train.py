@@ -36,8 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "expert at one position do not pay (default: %(default)s)")  # fmt: skip
     p.add_argument("--judge", help="a second expert.pt, never a loss: its P(in sync) of the drawn mouths in "
                    "validation shows whether the loss's expert is being fooled")  # fmt: skip
-    p.add_argument("--adv-weight", type=float, default=d.adv_weight, help="weight of a patch critic's term "
-                   "(WGAN-GP, as in pretraining) against drawn-looking patches (default: %(default)s)")  # fmt: skip
+    p.add_argument("--adv-weight", type=float, default=d.adv_weight, help="weight of a lower-face critic's "
+                   "term (WGAN-GP) against drawn-looking mouths (default: %(default)s)")  # fmt: skip
+    p.add_argument("--still-upper", action="store_true", help="the encoder sees one still upper half per window, "
+                   "so the mouth's motion can only come from the sound (see marlin.lipsync.model)")  # fmt: skip
+    p.add_argument("--expert-audio", action="store_true", help="start the sound trunk from the expert's")
     p.add_argument("--init", help="start from this generator.pt (e.g. a pixel-loss run, before adding the sync loss)")
     p.add_argument("--pixel-loss", choices=("mse", "l1"), default=d.pixel_loss, help="(default: %(default)s)")
 
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = LipsyncTrainConfig(**video_run_fields(args, "lipsync-train"), expert=args.expert,
                                  sync_weight=args.sync_weight, sync_jitter=args.sync_jitter, judge=args.judge,
-                                 init=args.init, adv_weight=args.adv_weight,
+                                 init=args.init, adv_weight=args.adv_weight, still_upper=args.still_upper,
+                                 expert_audio=args.expert_audio,
                                  pixel_loss=args.pixel_loss)  # fmt: skip
         result = lipsync_train(cfg, resume=args.resume)
     except (ValueError, OSError, RuntimeError, ImportError) as e:

@@ -1,6 +1,6 @@
 """The lip generator's losses, as pure functions: a pixel loss on the drawn lower half (squared or absolute error),
-the sync loss of a frozen lip-sync expert (Wav2Lip's ``-log P(in sync)``), and what the adversarial term's patch
-critic sees (:func:`critic_patches`; the WGAN losses themselves are :mod:`marlin.mae.losses`', as in pretraining)."""
+the sync loss of a frozen lip-sync expert (Wav2Lip's ``-log P(in sync)``), and what the adversarial term's critic
+sees (:func:`critic_frames`; the WGAN losses themselves are :mod:`marlin.mae.losses`', as in pretraining)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..mae.patches import patchify
 from ..sync.expert import SyncExpert
 
-__all__ = ["PIXEL_LOSSES", "critic_patches", "expert_input", "jitter_windows", "pixel_loss", "sync_loss"]
+__all__ = ["PIXEL_LOSSES", "critic_frames", "expert_input", "jitter_windows", "pixel_loss", "sync_loss"]
 
 PIXEL_LOSSES = ("mse", "l1")
 
@@ -67,11 +66,11 @@ def sync_loss(expert: SyncExpert, video: Tensor, mel: Tensor) -> tuple[Tensor, T
     return F.softplus(-logits).mean(), logits.sigmoid().detach()
 
 
-def critic_patches(video: Tensor, lower: Tensor, tubelet: int, patch: int, jitter: int = 0,
-                   generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
-    """The lower-half patches ``[B, N_lower, patch_dim]`` of windows ``[B, 3, T, S, S]`` moved by up to `jitter`
-    pixels (:func:`jitter_windows`) first, `lower` the ``[N]`` lower-half token mask.
+def critic_frames(video: Tensor, top: int, jitter: int = 0, generator: torch.Generator | None = None) -> Tensor:
+    """The lower faces (rows from `top` down) of windows ``[B, 3, T, S, S]`` moved by up to `jitter` pixels first
+    (:func:`jitter_windows`), one flattened frame per row: ``[B, T, 3 * (S - top) * S]``.
 
-    Why moved: the generator draws each patch on its own, so its flaws sit on the patch grid (seams between
-    patches); at a random offset a seam falls inside the patches the critic scores, where a per-patch critic sees it."""
-    return patchify(jitter_windows(video, jitter, generator), tubelet, patch)[:, lower]
+    Why moved: the generator draws each patch on its own, so its flaws sit on the patch grid; at a random offset
+    the critic cannot learn the grid's place instead of what it looks like."""
+    lower = jitter_windows(video, jitter, generator)[..., top:, :]  # [B, 3, T, S - top, S]
+    return lower.transpose(1, 2).flatten(2)  # [B, T, 3 * (S - top) * S]

@@ -4,11 +4,12 @@ Each optimiser step takes ``batch_size`` windows of :class:`marlin.lipsync.data.
 window, a reference window of the same video, the sound in sync with the face), draws the lower half from the upper
 half + reference + sound, and minimises ``(1 - sync_weight) * pixel loss + sync_weight * sync loss + adv_weight *
 adversarial loss`` (Wav2Lip's generator objective: the sync loss is ``-log P(in sync)`` of a frozen expert from
-``marlin sync-train``, left out when no expert is given; the adversarial term is a patch critic's, as in pretraining,
-updated once per step with WGAN-GP). Wav2Lip trains the pixel loss first and adds the others to the warm generator:
-``init`` starts a run from a ``generator.pt``. Held-out videos give, every ``val_every`` steps and at the end: the
-error of the drawn mouth, that of copying the reference mouth (the baseline the generator must beat), and P(in sync)
-of drawn and of real windows by the expert and by an independent ``judge`` (a second expert that is never a loss).
+``marlin sync-train``, left out when no expert is given; the adversarial term is that of a lower-face critic,
+:class:`marlin.lipsync.model.MouthCritic`, updated once per step with WGAN-GP like pretraining's patch critic).
+Wav2Lip trains the pixel loss first and adds the others to the warm generator: ``init`` starts a run from a
+``generator.pt``. Held-out videos give, every ``val_every`` steps and at the end: the error of the drawn mouth, that
+of copying the reference mouth (the baseline the generator must beat), and P(in sync) of drawn and of real windows by
+the expert and by an independent ``judge`` (a second expert that is never a loss).
 
 Outputs in ``out``: ``last.pt`` (``--resume`` continues exactly where it stopped), ``generator.pt`` (read by
 :func:`marlin.lipsync.model.load_generator` and ``marlin lipsync --model``), ``results.json``. torchrun-ready.
@@ -25,7 +26,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..mae.critic import PatchCritic
 from ..mae.losses import critic_loss, generator_adv_loss, gradient_penalty
 from ..mae.patches import patchify
 from ..train.steprun import StepRun, VideoRunConfig, encoder_scaled_optimizer, run_to_end, split_videos
@@ -34,8 +34,8 @@ from ..utils.fileio import json_safe
 from ..utils.precision import autocast
 from ..utils.seeding import derive_seed
 from .data import LipWindows
-from .losses import PIXEL_LOSSES, critic_patches, expert_input, jitter_windows, pixel_loss, sync_loss
-from .model import LipGenerator
+from .losses import PIXEL_LOSSES, critic_frames, expert_input, jitter_windows, pixel_loss, sync_loss
+from .model import LipGenerator, MouthCritic
 
 __all__ = ["LipsyncTrainConfig", "LipsyncTrainResult", "evaluate_generator", "lipsync_train"]
 
@@ -60,8 +60,10 @@ class LipsyncTrainConfig(VideoRunConfig):
     sync_jitter: int = 0
     judge: str | None = None  # a second expert, never a loss: its P(in sync) in validation (is the loss's fooled?)
     init: str | None = None  # a generator.pt to start from (Wav2Lip adds the sync loss once the generator is warm)
-    # Weight of the adversarial term: a patch critic (pretraining's, WGAN-GP) scores drawn vs real lower-face patches
-    # at random offsets, so that flaws an expert can be fooled with (seams, stripes) cost something; 0: no critic.
+    still_upper: bool = False  # the encoder sees one still upper half per window: why in marlin.lipsync.model
+    expert_audio: bool = False  # start the sound trunk from the expert's, which already hears what mouths do
+    # Weight of the adversarial term: a critic (model.MouthCritic, WGAN-GP) scores drawn vs real lower faces at random
+    # offsets, so that flaws an expert can be fooled with (seams, stripes) cost something; 0: no critic.
     adv_weight: float = 0.0
     gp_weight: float = 10.0  # the critic's gradient penalty (WGAN-GP's usual 10)
     steps: int = 3000
@@ -108,6 +110,17 @@ def warm_generator(path: str, fps: float) -> LipGenerator:
     return gen.train()
 
 
+def take_expert_audio(gen: LipGenerator, expert: Any) -> None:
+    """Copy the expert's mel trunk (:class:`marlin.sync.expert.MelSteps`, without its embedding head) into the
+    generator's; refused without an expert or when their widths differ."""
+    if expert is None:
+        raise ValueError("expert_audio needs an expert (--expert)")
+    trunk = {k: v for k, v in expert.audio.state_dict().items() if not k.startswith("proj.")}
+    if expert.audio_width != gen.audio_width:
+        raise ValueError(f"the expert's sound trunk is {expert.audio_width} wide, the generator's {gen.audio_width}")
+    gen.audio.load_state_dict(trunk)
+
+
 def window_losses(gen: LipGenerator, batch: dict[str, Tensor], expert: Any, sync_weight: float,
                   device: torch.device, net: nn.Module | None = None, kind: str = "mse", jitter: int = 0,
                   rng: torch.Generator | None = None) -> dict[str, Tensor]:  # fmt: skip
@@ -143,9 +156,10 @@ def window_losses(gen: LipGenerator, batch: dict[str, Tensor], expert: Any, sync
 def evaluate_generator(gen: LipGenerator, data: LipWindows, *, expert: Any = None, judge: Any = None,
                        batch_size: int = 8, workers: int = 0,
                        device: torch.device | str = "cpu") -> dict[str, float]:  # fmt: skip
-    """Held-out means: ``mse`` / ``l1`` of the drawn mouth, ``ref_mse`` / ``ref_l1`` of the copied reference mouth
-    and, with an expert, ``p_sync`` of drawn windows and ``p_sync_real`` of the real ones (with a judge too:
-    ``p_sync_judge`` and ``p_sync_judge_real``)."""
+    """Held-out means: ``mse`` / ``l1`` of the drawn mouth, ``ref_mse`` / ``ref_l1`` of the copied reference mouth,
+    ``mse_other_sound`` of mouths drawn with another window's sound (batches of 2 or more; about ``mse``: the sound
+    is not used) and, with an expert, ``p_sync`` of drawn windows and ``p_sync_real`` of the real ones (with a
+    judge too: ``p_sync_judge`` and ``p_sync_judge_real``)."""
     gen.eval()
     device = torch.device(device)
     sums: dict[str, float] = {}
@@ -153,11 +167,14 @@ def evaluate_generator(gen: LipGenerator, data: LipWindows, *, expert: Any = Non
     for batch in DataLoader(data, batch_size=batch_size, num_workers=workers):
         terms = window_losses(gen, batch, None, 0.0, device)
         b = len(batch["mel"])
+        if b > 1:  # each window drawn with another one's sound: as good as with its own means a deaf generator
+            terms["mse_other_sound"] = window_losses(gen, {**batch, "mel": batch["mel"].roll(1, 0)}, None, 0.0,
+                                                     device)["mse"]  # fmt: skip
         for suffix, scorer in (("", expert), ("_judge", judge)):
             if scorer is not None:
                 terms.update(_p_sync(gen, scorer, batch, terms["pred"], device, suffix))
         for k, v in terms.items():
-            if k in ("mse", "ref_mse", "l1", "ref_l1") or k.startswith("p_sync"):
+            if k in ("mse", "ref_mse", "l1", "ref_l1", "mse_other_sound") or k.startswith("p_sync"):
                 sums[k] = sums.get(k, 0.0) + float(v) * b
         n += b
     return {k: v / max(n, 1) for k, v in sums.items()}
@@ -192,7 +209,10 @@ class _LipRun(StepRun):
             torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical new parts on every rank
             self.gen = LipGenerator(encoder.config, encoder=encoder, fps=cfg.fps).to(dist.device)
         self.model = self.gen
+        self.gen.still_upper = cfg.still_upper
         self.expert = load_frozen_expert(cfg.expert, self.gen, dist.device) if cfg.expert else None
+        if cfg.expert_audio:
+            take_expert_audio(self.gen, self.expert)
         self.judge = load_frozen_expert(cfg.judge, self.gen, dist.device) if cfg.judge else None
         c = self.gen.config
         common = dict(clip_frames=c.clip_frames, size=c.img_size, mel_length=self.gen.mel_length,
@@ -202,7 +222,8 @@ class _LipRun(StepRun):
         self.optimizer = encoder_scaled_optimizer(self.gen, self.gen.encoder, cfg)
         self.critic = self.d_opt = None
         if cfg.adv_weight > 0:
-            self.critic = PatchCritic.from_config(self.gen.config).to(dist.device)
+            side = self.gen.config.img_size
+            self.critic = MouthCritic(side - self.top, side).to(dist.device)
             broadcast_module(self.critic)
             self.d_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
         self.start()
@@ -234,14 +255,18 @@ class _LipRun(StepRun):
         self.record(means, len(batch["mel"]))
         return means
 
-    def _critic_input(self, windows: Tensor, rng: torch.Generator) -> Tensor:
+    @property
+    def top(self) -> int:
+        """The first redrawn pixel row."""
         c = self.gen.config
-        return critic_patches(windows, self.gen.lower, c.tubelet_size, c.patch_size, max(self.cfg.sync_jitter, 1),
-                              rng)  # fmt: skip  # [B, N_lower, patch_dim]
+        return (c.grid_size[1] // 2) * c.patch_size
+
+    def _critic_input(self, windows: Tensor, rng: torch.Generator) -> Tensor:
+        return critic_frames(windows, self.top, self.cfg.sync_jitter, rng)  # [B, T, 3 * H * S]
 
     def critic_step(self, real: Tensor, drawn: Tensor, rng: torch.Generator) -> dict[str, Tensor]:
         """One WGAN-GP update of the critic on real vs drawn (detached) windows ``[B, 3, T, S, S]``."""
-        real_p, fake_p = self._critic_input(real, rng), self._critic_input(drawn, rng)  # [B, N_lower, patch_dim]
+        real_p, fake_p = self._critic_input(real, rng), self._critic_input(drawn, rng)  # [B, T, 3 * H * S]
         d_loss = critic_loss(self.critic(real_p), self.critic(fake_p))
         alpha = torch.rand(1, generator=rng).item()
         gp = gradient_penalty(self.critic, real_p, fake_p, alpha)
@@ -285,6 +310,7 @@ def lipsync_train(cfg: LipsyncTrainConfig, *, resume: bool = False,
     def describe(run: StepRun) -> str:
         sync = f"x{cfg.sync_weight} ({cfg.expert}, jitter {cfg.sync_jitter} px)" if cfg.expert else "off"
         sync += f", judge {cfg.judge}" if cfg.judge else ""
+        sync += f", adversarial x{cfg.adv_weight}" if cfg.adv_weight else ""
         sync += f", starting from {cfg.init}" if cfg.init else ""
         return (f"{run.model.config.name}: {len(run.train_videos)} train / {len(run.val_videos)} val videos, steps "
                 f"{run.step}..{cfg.steps}, batch {cfg.batch_size} x {run.dist.world_size} ranks, sync loss {sync}, "
