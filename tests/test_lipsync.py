@@ -246,14 +246,20 @@ def test_a_warm_start_continues_a_generator_and_a_judge_is_reported(tmp_path: Pa
                       crop_face=False, train=False)  # fmt: skip
     assert set(evaluate_generator(first.generator, data)) == {"mse", "ref_mse", "l1", "ref_l1", "mse_other_sound"}
     assert "mse_other_sound" not in evaluate_generator(first.generator, data, batch_size=1)
-    with pytest.raises(ValueError, match="sync jitter"):
-        LipsyncTrainConfig(sync_jitter=-1)
+    for bad, match in (
+        (dict(sync_jitter=-1), "sync jitter"),
+        (dict(critic_steps=0), "critic steps"),
+        (dict(critic_frames=0), "critic frames"),
+        (dict(adv_weight=-1.0), "adversarial weight"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            LipsyncTrainConfig(**bad)
 
 
 def test_the_critic_trains_with_the_generator_and_resumes_with_the_run(tmp_path: Path, videos: list[Path]) -> None:
     base = dict(videos=tuple(map(str, videos[:4])), val_videos=(), val_fraction=0.0, crop_face=False, batch_size=2,
                 workers=0, device="cpu", save_every=1, val_every=0, log_every=1, lr=1e-3)  # fmt: skip
-    adv = dict(adv_weight=0.1, sync_jitter=2, out=str(tmp_path / "adv"))
+    adv = dict(adv_weight=0.1, sync_jitter=2, critic_steps=2, critic_frames=3, out=str(tmp_path / "adv"))
     first = lipsync_train(LipsyncTrainConfig(steps=2, **adv, **base), encoder=MarlinEncoder(TINY))
     assert all({"adv", "critic", "gp"} <= set(h) for h in first.history if "loss" in h)
     state = torch.load(tmp_path / "adv" / "last.pt", weights_only=True)

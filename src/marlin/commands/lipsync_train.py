@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "validation shows whether the loss's expert is being fooled")  # fmt: skip
     p.add_argument("--adv-weight", type=float, default=d.adv_weight, help="weight of a lower-face critic's "
                    "term (WGAN-GP) against drawn-looking mouths (default: %(default)s)")  # fmt: skip
+    p.add_argument("--critic-steps", type=int, default=d.critic_steps, help="critic updates per step (default: "
+                   "%(default)s)")  # fmt: skip
+    p.add_argument("--critic-frames", type=int, default=d.critic_frames, help="frames of each window the critic "
+                   "scores (default: %(default)s)")  # fmt: skip
     p.add_argument("--still-upper", action="store_true", help="the encoder sees one still upper half per window, "
                    "so the mouth's motion can only come from the sound (see marlin.lipsync.model)")  # fmt: skip
     p.add_argument("--expert-audio", action="store_true", help="start the sound trunk from the expert's")
@@ -53,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = LipsyncTrainConfig(**video_run_fields(args, "lipsync-train"), expert=args.expert,
                                  sync_weight=args.sync_weight, sync_jitter=args.sync_jitter, judge=args.judge,
                                  init=args.init, adv_weight=args.adv_weight, still_upper=args.still_upper,
-                                 expert_audio=args.expert_audio,
+                                 expert_audio=args.expert_audio, critic_steps=args.critic_steps,
+                                 critic_frames=args.critic_frames,
                                  pixel_loss=args.pixel_loss)  # fmt: skip
         result = lipsync_train(cfg, resume=args.resume)
     except (ValueError, OSError, RuntimeError, ImportError) as e:

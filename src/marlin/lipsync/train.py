@@ -60,12 +60,16 @@ class LipsyncTrainConfig(VideoRunConfig):
     sync_jitter: int = 0
     judge: str | None = None  # a second expert, never a loss: its P(in sync) in validation (is the loss's fooled?)
     init: str | None = None  # a generator.pt to start from (Wav2Lip adds the sync loss once the generator is warm)
-    still_upper: bool = False  # the encoder sees one still upper half per window: why in marlin.lipsync.model
+    still_upper: bool = False  # the encoder sees one still upper half per window (why: marlin.lipsync.model); kept
+    # when `init` was trained so
     expert_audio: bool = False  # start the sound trunk from the expert's, which already hears what mouths do
     # Weight of the adversarial term: a critic (model.MouthCritic, WGAN-GP) scores drawn vs real lower faces at random
     # offsets, so that flaws an expert can be fooled with (seams, stripes) cost something; 0: no critic.
     adv_weight: float = 0.0
     gp_weight: float = 10.0  # the critic's gradient penalty (WGAN-GP's usual 10)
+    # Critic updates per generator step: with 1 ours barely told drawn from real; WGAN-GP uses 5, slower here.
+    critic_steps: int = 3
+    critic_frames: int = 4  # frames of each window the critic scores (evenly spaced): all 16 cost ~4x as much
     steps: int = 3000
 
     def checks(self) -> list[tuple[bool, str]]:
@@ -73,6 +77,8 @@ class LipsyncTrainConfig(VideoRunConfig):
                 (0 <= self.sync_weight < 1, f"sync weight must be in [0, 1), got {self.sync_weight}"),
                 (self.sync_jitter >= 0, f"sync jitter must be >= 0 pixels, got {self.sync_jitter}"),
                 (self.adv_weight >= 0, f"adversarial weight must be >= 0, got {self.adv_weight}"),
+                (self.critic_steps >= 1, f"critic steps must be >= 1, got {self.critic_steps}"),
+                (self.critic_frames >= 1, f"critic frames must be >= 1, got {self.critic_frames}"),
                 (self.pixel_loss in PIXEL_LOSSES, f"pixel loss must be one of {PIXEL_LOSSES}")]  # fmt: skip
 
 
@@ -209,7 +215,7 @@ class _LipRun(StepRun):
             torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical new parts on every rank
             self.gen = LipGenerator(encoder.config, encoder=encoder, fps=cfg.fps).to(dist.device)
         self.model = self.gen
-        self.gen.still_upper = cfg.still_upper
+        self.gen.still_upper = self.gen.still_upper or cfg.still_upper  # a warm start keeps its generator's
         self.expert = load_frozen_expert(cfg.expert, self.gen, dist.device) if cfg.expert else None
         if cfg.expert_audio:
             take_expert_audio(self.gen, self.expert)
@@ -262,20 +268,24 @@ class _LipRun(StepRun):
         return (c.grid_size[1] // 2) * c.patch_size
 
     def _critic_input(self, windows: Tensor, rng: torch.Generator) -> Tensor:
-        return critic_frames(windows, self.top, self.cfg.sync_jitter, rng)  # [B, T, 3 * H * S]
+        t = windows.shape[2]
+        step = max(t // self.cfg.critic_frames, 1)
+        start = int(torch.randint(0, step, (1,), generator=rng))
+        return critic_frames(windows[:, :, start::step], self.top, self.cfg.sync_jitter, rng)  # [B, T', 3 * H * S]
 
     def critic_step(self, real: Tensor, drawn: Tensor, rng: torch.Generator) -> dict[str, Tensor]:
-        """One WGAN-GP update of the critic on real vs drawn (detached) windows ``[B, 3, T, S, S]``."""
-        real_p, fake_p = self._critic_input(real, rng), self._critic_input(drawn, rng)  # [B, T, 3 * H * S]
-        d_loss = critic_loss(self.critic(real_p), self.critic(fake_p))
-        alpha = torch.rand(1, generator=rng).item()
-        gp = gradient_penalty(self.critic, real_p, fake_p, alpha)
-        self.d_opt.zero_grad(set_to_none=True)
-        (d_loss + self.cfg.gp_weight * gp).backward()
-        if not torch.isfinite(d_loss + gp):
-            raise RuntimeError(f"non-finite critic loss at step {self.step + 1}: lower --lr")
-        all_reduce_grads(self.critic.parameters())
-        self.d_opt.step()
+        """``critic_steps`` WGAN-GP updates of the critic on real vs drawn (detached) windows ``[B, 3, T, S, S]``,
+        each at new random offsets; the last one's losses."""
+        for _ in range(self.cfg.critic_steps):
+            real_p, fake_p = self._critic_input(real, rng), self._critic_input(drawn, rng)  # [B, T', 3 * H * S]
+            d_loss = critic_loss(self.critic(real_p), self.critic(fake_p))
+            gp = gradient_penalty(self.critic, real_p, fake_p, torch.rand(1, generator=rng).item())
+            self.d_opt.zero_grad(set_to_none=True)
+            (d_loss + self.cfg.gp_weight * gp).backward()
+            if not torch.isfinite(d_loss + gp):
+                raise RuntimeError(f"non-finite critic loss at step {self.step + 1}: lower --lr")
+            all_reduce_grads(self.critic.parameters())
+            self.d_opt.step()
         return {"critic": d_loss.detach(), "gp": gp.detach()}
 
     def adversarial(self, drawn: Tensor, rng: torch.Generator) -> Tensor:
