@@ -275,6 +275,36 @@ def test_the_critic_trains_with_the_generator_and_resumes_with_the_run(tmp_path:
                       encoder=MarlinEncoder(TINY))  # fmt: skip
 
 
+def test_a_sync_loss_on_the_sound_only_leaves_the_drawing_to_pixels(tmp_path: Path, videos: list[Path]) -> None:
+    """With ``sync_trains="sound"`` the gradients outside the sound trunk are exactly those of the pixel term."""
+    from marlin.lipsync.train import _LipRun, window_losses
+    from marlin.utils.distributed import DistInfo
+
+    torch.manual_seed(0)
+    expert = SyncExpert(TINY, embed_dim=16, visual="pixels")
+    torch.save(expert.checkpoint(), tmp_path / "expert.pt")
+    cfg = LipsyncTrainConfig(videos=tuple(map(str, videos[:4])), val_fraction=0.0, crop_face=False, batch_size=2,
+                             workers=0, device="cpu", expert=str(tmp_path / "expert.pt"), sync_weight=0.5,
+                             sync_trains="sound")  # fmt: skip
+    run = _LipRun(cfg, DistInfo(), MarlinEncoder(TINY))
+    torch.nn.init.normal_(run.gen.decoder.head.weight, std=0.05)  # gradients reach the layers below the head
+    batch = torch.utils.data.default_collate([run.train_set[i] for i in range(2)])
+
+    def grads(sync_trains: str, weight: float) -> dict[str, torch.Tensor]:
+        run.cfg.sync_trains, run.cfg.sync_weight = sync_trains, weight
+        run.optimizer.zero_grad(set_to_none=True)
+        run.backward(window_losses(run.gen, batch, run.expert, weight, torch.device("cpu")))
+        return {k: p.grad.clone() for k, p in run.gen.named_parameters() if p.grad is not None}
+
+    pixels, sound, everything = grads("all", 0.0), grads("sound", 0.5), grads("all", 0.5)
+    drawing = ("decoder.head.weight", "decoder.blocks.0.mlp.layers.0.linear.weight", "encoder.blocks.0.attn.qkv.weight")
+    for name in drawing:
+        assert torch.allclose(sound[name], 0.5 * pixels[name], atol=1e-7), name
+        assert not torch.allclose(everything[name], 0.5 * pixels[name], atol=1e-7), name
+    for name in ("audio_to_dec.weight", "audio.convs.0.weight"):
+        assert not torch.allclose(sound[name], 0.5 * pixels[name], atol=1e-7), name
+
+
 @pytest.mark.slow  # ~60 s
 def test_the_generator_learns_to_draw_the_mouth_the_sound_asks_for(tmp_path: Path) -> None:
     """Held-out windows: the drawn mouth beats copying the reference mouth, and beats the same generator given

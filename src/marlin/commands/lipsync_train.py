@@ -20,6 +20,10 @@ import sys
 from marlin.commands.options import report_run
 from marlin.utils.errors import one_line
 
+# LipsyncTrainConfig fields set by this command's own options (same names)
+OWN_FIELDS = ("expert", "sync_weight", "sync_jitter", "sync_trains", "judge", "init", "adv_weight", "critic_steps",
+              "critic_frames", "still_upper", "expert_audio", "pixel_loss")  # fmt: skip
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from marlin.commands.options import add_video_run_arguments
@@ -34,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-jitter", type=int, default=d.sync_jitter, help="move each drawn window by a random "
                    "offset of up to this many pixels before the expert scores it, so that patterns which fool the "
                    "expert at one position do not pay (default: %(default)s)")  # fmt: skip
+    p.add_argument("--sync-trains", choices=("all", "sound"), default=d.sync_trains, help="what the sync loss trains: "
+                   "everything (Wav2Lip), or only the sound trunk, so the drawing cannot learn to fool the expert "
+                   "(default: %(default)s)")  # fmt: skip
     p.add_argument("--judge", help="a second expert.pt, never a loss: its P(in sync) of the drawn mouths in "
                    "validation shows whether the loss's expert is being fooled")  # fmt: skip
     p.add_argument("--adv-weight", type=float, default=d.adv_weight, help="weight of a lower-face critic's "
@@ -54,12 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from marlin.lipsync.train import LipsyncTrainConfig, lipsync_train
 
     try:
-        cfg = LipsyncTrainConfig(**video_run_fields(args, "lipsync-train"), expert=args.expert,
-                                 sync_weight=args.sync_weight, sync_jitter=args.sync_jitter, judge=args.judge,
-                                 init=args.init, adv_weight=args.adv_weight, still_upper=args.still_upper,
-                                 expert_audio=args.expert_audio, critic_steps=args.critic_steps,
-                                 critic_frames=args.critic_frames,
-                                 pixel_loss=args.pixel_loss)  # fmt: skip
+        own = {name: getattr(args, name) for name in OWN_FIELDS}
+        cfg = LipsyncTrainConfig(**video_run_fields(args, "lipsync-train"), **own)
         result = lipsync_train(cfg, resume=args.resume)
     except (ValueError, OSError, RuntimeError, ImportError) as e:
         print(f"marlin lipsync-train: {one_line(e)}", file=sys.stderr)

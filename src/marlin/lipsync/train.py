@@ -17,6 +17,7 @@ Outputs in ``out``: ``last.pt`` (``--resume`` continues exactly where it stopped
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..mae.losses import critic_loss, generator_adv_loss, gradient_penalty
@@ -42,6 +44,7 @@ __all__ = ["LipsyncTrainConfig", "LipsyncTrainResult", "evaluate_generator", "li
 log = logging.getLogger("marlin")
 
 GENERATOR_FILE = "generator.pt"
+SYNC_TRAINS = ("all", "sound")
 
 
 @dataclass
@@ -58,6 +61,9 @@ class LipsyncTrainConfig(VideoRunConfig):
     # Random whole-pixel offsets of the drawn windows before the expert scores them (losses.jitter_windows): what
     # fools one expert at one position rarely survives a move; 0: off.
     sync_jitter: int = 0
+    # What the sync loss may train: "all" (Wav2Lip) or "sound", only the sound trunk and its projection, so that the
+    # drawing itself (encoder, decoder) learns from pixels alone and has no way to draw patterns that fool the expert.
+    sync_trains: str = "all"
     judge: str | None = None  # a second expert, never a loss: its P(in sync) in validation (is the loss's fooled?)
     init: str | None = None  # a generator.pt to start from (Wav2Lip adds the sync loss once the generator is warm)
     still_upper: bool = False  # the encoder sees one still upper half per window (why: marlin.lipsync.model); kept
@@ -76,6 +82,7 @@ class LipsyncTrainConfig(VideoRunConfig):
         return [*super().checks(),
                 (0 <= self.sync_weight < 1, f"sync weight must be in [0, 1), got {self.sync_weight}"),
                 (self.sync_jitter >= 0, f"sync jitter must be >= 0 pixels, got {self.sync_jitter}"),
+                (self.sync_trains in SYNC_TRAINS, f"sync_trains must be one of {SYNC_TRAINS}"),
                 (self.adv_weight >= 0, f"adversarial weight must be >= 0, got {self.adv_weight}"),
                 (self.critic_steps >= 1, f"critic steps must be >= 1, got {self.critic_steps}"),
                 (self.critic_frames >= 1, f"critic frames must be >= 1, got {self.critic_frames}"),
@@ -253,13 +260,30 @@ class _LipRun(StepRun):
         if not torch.isfinite(terms["loss"]):
             raise RuntimeError(f"non-finite lipsync-train loss at step {self.step + 1}: lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        self.backward(terms)
         if cfg.clip_grad:
             nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
         self.optimizer.step()
         means = {k: float(v.detach().float().mean()) for k, v in terms.items()}
         self.record(means, len(batch["mel"]))
         return means
+
+    def backward(self, terms: dict[str, Tensor]) -> None:
+        """Gradients of the step's loss; with ``sync_trains="sound"`` those of the sync term reach only the sound
+        trunk and its projection (the sync term first, without a DDP all-reduce; the rest then reduces both, the
+        pattern of gradient accumulation)."""
+        cfg = self.cfg
+        if cfg.sync_trains == "all" or "sync" not in terms or cfg.sync_weight == 0:
+            terms["loss"].backward()
+            return
+        sync = cfg.sync_weight * terms["sync"]
+        with self.net.no_sync() if isinstance(self.net, DistributedDataParallel) else contextlib.nullcontext():
+            sync.backward(retain_graph=True)
+        sound = {id(q) for m in (self.gen.audio, self.gen.audio_to_dec) for q in m.parameters()}
+        for q in self.params:
+            if id(q) not in sound:
+                q.grad = None
+        (terms["loss"] - sync).backward()
 
     @property
     def top(self) -> int:
