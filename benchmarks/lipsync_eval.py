@@ -5,8 +5,11 @@ One command, resumable stages (each keeps its outputs in ``--work`` and is skipp
 1. ``train``  ``marlin lipsync-train`` the generator: the tiny 112 px MARLIN encoder pretrained by
               ``benchmarks/transfer_curve.py`` (``--marlin``), on GRID s1's protocol *training* sentences and the
               training identities of the other shared clips with sound (as ``benchmarks/sync_eval.py``'s experts);
-              pixel MSE only (``--sync-weight 0``: see ``marlin.lipsync.train`` for why), so every expert below is
-              an independent judge that the generator never trained against.
+              pixel MSE only by default (``--sync-weight 0``: see ``marlin.lipsync.train`` for why), so every
+              expert below is a judge the generator never trained against (the report marks the one it did, when
+              ``--sync-weight`` > 0). ``--init`` continues a generator, ``--still-upper`` / ``--expert-audio`` /
+              ``--sync-expert`` / ``--sync-jitter`` / ``--adv-weight`` are ``marlin lipsync-train``'s options: the
+              README's Dubbing section gives the chain of runs behind its table.
 2. ``eval``   GRID s1's protocol *test* sentences (never used by pretraining, the experts or the generator). Clip
               ``i`` is dubbed with the sound of clip ``i + 1`` (another sentence of the same speaker). Each judge
               (``--judges``: experts from ``benchmarks/sync_eval.py``) scores, with the new sound: the undubbed video
@@ -54,7 +57,7 @@ def stage_train(args: argparse.Namespace) -> None:
     cmd = [sys.executable, "-m", "marlin.cli", "lipsync-train", f"{grid}#train", f"{faces}#train", "--model",
            str(args.marlin), "--expert", str(expert), "--sync-weight", str(args.sync_weight), "--sync-jitter",
            str(args.sync_jitter), "--pixel-loss", "mse", "--steps", str(args.steps), "--batch-size", "8", "--lr",
-           str(args.lr), "--warmup-steps", str(min(100, args.steps // 10)), "--adv-weight", str(args.adv_weight),
+           str(args.lr), "--warmup-steps", str(args.warmup), "--adv-weight", str(args.adv_weight),
            "--workers", "2", "--val-every", str(args.val_every), "--save-every", "50", "--log-every", "20", "--seed",
            "0", "--out", str(out)]  # fmt: skip
     others = [str(j) for j in args.judges if j.resolve() != Path(expert).resolve()]
@@ -182,7 +185,11 @@ def report(args: argparse.Namespace) -> str:
               "", "| lower face | MSE | PSNR (dB) | L1 |", "|---|---|---|---|",
               f"| drawn by the generator | {r['mse']:.5f} | {psnr(r['mse']):.2f} | {r['l1']:.4f} |",
               f"| copying the reference | {r['ref_mse']:.5f} | {psnr(r['ref_mse']):.2f} | {r['ref_l1']:.4f} |",
-              ""]  # fmt: skip
+              ]  # fmt: skip
+    if "mse_other_sound" in r:
+        lines.append(f"| drawn with another window's sound | {r['mse_other_sound']:.5f} | "
+                     f"{psnr(r['mse_other_sound']):.2f} | |")  # fmt: skip
+    lines.append("")
     lines += [f"Dubbing: {len(pairs)} held-out GRID sentences, each with the sound of the next one "
               "(LSE-D lower and LSE-C higher are better; offset: share of clips found within +-1 frame of 0):", "",
               "| judge | video + new sound | LSE-D | LSE-C (95% CI) | offset within +-1 |",
@@ -255,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
                     "P(in sync) during training)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--val-every", type=int, default=200)
     ap.add_argument("--init", type=Path, help="start from this generator.pt (the sync-loss stage)")
     ap.add_argument("--sync-weight", type=float, default=0.0, help="0: pixel loss only, every judge independent")
