@@ -158,6 +158,25 @@ def test_the_sound_trunk_can_start_from_the_experts() -> None:
         take_expert_audio(gen, None)
 
 
+def test_generators_and_experts_are_described_by_info_and_never_read_as_marlin_models(tmp_path: Path, capsys) -> None:
+    from marlin.cli import main as cli
+    from marlin.lipsync.model import LIPSYNC_FORMAT
+    from marlin.models.checkpoint import TASK_FILES, CheckpointError, read_checkpoint
+    from marlin.sync.expert import SYNC_FORMAT
+
+    assert {LIPSYNC_FORMAT, SYNC_FORMAT} <= set(TASK_FILES)
+    torch.save(LipGenerator(TINY, still_upper=True).checkpoint(step=7), tmp_path / "gen.pt")
+    torch.save(SyncExpert(TINY, embed_dim=16).checkpoint(), tmp_path / "expert.pt")
+    assert cli(["info", str(tmp_path / "gen.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "a lip generator" in out and "still_upper=True" in out and "step=7" in out and "full" not in out
+    assert cli(["info", str(tmp_path / "expert.pt")]) == 0
+    assert "a lip-sync expert" in capsys.readouterr().out
+    for name in ("gen.pt", "expert.pt"):  # both hold MARLIN encoder weights, but are no MARLIN model
+        with pytest.raises(CheckpointError, match="not a MARLIN model"):
+            read_checkpoint(tmp_path / name)
+
+
 def test_paste_lower_changes_only_the_lower_face_inside_its_window() -> None:
     frame = np.full((60, 80, 3), 10, np.uint8)
     crop = np.full((SIZE, SIZE, 3), 250, np.uint8)

@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
                 f"{'released' if e.downloadable else '':<9}{e.description}"
             )
         return 0
+    task_file = describe_task_file(args.checkpoint)
+    if task_file:
+        print("\n".join(task_file))
+        return 0
     try:
         ckpt = read_checkpoint(args.checkpoint)
         cfg = ckpt.config or infer_config(ckpt.state_dict, ckpt.path)
@@ -53,3 +57,36 @@ def run(args: argparse.Namespace) -> int:
               f"{bad[0][2]} inf); loading refuses them", file=sys.stderr)  # fmt: skip
         return 1
     return 0
+
+
+def describe_task_file(path: str) -> list[str] | None:
+    """Lines describing a file of a task command (a lip generator, a sync expert: models.checkpoint.TASK_FILES), or
+    None for any other file."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from marlin.models.checkpoint import TASK_FILES
+    from marlin.models.config import MarlinConfig
+
+    if not Path(path).is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not a torch file: the checkpoint reader says what it is
+        return None
+    if not isinstance(obj, dict) or obj.get("format") not in TASK_FILES:
+        return None
+    what, reader = TASK_FILES[obj["format"]]
+    sd = obj.get("state_dict", {})
+    n = sum(v.numel() for v in sd.values())
+    encoder = MarlinConfig.from_dict(obj["config"]).name if isinstance(obj.get("config"), dict) else "?"
+    lines = [f"{path}: {what} (format {obj['format']}; read by {reader}), encoder {encoder}, {len(sd)} tensors, "
+             f"{n / 1e6:.1f}M values"]  # fmt: skip
+    skip = {"format", "config", "state_dict", "train_config", "val_metrics"}
+    lines.append("  " + ", ".join(f"{k}={v}" for k, v in obj.items() if k not in skip))
+    if obj.get("val_metrics"):
+        lines.append("  held-out: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                  for k, v in obj["val_metrics"].items()}))  # fmt: skip
+    return lines

@@ -35,6 +35,14 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+# Files of marlin's task commands that hold a MARLIN encoder inside another model (their decoder, if any, is not the
+# autoencoder's): never read as a MARLIN model. Format tag -> (what the file is, what reads it).
+TASK_FILES = {
+    "marlin-lipsync-v1": ("a lip generator from marlin lipsync-train", "marlin lipsync --model"),
+    "marlin-sync-v2": ("a lip-sync expert from marlin sync-train", "marlin sync --model"),
+}
+
+
 class CheckpointError(ValueError):
     """A file that is not a usable MARLIN checkpoint; the message is one line naming the file and the reason."""
 
@@ -130,6 +138,9 @@ def _unwrap(obj: object, path: Path) -> tuple[dict[str, Tensor], str, MarlinConf
     if not isinstance(obj, dict):
         raise _fail(path, f"not a checkpoint: expected a dict of tensors, found {type(obj).__name__}")
     config, fmt, dropped = None, "official", []
+    if obj.get("format") in TASK_FILES:
+        what, reader = TASK_FILES[obj["format"]]
+        raise _fail(path, f"{what} ({obj['format']}), not a MARLIN model: {reader} reads it, marlin info describes it")
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         if isinstance(obj.get("config"), dict):
             config, fmt = MarlinConfig.from_dict(obj["config"]), "marlin"
