@@ -69,8 +69,8 @@ class LipsyncTrainConfig(VideoRunConfig):
     still_upper: bool = False  # the encoder sees one still upper half per window (why: marlin.lipsync.model); kept
     # when `init` was trained so
     expert_audio: bool = False  # start the sound trunk from the expert's, which already hears what mouths do
-    # Weight of the adversarial term: a critic (model.MouthCritic, WGAN-GP) scores drawn vs real lower faces at random
-    # offsets, so that flaws an expert can be fooled with (seams, stripes) cost something; 0: no critic.
+    # Weight of the adversarial term: a critic (model.MouthCritic, WGAN-GP) scores drawn vs real lower faces (moved by
+    # up to sync_jitter pixels), so that flaws an expert can be fooled with (seams, stripes) cost something; 0: none.
     adv_weight: float = 0.0
     gp_weight: float = 10.0  # the critic's gradient penalty (WGAN-GP's usual 10)
     # Critic updates per generator step: with 1 ours barely told drawn from real; WGAN-GP uses 5, slower here.
