@@ -157,7 +157,7 @@ def stage_eval(args: argparse.Namespace) -> None:
                           train=False)  # fmt: skip
         done["reconstruction"] = evaluate_generator(gen, data, batch_size=8)
         log(f"reconstruction on {len(clips)} held-out windows: {done['reconstruction']}")
-    top = (gen.config.grid_size[1] // 2) * gen.config.patch_size
+    top = gen.top
     seen = {p["src"] for p in done["pairs"]}
     for i, src in enumerate(clips):
         if src in seen:
@@ -229,7 +229,7 @@ def strip(args: argparse.Namespace, rows: int = 3, frames: tuple[int, ...] = tup
 
     gen = load_generator(args.work / "generator" / "generator.pt")
     clips, size = _held_out(args), gen.config.img_size
-    top = (gen.config.grid_size[1] // 2) * gen.config.patch_size
+    top = gen.top
     label_w, blocks = 150, []
     for i in range(rows):
         src, dst = clips[i], clips[(i + 1) % len(clips)]

@@ -138,8 +138,7 @@ def dub_video(gen: LipGenerator, video: str | os.PathLike, audio: str | os.PathL
              fps, int((~has_face).sum()), audio, n_out, loops)  # fmt: skip
     seq = torch.from_numpy(crops[order]).permute(3, 0, 1, 2)  # [3, n_out, S, S]
     dubbed = dub_crops(gen, seq, log_mel(wav), fps, batch_size=batch_size, device=device).permute(1, 2, 3, 0).numpy()
-    c = gen.config
-    top = (c.grid_size[1] // 2) * c.patch_size / c.img_size  # the generator redraws the token rows from here down
+    top = gen.top / gen.config.img_size  # the generator redraws the rows from here down
 
     def frames() -> Iterator[np.ndarray]:
         j = 0

@@ -74,6 +74,11 @@ class LipGenerator(nn.Module):
         return self.config.clip_frames
 
     @property
+    def top(self) -> int:
+        """The first pixel row the generator redraws (the lower half of the token rows, as ``lower``)."""
+        return (self.config.grid_size[1] // 2) * self.config.patch_size
+
+    @property
     def mel_length(self) -> int:
         from ..audio.mel import mel_steps
 

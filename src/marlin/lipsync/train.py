@@ -236,7 +236,7 @@ class _LipRun(StepRun):
         self.critic = self.d_opt = None
         if cfg.adv_weight > 0:
             side = self.gen.config.img_size
-            self.critic = MouthCritic(side - self.top, side).to(dist.device)
+            self.critic = MouthCritic(side - self.gen.top, side).to(dist.device)
             broadcast_module(self.critic)
             self.d_opt = torch.optim.AdamW(self.critic.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
         self.start()
@@ -285,17 +285,11 @@ class _LipRun(StepRun):
                 q.grad = None
         (terms["loss"] - sync).backward()
 
-    @property
-    def top(self) -> int:
-        """The first redrawn pixel row."""
-        c = self.gen.config
-        return (c.grid_size[1] // 2) * c.patch_size
-
     def _critic_input(self, windows: Tensor, rng: torch.Generator) -> Tensor:
         t = windows.shape[2]
         step = max(t // self.cfg.critic_frames, 1)
         start = int(torch.randint(0, step, (1,), generator=rng))
-        return critic_frames(windows[:, :, start::step], self.top, self.cfg.sync_jitter, rng)  # [B, T', 3 * H * S]
+        return critic_frames(windows[:, :, start::step], self.gen.top, self.cfg.sync_jitter, rng)  # [B, T', 3 * H * S]
 
     def critic_step(self, real: Tensor, drawn: Tensor, rng: torch.Generator) -> dict[str, Tensor]:
         """``critic_steps`` WGAN-GP updates of the critic on real vs drawn (detached) windows ``[B, 3, T, S, S]``,
