@@ -172,6 +172,11 @@ def test_generators_and_experts_are_described_by_info_and_never_read_as_marlin_m
     assert "a lip generator" in out and "still_upper=True" in out and "step=7" in out and "full" not in out
     assert cli(["info", str(tmp_path / "expert.pt")]) == 0
     assert "a lip-sync expert" in capsys.readouterr().out
+    broken = LipGenerator(TINY)
+    torch.nn.init.constant_(broken.decoder.head.weight, float("nan"))
+    torch.save(broken.checkpoint(), tmp_path / "nan.pt")
+    assert cli(["info", str(tmp_path / "nan.pt")]) == 1  # described, and named unusable
+    assert "NOT USABLE" in capsys.readouterr().err
     for name in ("gen.pt", "expert.pt"):  # both hold MARLIN encoder weights, but are no MARLIN model
         with pytest.raises(CheckpointError, match="not a MARLIN model"):
             read_checkpoint(tmp_path / name)

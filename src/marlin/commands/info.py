@@ -17,7 +17,6 @@ def run(args: argparse.Namespace) -> int:
         check_config_matches,
         describe,
         infer_config,
-        nonfinite_tensors,
         read_checkpoint,
     )
     from marlin.models.registry import get_entry, list_models
@@ -34,8 +33,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     task_file = describe_task_file(args.checkpoint)
     if task_file:
-        print("\n".join(task_file))
-        return 0
+        lines, sd = task_file
+        print("\n".join(lines))
+        return _report_nonfinite(sd)
     try:
         ckpt = read_checkpoint(args.checkpoint)
         cfg = ckpt.config or infer_config(ckpt.state_dict, ckpt.path)
@@ -51,7 +51,16 @@ def run(args: argparse.Namespace) -> int:
     print("  " + ", ".join(f"{k}={v}" for k, v in describe(ckpt.state_dict).items()))
     if ckpt.dropped:
         print(f"  dropped on load: {len(ckpt.dropped)} keys ({ckpt.dropped[0]}, ...)")
-    bad = nonfinite_tensors(ckpt.state_dict)
+    return _report_nonfinite(ckpt.state_dict)
+
+
+def _report_nonfinite(sd: dict) -> int:
+    """1 (and a line on stderr) when tensors of `sd` hold NaN / inf values, else 0."""
+    import sys
+
+    from marlin.models.checkpoint import nonfinite_tensors
+
+    bad = nonfinite_tensors(sd)
     if bad:
         print(f"  NOT USABLE: {len(bad)} tensors hold NaN / inf values, e.g. {bad[0][0]} ({bad[0][1]} NaN, "
               f"{bad[0][2]} inf); loading refuses them", file=sys.stderr)  # fmt: skip
@@ -59,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_task_file(path: str) -> list[str] | None:
-    """Lines describing a file of a task command (a lip generator, a sync expert: models.checkpoint.TASK_FILES), or
-    None for any other file."""
+def describe_task_file(path: str) -> tuple[list[str], dict] | None:
+    """(lines describing, state dict of) a file of a task command (a lip generator, a sync expert:
+    models.checkpoint.TASK_FILES), or None for any other file."""
     import json
     from pathlib import Path
 
@@ -89,4 +98,4 @@ def describe_task_file(path: str) -> list[str] | None:
     if obj.get("val_metrics"):
         lines.append("  held-out: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                                   for k, v in obj["val_metrics"].items()}))  # fmt: skip
-    return lines
+    return lines, sd
