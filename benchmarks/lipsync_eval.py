@@ -10,17 +10,21 @@ One command, resumable stages (each keeps its outputs in ``--work`` and is skipp
               ``--sync-weight`` > 0). ``--init`` continues a generator, ``--still-upper`` / ``--expert-audio`` /
               ``--sync-expert`` / ``--sync-jitter`` / ``--adv-weight`` are ``marlin lipsync-train``'s options: the
               README's Dubbing section gives the chain of runs behind its table.
-2. ``eval``   GRID s1's protocol *test* sentences (never used by pretraining, the experts or the generator). Clip
+2. ``choose`` the sound guidance (``marlin lipsync --guidance``) on the generator's *own* held-out GRID videos
+              (training-pool sentences it never trained on, not the test sentences), each dubbed with the next one's
+              sound: the candidate (``--guidance``) with the highest mean LSE-C by ``--chooser`` (default: the
+              expert whose sound net seeded the generator's) wins; 0 when guidance is not asked for.
+3. ``eval``   GRID s1's protocol *test* sentences (never used by pretraining, the experts or the generator). Clip
               ``i`` is dubbed with the sound of clip ``i + 1`` (another sentence of the same speaker). Each judge
               (``--judges``: experts from ``benchmarks/sync_eval.py``) scores, with the new sound: the undubbed video
-              and the dubbed one; and the real clip with its own sound (the ceiling). LSE-D (lower: better), LSE-C
-              (higher: better) and the found offset (0 is right) over the windows whose shifted sound stays inside
-              the clip. Since both sentences are by the same speaker in the same framing, the mouth of clip ``i + 1``
-              itself is what the new sound looked like: the lower-face MSE to it, dubbed vs undubbed, is a second,
-              expert-free measure. Reconstruction on in-sync sound: the held-out windows of
-              ``marlin lipsync-train``'s validation (reference from another moment), drawn vs copying the
-              reference (MSE, PSNR, L1).
-3. ``report`` Markdown tables and a picture strip (original mouth / dubbed mouth / the mouth that spoke the sound).
+              and the dubbed one (plain, and with the chosen guidance); and the real clip with its own sound (the
+              ceiling). LSE-D (lower: better), LSE-C (higher: better) and the found offset (0 is right) over the
+              windows whose shifted sound stays inside the clip. Since both sentences are by the same speaker in
+              the same framing, the mouth of clip ``i + 1`` itself is what the new sound looked like: the lower-face
+              MSE to it, dubbed vs undubbed, is a second, expert-free measure. Reconstruction on in-sync sound:
+              the held-out windows of ``marlin lipsync-train``'s validation (reference from another moment), drawn
+              vs copying the reference (MSE, PSNR, L1).
+4. ``report`` Markdown tables and a picture strip (original mouth / dubbed mouth / the mouth that spoke the sound).
 
     python benchmarks/transfer_curve.py --until stores     # stores and pretraining (once)
     python benchmarks/sync_eval.py --arms pixels random     # the judges (once)
@@ -39,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("train", "eval", "report")
+STAGES = ("train", "choose", "eval", "report")
 MAX_OFFSET = 15
 
 
@@ -56,8 +60,9 @@ def stage_train(args: argparse.Namespace) -> None:
     expert = args.sync_expert or args.judges[0]
     cmd = [sys.executable, "-m", "marlin.cli", "lipsync-train", f"{grid}#train", f"{faces}#train", "--model",
            str(args.marlin), "--expert", str(expert), "--sync-weight", str(args.sync_weight), "--sync-jitter",
-           str(args.sync_jitter), "--pixel-loss", "mse", "--steps", str(args.steps), "--batch-size", "8", "--lr",
+           str(args.sync_jitter), "--steps", str(args.steps), "--batch-size", "8", "--lr",
            str(args.lr), "--warmup-steps", str(args.warmup), "--adv-weight", str(args.adv_weight),
+           "--pixel-loss", args.pixel_loss, "--sound-dropout", str(args.sound_dropout),
            "--workers", "2", "--val-every", str(args.val_every), "--save-every", "50", "--log-every", "20", "--seed",
            "0", "--out", str(out)]  # fmt: skip
     others = [str(j) for j in args.judges if j.resolve() != Path(expert).resolve()]
@@ -65,6 +70,7 @@ def stage_train(args: argparse.Namespace) -> None:
     cmd += ["--init", str(args.init)] if args.init else []
     cmd += ["--still-upper"] if args.still_upper else []
     cmd += ["--expert-audio"] if args.expert_audio else []
+    cmd += ["--random-init"] if args.random_init else []
     if (out / "last.pt").is_file():
         cmd.append("--resume")
     log(" ".join(cmd))
@@ -106,8 +112,9 @@ def seam_ratio(crops, patch: int, top: int) -> float:  # noqa: ANN001
     return float(across / within.clamp_min(1e-6))
 
 
-def pair_result(gen, judges: dict, src: str, dst: str, top: int) -> dict:  # noqa: ANN001
-    """Clip `src` dubbed with the sound of clip `dst`, scored by every judge."""
+def pair_result(gen, judges: dict, src: str, dst: str, top: int, guidance: float = 0.0) -> dict:  # noqa: ANN001
+    """Clip `src` dubbed with the sound of clip `dst` (plain, and ``guided`` with `guidance` when it is > 0), scored by
+    every judge."""
     from marlin.lipsync.dub import dub_crops
     from marlin.sync.data import load_video_audio, read_frames_for_sync
 
@@ -116,17 +123,76 @@ def pair_result(gen, judges: dict, src: str, dst: str, top: int) -> dict:  # noq
     size = gen.config.img_size
     orig = read_frames_for_sync(src, range(n), size, crop_face=True)  # [3, n, S, S]
     spoke = read_frames_for_sync(dst, range(n), size, crop_face=True)  # the mouth that made the new sound
-    dubbed = dub_crops(gen, orig, va_dst.mel, va_dst.fps)
-    out: dict = {"src": src, "dst": dst, "n": n, "mse_to_sound": {"undubbed": lower_mse(orig, spoke, top),
-                                                                  "dubbed": lower_mse(dubbed, spoke, top)},
-                 "self_change": lower_mse(dubbed, orig, top),
-                 "seams": {"undubbed": seam_ratio(orig, gen.config.patch_size, top),
-                           "dubbed": seam_ratio(dubbed, gen.config.patch_size, top)}}  # fmt: skip
+    videos = {"undubbed": orig, "dubbed": dub_crops(gen, orig, va_dst.mel, va_dst.fps)}
+    if guidance:
+        videos["guided"] = dub_crops(gen, orig, va_dst.mel, va_dst.fps, guidance=guidance)
+    out: dict = {"src": src, "dst": dst, "n": n, "guidance": guidance,
+                 "mse_to_sound": {k: lower_mse(v, spoke, top) for k, v in videos.items()},
+                 "self_change": lower_mse(videos["dubbed"], orig, top),
+                 "seams": {k: seam_ratio(v, gen.config.patch_size, top) for k, v in videos.items()}}  # fmt: skip
     for name, expert in judges.items():
-        out[name] = {"undubbed": sync_of(expert, orig, va_dst.mel, va_dst.fps),
-                     "dubbed": sync_of(expert, dubbed, va_dst.mel, va_dst.fps),
-                     "real": sync_of(expert, orig, va_src.mel, va_src.fps)}  # fmt: skip
+        out[name] = {k: sync_of(expert, v, va_dst.mel, va_dst.fps) for k, v in videos.items()}
+        out[name]["real"] = sync_of(expert, orig, va_src.mel, va_src.fps)
     return out
+
+
+def _own_held_out(args: argparse.Namespace, gen) -> list[str]:  # noqa: ANN001
+    """GRID training-pool videos the generator never trained on (its run's held-out split; not test sentences)."""
+    from types import SimpleNamespace
+
+    from marlin.sync.data import sync_inputs
+    from marlin.train.steprun import split_videos
+
+    cfg = gen.meta.get("train_config") or {}
+    if not cfg.get("videos"):
+        raise SystemExit("the generator's file names no training videos: cannot tell its held-out ones")
+    fields = SimpleNamespace(videos=cfg["videos"], val_videos=cfg.get("val_videos") or [],
+                             val_fraction=cfg.get("val_fraction", 0.1), seed=cfg.get("seed", 0))  # fmt: skip
+    grid_train = set(sync_inputs([f"{args.curve / 'stores' / 'grid_s1'}#train"])[0])
+    return [v for v in split_videos(fields)[1] if v in grid_train]
+
+
+def stage_choose(args: argparse.Namespace) -> None:
+    """Pick the sound guidance on the generator's own held-out videos (see the module docstring)."""
+    import torch
+
+    from marlin.lipsync.dub import dub_crops
+    from marlin.lipsync.model import load_generator
+    from marlin.sync.data import load_video_audio, read_frames_for_sync
+    from marlin.sync.expert import load_expert
+
+    path = args.work / "choose.json"
+    if path.is_file() or args.guidance == [0.0]:
+        return
+    torch.set_num_threads(args.threads)
+    gen = load_generator(args.work / "generator" / "generator.pt")
+    chooser = args.chooser or args.sync_expert or args.judges[-1]
+    expert = load_expert(chooser)
+    clips = _own_held_out(args, gen)[: args.choose_pairs]
+    log(f"choosing the guidance among {args.guidance} on {len(clips)} held-out training-pool videos by {chooser}")
+    scores: dict[str, dict[str, list[float]]] = {str(g): {"lse_c": [], "lse_d": [], "seams": []} for g in args.guidance}
+    for i, src in enumerate(clips):
+        dst = clips[(i + 1) % len(clips)]
+        va, n = load_video_audio(dst), min(load_video_audio(src).n_frames, load_video_audio(dst).n_frames)
+        orig = read_frames_for_sync(src, range(n), gen.config.img_size, crop_face=True)
+        for g in args.guidance:
+            dubbed = dub_crops(gen, orig, va.mel, va.fps, guidance=g)
+            sync = sync_of(expert, dubbed, va.mel, va.fps)
+            for k, v in (("lse_c", sync["lse_c"]), ("lse_d", sync["lse_d"]),
+                         ("seams", seam_ratio(dubbed, gen.config.patch_size, gen.top))):  # fmt: skip
+                scores[str(g)][k].append(v)
+    means = {g: {k: float(np.mean(v)) for k, v in d.items()} for g, d in scores.items()}
+    best = max(args.guidance, key=lambda g: (round(means[str(g)]["lse_c"], 4), -g))
+    for g in args.guidance:
+        log(f"guidance {g:g}: LSE-C {means[str(g)]['lse_c']:.3f}, LSE-D {means[str(g)]['lse_d']:.3f}, seams "
+            f"{means[str(g)]['seams']:.3f}")  # fmt: skip
+    log(f"chosen guidance: {best:g}")
+    path.write_text(json.dumps({"chooser": str(chooser), "clips": clips, "means": means, "chosen": best}, indent=1))
+
+
+def chosen_guidance(args: argparse.Namespace) -> float:
+    path = args.work / "choose.json"
+    return float(json.loads(path.read_text())["chosen"]) if path.is_file() else 0.0
 
 
 def _held_out(args: argparse.Namespace) -> list[str]:
@@ -157,12 +223,15 @@ def stage_eval(args: argparse.Namespace) -> None:
                           train=False)  # fmt: skip
         done["reconstruction"] = evaluate_generator(gen, data, batch_size=8)
         log(f"reconstruction on {len(clips)} held-out windows: {done['reconstruction']}")
-    top = gen.top
+    top, guidance = gen.top, chosen_guidance(args)
+    if done["pairs"] and done["pairs"][0].get("guidance", 0.0) != guidance:
+        raise SystemExit(f"{path} was scored with guidance {done['pairs'][0].get('guidance', 0.0)}, now {guidance}: "
+                         "move it away to start again")  # fmt: skip
     seen = {p["src"] for p in done["pairs"]}
     for i, src in enumerate(clips):
         if src in seen:
             continue
-        done["pairs"].append(pair_result(gen, judges, src, clips[(i + 1) % len(clips)], top))
+        done["pairs"].append(pair_result(gen, judges, src, clips[(i + 1) % len(clips)], top, guidance))
         if len(done["pairs"]) % 20 == 0 or i + 1 == len(clips):
             tmp = path.with_suffix(".part")
             tmp.write_text(json.dumps(done))
@@ -178,6 +247,8 @@ def _ci(x: np.ndarray, seed: int = 0, n: int = 1000) -> tuple[float, float]:
 
 def report(args: argparse.Namespace) -> str:
     doc = json.loads((args.work / "eval.json").read_text())
+    if (args.work / "choose.json").is_file():
+        doc["choose"] = json.loads((args.work / "choose.json").read_text())
     pairs, lines = doc["pairs"], []
     r = doc["reconstruction"]
     psnr = lambda mse: 10 * np.log10(1 / mse)  # noqa: E731
@@ -196,25 +267,33 @@ def report(args: argparse.Namespace) -> str:
               "|---|---|---|---|---|"]  # fmt: skip
     for judge in doc["judges"]:
         dubbed = "dubbed (its sync loss: not independent)" if judge == doc.get("loss_expert") else "dubbed"
-        for cond, label in (("undubbed", "undubbed"), ("dubbed", dubbed), ("real", "real clip, its own sound")):
+        guided = [("guided", f"{dubbed}, guidance {pairs[0]['guidance']:g}")] if "guided" in pairs[0][judge] else []
+        for cond, label in (("undubbed", "undubbed"), ("dubbed", dubbed), *guided,
+                            ("real", "real clip, its own sound")):  # fmt: skip
             d = np.array([p[judge][cond]["lse_d"] for p in pairs])
             c = np.array([p[judge][cond]["lse_c"] for p in pairs])
             near = np.mean([abs(p[judge][cond]["offset"]) <= 1 for p in pairs])
             lo, hi = _ci(c)
             lines.append(f"| {judge} | {label} | {d.mean():.3f} | {c.mean():.3f} ({lo:.3f}-{hi:.3f}) | {near:.3f} |")
-        better = np.mean([p[judge]["dubbed"]["lse_c"] > p[judge]["undubbed"]["lse_c"]
-                          and p[judge]["dubbed"]["lse_d"] < p[judge]["undubbed"]["lse_d"] for p in pairs])  # fmt: skip
-        lines.append(f"| {judge} | share of clips with LSE-C up and LSE-D down | | {better:.3f} | |")
+        for cond in ("dubbed", *(g[0] for g in guided)):
+            better = np.mean([p[judge][cond]["lse_c"] > p[judge]["undubbed"]["lse_c"]
+                              and p[judge][cond]["lse_d"] < p[judge]["undubbed"]["lse_d"] for p in pairs])  # fmt: skip
+            lines.append(f"| {judge} | share of clips with LSE-C up and LSE-D down, {cond} | | {better:.3f} | |")
+    if "choose" in doc:
+        lines += ["", "Guidance chosen on the generator's own held-out training-pool videos (mean LSE-C by "
+                  f"{Path(doc['choose']['chooser']).parent.name}): " + ", ".join(
+                      f"{g}: {m['lse_c']:.3f} (seams {m['seams']:.3f})" for g, m in doc["choose"]["means"].items())
+                  + f"; chosen {doc['choose']['chosen']:g}."]  # fmt: skip
     m = {k: np.array([p["mse_to_sound"][k] for p in pairs]) for k in ("undubbed", "dubbed")}
     closer = float(np.mean(m["dubbed"] < m["undubbed"]))
     lines += ["", f"Lower-face MSE to the clip that spoke the sound: undubbed {m['undubbed'].mean():.5f}, dubbed "
               f"{m['dubbed'].mean():.5f} (dubbed closer for {closer:.3f} of clips); how much dubbing changes the "
               f"lower face: MSE {np.mean([p['self_change'] for p in pairs]):.5f}."]  # fmt: skip
     if all("seams" in p for p in pairs):
-        seams = {k: np.mean([p["seams"][k] for p in pairs]) for k in ("undubbed", "dubbed")}
-        lines += ["", f"Patch-grid seams in the lower face (step across the generator's patch borders / step inside "
-                  f"its patches; about 1 for camera footage): undubbed {seams['undubbed']:.3f}, dubbed "
-                  f"{seams['dubbed']:.3f}."]  # fmt: skip
+        seams = {k: np.mean([p["seams"][k] for p in pairs]) for k in pairs[0]["seams"]}
+        lines += ["", "Patch-grid seams in the lower face (step across the generator's patch borders / step inside "
+                  "its patches; about 1 for camera footage): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in seams.items()) + "."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -229,7 +308,7 @@ def strip(args: argparse.Namespace, rows: int = 3, frames: tuple[int, ...] = tup
 
     gen = load_generator(args.work / "generator" / "generator.pt")
     clips, size = _held_out(args), gen.config.img_size
-    top = gen.top
+    top, guidance = gen.top, chosen_guidance(args)
     label_w, blocks = 150, []
     for i in range(rows):
         src, dst = clips[i], clips[(i + 1) % len(clips)]
@@ -237,9 +316,11 @@ def strip(args: argparse.Namespace, rows: int = 3, frames: tuple[int, ...] = tup
         n = min(load_video_audio(src).n_frames, va.n_frames)
         orig = read_frames_for_sync(src, range(n), size, crop_face=True)
         spoke = read_frames_for_sync(dst, range(n), size, crop_face=True)
-        dubbed = dub_crops(gen, orig, va.mel, va.fps)
-        a, b = Path(src).name, Path(dst).name
-        for name, x in ((f"{a}: original", orig), (f"{a} + sound of {b}", dubbed), (f"{b}: who spoke it", spoke)):
+        shown = [(f"{Path(src).name}: original", orig),
+                 (f"+ sound of {Path(dst).name}", dub_crops(gen, orig, va.mel, va.fps))]  # fmt: skip
+        if guidance:
+            shown.append((f"  same, guidance {guidance:g}", dub_crops(gen, orig, va.mel, va.fps, guidance=guidance)))
+        for name, x in (*shown, (f"{Path(dst).name}: who spoke it", spoke)):
             row = torch.cat([x[:, f, top - 8 :] for f in frames], dim=2)  # [3, S - top + 8, F * S]
             img = Image.new("RGB", (label_w + row.shape[2], row.shape[1]), "white")
             img.paste(Image.fromarray(row.permute(1, 2, 0).numpy()), (label_w, 0))
@@ -272,6 +353,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--still-upper", action="store_true", help="the generator sees one still upper half per window")
     ap.add_argument("--expert-audio", action="store_true", help="its sound trunk starts from the sync expert's")
     ap.add_argument("--adv-weight", type=float, default=0.0, help="weight of the patch critic's term (0: none)")
+    ap.add_argument("--random-init", action="store_true", help="the generator's encoder starts untrained (--marlin "
+                    "then only names the architecture)")  # fmt: skip
+    ap.add_argument("--pixel-loss", choices=("mse", "l1"), default="mse")
+    ap.add_argument("--sound-dropout", type=float, default=0.0, help="share of windows trained with silence (needed "
+                    "by --guidance)")  # fmt: skip
+    ap.add_argument("--guidance", nargs="+", type=float, default=[0.0], help="sound guidance candidates; the choose "
+                    "stage keeps the best on the generator's own held-out videos")  # fmt: skip
+    ap.add_argument("--chooser", type=Path, help="the expert that chooses the guidance (default: --sync-expert, else "
+                    "the last judge)")  # fmt: skip
+    ap.add_argument("--choose-pairs", type=int, default=40, help="held-out training-pool videos the choice is made on")
     ap.add_argument("--pairs", type=int, default=200, help="held-out GRID test sentences dubbed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--from", dest="first", choices=STAGES, default="train")
@@ -280,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     todo = STAGES[STAGES.index(args.first) : STAGES.index(args.until) + 1]
     if "train" in todo:
         stage_train(args)
+    if "choose" in todo:
+        stage_choose(args)
     if "eval" in todo:
         stage_eval(args)
     if "report" in todo:

@@ -13,9 +13,15 @@ import torch
 
 from marlin.lipsync.data import LipWindows, reference_frame
 from marlin.lipsync.dub import dub_crops, paste_lower, window_starts_covering
-from marlin.lipsync.losses import critic_frames, jitter_windows, pixel_loss, sync_loss
-from marlin.lipsync.model import LipGenerator, MouthCritic, load_generator
-from marlin.lipsync.train import LipsyncTrainConfig, evaluate_generator, lipsync_train, take_expert_audio
+from marlin.lipsync.losses import critic_frames, drop_sound, jitter_windows, pixel_loss, sync_loss
+from marlin.lipsync.model import SILENCE_MEL, LipGenerator, MouthCritic, load_generator
+from marlin.lipsync.train import (
+    LipsyncTrainConfig,
+    evaluate_generator,
+    lipsync_train,
+    take_expert_audio,
+    window_losses,
+)
 from marlin.mae.losses import gradient_penalty
 from marlin.mae.patches import patchify
 from marlin.models.encoder import MarlinEncoder
@@ -60,6 +66,46 @@ def test_the_target_mouth_never_reaches_the_drawing() -> None:
         c = gen(target, reference, torch.randn(2, 80, gen.mel_length))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)  # ... while the sound does reach it
+
+
+def test_sound_guidance_extrapolates_from_the_mouth_drawn_for_silence() -> None:
+    torch.manual_seed(0)
+    gen = LipGenerator(TINY).eval()
+    torch.nn.init.normal_(gen.decoder.head.weight, std=0.05)
+    target, reference, mel = _window(1), _window(2), torch.randn(2, 80, gen.mel_length)
+    ref = patchify(reference, TINY.tubelet_size, TINY.patch_size)[:, gen.lower]
+    with torch.no_grad():
+        plain, silent = gen(target, reference, mel), gen(target, reference, torch.full_like(mel, SILENCE_MEL))
+        guided = gen(target, reference, mel, guidance=1.5)
+        assert torch.equal(gen(target, reference, mel, guidance=0.0), plain)
+    assert not torch.allclose(plain, silent)
+    expected = ref + 2.5 * (plain - ref) - 1.5 * (silent - ref)  # r + w (r - r_silence), r the residual
+    assert torch.allclose(guided, expected, atol=1e-5)
+    crops = (torch.rand(3, 16, SIZE, SIZE) * 255).to(torch.uint8)
+    a, b = (dub_crops(gen, crops, torch.randn(80, 80), 25.0, guidance=g) for g in (0.0, 1.5))
+    top = gen.top
+    assert torch.equal(a[..., :top, :], b[..., :top, :]) and not torch.equal(a[..., top:, :], b[..., top:, :])
+
+
+def test_sound_dropout_silences_whole_windows_at_its_rate() -> None:
+    mel = torch.randn(2000, 80, 4)
+    assert drop_sound(mel, 0.0, SILENCE_MEL) is mel
+    out = drop_sound(mel, 0.3, SILENCE_MEL, torch.Generator().manual_seed(0))
+    silent = (out == SILENCE_MEL).all(2).all(1)  # [B]
+    kept = (out == mel).all(2).all(1)
+    assert torch.equal(silent, ~kept)  # a window is either silenced whole or left as it was
+    assert 0.26 < silent.float().mean() < 0.34
+    assert torch.equal(out, drop_sound(mel, 0.3, SILENCE_MEL, torch.Generator().manual_seed(0)))  # seeded
+    torch.manual_seed(0)
+    gen = LipGenerator(TINY).eval()
+    torch.nn.init.normal_(gen.decoder.head.weight, std=0.05)
+    batch = {"target": (_window(1) * 255).to(torch.uint8), "reference": (_window(2) * 255).to(torch.uint8),
+             "mel": torch.randn(2, 80, gen.mel_length)}  # fmt: skip
+    with torch.no_grad():
+        pred = window_losses(gen, batch, None, 0.0, torch.device("cpu"), sound_dropout=0.999)["pred"]
+        target, reference = batch["target"].float() / 255, batch["reference"].float() / 255
+        silent = gen(target, reference, torch.full_like(batch["mel"], SILENCE_MEL))
+    assert torch.allclose(pred, silent)  # the generator heard silence
 
 
 def test_the_reference_frame_comes_from_another_moment() -> None:
@@ -275,6 +321,7 @@ def test_a_warm_start_continues_a_generator_and_a_judge_is_reported(tmp_path: Pa
         (dict(critic_steps=0), "critic steps"),
         (dict(critic_frames=0), "critic frames"),
         (dict(adv_weight=-1.0), "adversarial weight"),
+        (dict(sound_dropout=1.0), "sound dropout"),
     ):
         with pytest.raises(ValueError, match=match):
             LipsyncTrainConfig(**bad)
@@ -351,7 +398,7 @@ def test_the_generator_learns_to_draw_the_mouth_the_sound_asks_for(tmp_path: Pat
     assert right < 0.9 * copy and right < 0.98 * wrong, (float(right), float(wrong), float(copy))
 
 
-def test_marlin_lipsync_dubs_a_real_face_video_and_muxes_the_new_sound(tmp_path: Path) -> None:
+def test_marlin_lipsync_dubs_a_real_face_video_and_muxes_the_new_sound(tmp_path: Path, capsys) -> None:
     from marlin import cli
     from marlin.video.io import probe_video, read_audio, read_video, write_video
     from marlin.viz.sample import make_sample_clip
@@ -373,3 +420,9 @@ def test_marlin_lipsync_dubs_a_real_face_video_and_muxes_the_new_sound(tmp_path:
     diff = np.abs(after[:30] - before).mean((0, 3))  # [H, W]
     assert diff[:100].mean() < 2.5 and diff.max() > 20  # the upper frame as it was; the mouth redrawn
     assert cli.main(["lipsync", str(video), str(sound), "-o", str(out), "--model", str(tmp_path / "sound.mkv")]) == 2
+    args = ["lipsync", str(video), str(sound), "-o", str(tmp_path / "guided.mp4"), "--model", str(tmp_path / "gen.pt")]
+    assert cli.main([*args, "--guidance", "-1"]) == 2
+    assert cli.main([*args, "--guidance", "2"]) == 0
+    assert "without --sound-dropout" in capsys.readouterr().err  # no mouth for silence was learnt: said so
+    guided = read_video(tmp_path / "guided.mp4").astype(int)
+    assert np.abs(guided[:30] - after[:30]).mean() > 0.1  # guidance changed the drawing

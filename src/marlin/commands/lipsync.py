@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", help="face detector (default: the one the generator was trained with)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=0.0, help="sound guidance w >= 0: the mouth drawn for the sound "
+                   "+ w x its difference to the mouth drawn for silence (stronger mouth motion; for generators trained "
+                   "with --sound-dropout; default: %(default)s)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,10 +36,15 @@ def run(args: argparse.Namespace) -> int:
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     try:
+        if args.guidance < 0:
+            raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
         gen = load_generator(args.model, map_location=device)
+        if args.guidance and not (gen.meta.get("train_config") or {}).get("sound_dropout"):
+            print(f"marlin lipsync: warning: {args.model} was trained without --sound-dropout, so it never learnt a "
+                  "mouth for silence: --guidance extrapolates from a guess", file=sys.stderr)  # fmt: skip
         detector = args.detector or gen.meta.get("detector", "mediapipe")
         result = dub_video(gen, args.video, args.audio, args.out, detector=detector, batch_size=args.batch_size,
-                           device=device)  # fmt: skip
+                           device=device, guidance=args.guidance)  # fmt: skip
     except (ValueError, OSError) as e:
         print(f"marlin lipsync: {one_line(e)}", file=sys.stderr)
         return 2

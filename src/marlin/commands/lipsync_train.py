@@ -22,7 +22,7 @@ from marlin.utils.errors import one_line
 
 # LipsyncTrainConfig fields set by this command's own options (same names)
 OWN_FIELDS = ("expert", "sync_weight", "sync_jitter", "sync_trains", "judge", "init", "adv_weight", "critic_steps",
-              "critic_frames", "still_upper", "expert_audio", "pixel_loss")  # fmt: skip
+              "critic_frames", "still_upper", "expert_audio", "pixel_loss", "sound_dropout")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-audio", action="store_true", help="start the sound trunk from the expert's")
     p.add_argument("--init", help="start from this generator.pt (e.g. a pixel-loss run, before adding the sync loss)")
     p.add_argument("--pixel-loss", choices=("mse", "l1"), default=d.pixel_loss, help="(default: %(default)s)")
+    p.add_argument("--sound-dropout", type=float, default=d.sound_dropout, help="share of windows drawn with "
+                   "silence instead of their sound, so that marlin lipsync --guidance has a 'no sound' mouth to "
+                   "extrapolate from (default: %(default)s)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

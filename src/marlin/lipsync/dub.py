@@ -43,9 +43,10 @@ def window_starts_covering(n_frames: int, length: int) -> list[int]:
 
 @torch.no_grad()
 def dub_crops(gen: LipGenerator, crops: Tensor, mel: Tensor, fps: float, *, batch_size: int = 8,
-              device: torch.device | str = "cpu") -> Tensor:  # fmt: skip
+              device: torch.device | str = "cpu", guidance: float = 0.0) -> Tensor:  # fmt: skip
     """Face crops uint8 ``[3, N, S, S]`` (S = the generator's side) and the new sound's mel ``[80, M]`` (column 0 at
-    frame 0, :func:`marlin.audio.mel.log_mel`) -> the crops with the lower face redrawn, uint8 ``[3, N, S, S]``."""
+    frame 0, :func:`marlin.audio.mel.log_mel`) -> the crops with the lower face redrawn, uint8 ``[3, N, S, S]``
+    (`guidance`: sound guidance, :class:`marlin.lipsync.model.LipGenerator`)."""
     if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[-1] != gen.config.img_size:
         raise ValueError(f"expected uint8 crops [3, N, {gen.config.img_size}, {gen.config.img_size}], got "
                          f"{crops.dtype} {tuple(crops.shape)}")  # fmt: skip
@@ -58,7 +59,7 @@ def dub_crops(gen: LipGenerator, crops: Tensor, mel: Tensor, fps: float, *, batc
         video = torch.stack([crops[:, s : s + t] for s in chunk]).to(device).float().div_(255.0)  # [b, 3, T, S, S]
         still = video[:, :, t // 2 : t // 2 + 1].expand_as(video)  # the middle frame, held
         mels = torch.stack([sync_window(mel, s, t, fps, gen.mel_length) for s in chunk]).to(device)  # [b, 80, L]
-        drawn = gen.generate(video, still, mels).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu()
+        drawn = gen.generate(video, still, mels, guidance).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu()
         for s, window in zip(chunk, drawn, strict=True):
             out[:, s : s + t] = window
     return out
@@ -108,8 +109,8 @@ def _looped(n_video: int, n_out: int) -> list[int]:
 
 
 def dub_video(gen: LipGenerator, video: str | os.PathLike, audio: str | os.PathLike, out: str | os.PathLike, *,
-              detector: str = "mediapipe", batch_size: int = 8,
-              device: torch.device | str = "cpu") -> DubResult:  # fmt: skip
+              detector: str = "mediapipe", batch_size: int = 8, device: torch.device | str = "cpu",
+              guidance: float = 0.0) -> DubResult:  # fmt: skip
     """Write `out`: `video` with its main face's mouth redrawn to speak the sound of `audio` (any media file with
     sound), and that sound (see the module docstring)."""
     from ..audio.mel import SAMPLE_RATE, log_mel
@@ -137,7 +138,8 @@ def dub_video(gen: LipGenerator, video: str | os.PathLike, audio: str | os.PathL
     log.info("lipsync %s: %d frames at %g fps (%d without a face), sound of %s: %d frames%s", video, plan.n_frames,
              fps, int((~has_face).sum()), audio, n_out, loops)  # fmt: skip
     seq = torch.from_numpy(crops[order]).permute(3, 0, 1, 2)  # [3, n_out, S, S]
-    dubbed = dub_crops(gen, seq, log_mel(wav), fps, batch_size=batch_size, device=device).permute(1, 2, 3, 0).numpy()
+    dubbed = dub_crops(gen, seq, log_mel(wav), fps, batch_size=batch_size, device=device, guidance=guidance)
+    dubbed = dubbed.permute(1, 2, 3, 0).numpy()  # [n_out, S, S, 3]
     top = gen.top / gen.config.img_size  # the generator redraws the rows from here down
 
     def frames() -> Iterator[np.ndarray]:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..sync.expert import SyncExpert
 
-__all__ = ["PIXEL_LOSSES", "critic_frames", "expert_input", "jitter_windows", "pixel_loss", "sync_loss"]
+__all__ = ["PIXEL_LOSSES", "critic_frames", "drop_sound", "expert_input", "jitter_windows", "pixel_loss", "sync_loss"]
 
 PIXEL_LOSSES = ("mse", "l1")
 
@@ -74,3 +74,13 @@ def critic_frames(video: Tensor, top: int, jitter: int = 0, generator: torch.Gen
     the critic cannot learn the grid's place instead of what it looks like."""
     lower = jitter_windows(video, jitter, generator)[..., top:, :]  # [B, 3, T, S - top, S]
     return lower.transpose(1, 2).flatten(2)  # [B, T, 3 * (S - top) * S]
+
+
+def drop_sound(mel: Tensor, p: float, silence: float, generator: torch.Generator | None = None) -> Tensor:
+    """Mel windows ``[B, 80, L]`` with each window replaced, with probability `p`, by constant `silence`
+    (classifier-free guidance's condition dropout): the generator then also learns what to draw without sound, the
+    reference point sound guidance (:class:`marlin.lipsync.model.LipGenerator`) extrapolates from."""
+    if p <= 0:
+        return mel
+    drop = torch.rand(mel.shape[0], generator=generator) < p  # [B]
+    return torch.where(drop.to(mel.device)[:, None, None], torch.full_like(mel, silence), mel)

@@ -21,6 +21,14 @@ each hidden token's input is the mask token + its position + the reference token
 its time step. The output is a *residual on the reference pixels* (``reference patch + prediction``): at
 initialisation the generator copies the reference mouth (sharp, the right person), and training only has to move it
 to the shape the sound asks for. :func:`compose` puts the drawn lower half under the target's upper half.
+
+Sound guidance (classifier-free guidance, with the sound as the condition): ``guidance`` w > 0 draws
+``r(sound) + w * (r(sound) - r(silence))`` for the residual ``r``, where silence is :data:`SILENCE_MEL`, the floor of
+:func:`marlin.audio.mel.log_mel`. Why: a pixel loss draws the *average* of the mouths a sound allows, soft and half
+open, so a dubbed mouth moves in time with the sound but too little for a sync expert to be sure; the difference to
+the mouth drawn for silence is what the sound adds, and w scales it up. Trained with ``sound_dropout``
+(:mod:`marlin.lipsync.train`), the generator has learnt what to draw for silence; the encoder runs once, the small
+decoder twice.
 """
 
 from __future__ import annotations
@@ -37,9 +45,10 @@ from ..models.decoder import MarlinDecoder
 from ..models.encoder import MarlinEncoder
 from ..sync.expert import MelSteps, lower_half_tokens
 
-__all__ = ["LIPSYNC_FORMAT", "LipGenerator", "MouthCritic", "load_generator"]
+__all__ = ["LIPSYNC_FORMAT", "SILENCE_MEL", "LipGenerator", "MouthCritic", "load_generator"]
 
 LIPSYNC_FORMAT = "marlin-lipsync-v1"
+SILENCE_MEL = -4.0  # log_mel of digital silence (its floor): the "no sound" input of sound dropout and guidance
 
 
 class LipGenerator(nn.Module):
@@ -84,17 +93,25 @@ class LipGenerator(nn.Module):
 
         return mel_steps(self.clip_frames, self.fps)
 
-    def forward(self, target: Tensor, reference: Tensor, mel: Tensor) -> Tensor:
+    def forward(self, target: Tensor, reference: Tensor, mel: Tensor, guidance: float = 0.0) -> Tensor:
         b, t = target.shape[:3:2]
         upper, lower = (~self.lower).expand(b, -1), self.lower.expand(b, -1)  # [B, N]
         face = target[:, :, t // 2 : t // 2 + 1].expand_as(target) if self.still_upper else target  # [B, 3, T, S, S]
         seen = self.enc_to_dec(self.encoder(face, visible=upper))  # [B, N_upper, Dd]
         ref = self.ref_to_dec(self.encoder(reference, visible=lower))  # [B, N_lower, Dd]
-        sound = self.audio_to_dec(self.audio(mel))  # [B, t, Dd]
-        residual = self.decoder(seen, upper, hidden_extra=ref + sound[:, self.lower_step])  # [B, N_lower, patch_dim]
+        residual = self._residual(seen, upper, ref, mel)  # [B, N_lower, patch_dim]
+        if guidance:
+            silent = self._residual(seen, upper, ref, torch.full_like(mel, SILENCE_MEL))
+            residual = residual + guidance * (residual - silent)
         c = self.config
         ref_pixels = patchify(reference, c.tubelet_size, c.patch_size)[:, self.lower]  # [B, N_lower, patch_dim]
         return ref_pixels + residual
+
+    def _residual(self, seen: Tensor, upper: Tensor, ref: Tensor, mel: Tensor) -> Tensor:
+        """The decoder's drawing ``[B, N_lower, patch_dim]`` from the encoded upper half ``[B, N_upper, Dd]``, the
+        reference tokens ``[B, N_lower, Dd]`` and the mel window ``[B, 80, L]``."""
+        sound = self.audio_to_dec(self.audio(mel))  # [B, t, Dd]
+        return self.decoder(seen, upper, hidden_extra=ref + sound[:, self.lower_step])
 
     def compose(self, target: Tensor, lower_patches: Tensor) -> Tensor:
         """The target windows ``[B, 3, T, S, S]`` with their lower half replaced by `lower_patches` (clamped to
@@ -105,9 +122,10 @@ class LipGenerator(nn.Module):
         merged = merge_hidden(patches, lower_patches.clamp(0, 1).to(patches.dtype), upper)
         return unpatchify(merged, c.grid_size, c.tubelet_size, c.patch_size, c.in_chans)
 
-    def generate(self, target: Tensor, reference: Tensor, mel: Tensor) -> Tensor:
-        """Whole windows ``[B, 3, T, S, S]``: the target's upper half over the drawn lower half."""
-        return self.compose(target, self(target, reference, mel))
+    def generate(self, target: Tensor, reference: Tensor, mel: Tensor, guidance: float = 0.0) -> Tensor:
+        """Whole windows ``[B, 3, T, S, S]``: the target's upper half over the drawn lower half (`guidance`: the
+        module docstring)."""
+        return self.compose(target, self(target, reference, mel, guidance))
 
     def checkpoint(self, **extra: Any) -> dict[str, Any]:
         """A weights-only dict :func:`load_generator` reads back (the encoder config travels with it)."""

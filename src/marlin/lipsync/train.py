@@ -36,8 +36,8 @@ from ..utils.fileio import json_safe
 from ..utils.precision import autocast
 from ..utils.seeding import derive_seed
 from .data import LipWindows
-from .losses import PIXEL_LOSSES, critic_frames, expert_input, jitter_windows, pixel_loss, sync_loss
-from .model import LipGenerator, MouthCritic
+from .losses import PIXEL_LOSSES, critic_frames, drop_sound, expert_input, jitter_windows, pixel_loss, sync_loss
+from .model import SILENCE_MEL, LipGenerator, MouthCritic
 
 __all__ = ["LipsyncTrainConfig", "LipsyncTrainResult", "evaluate_generator", "lipsync_train"]
 
@@ -76,6 +76,9 @@ class LipsyncTrainConfig(VideoRunConfig):
     # Critic updates per generator step: with 1 ours barely told drawn from real; WGAN-GP uses 5, slower here.
     critic_steps: int = 3
     critic_frames: int = 4  # frames of each window the critic scores (evenly spaced): all 16 cost ~4x as much
+    # Share of training windows drawn with silence instead of their sound (losses.drop_sound), so the generator learns
+    # the mouth of "no sound", which sound guidance (--guidance of marlin lipsync) extrapolates away from; 0: off.
+    sound_dropout: float = 0.0
     steps: int = 3000
 
     def checks(self) -> list[tuple[bool, str]]:
@@ -86,6 +89,7 @@ class LipsyncTrainConfig(VideoRunConfig):
                 (self.adv_weight >= 0, f"adversarial weight must be >= 0, got {self.adv_weight}"),
                 (self.critic_steps >= 1, f"critic steps must be >= 1, got {self.critic_steps}"),
                 (self.critic_frames >= 1, f"critic frames must be >= 1, got {self.critic_frames}"),
+                (0 <= self.sound_dropout < 1, f"sound dropout must be in [0, 1), got {self.sound_dropout}"),
                 (self.pixel_loss in PIXEL_LOSSES, f"pixel loss must be one of {PIXEL_LOSSES}")]  # fmt: skip
 
 
@@ -136,16 +140,18 @@ def take_expert_audio(gen: LipGenerator, expert: Any) -> None:
 
 def window_losses(gen: LipGenerator, batch: dict[str, Tensor], expert: Any, sync_weight: float,
                   device: torch.device, net: nn.Module | None = None, kind: str = "mse", jitter: int = 0,
-                  rng: torch.Generator | None = None) -> dict[str, Tensor]:  # fmt: skip
+                  rng: torch.Generator | None = None, sound_dropout: float = 0.0) -> dict[str, Tensor]:  # fmt: skip
     """Loss terms of one batch: the drawn lower-half patches ``pred``, ``mse`` and ``l1`` of the drawn mouth,
     ``ref_mse`` and ``ref_l1`` of copying the reference (the baseline), ``sync`` and ``p_sync`` (when an expert is
     given) and the weighted ``loss`` (`kind` is the pixel term). `net` runs the forward pass when given (the DDP
-    wrapper of `gen`); the expert sees the drawn windows moved by up to `jitter` pixels (drawn from `rng`)."""
+    wrapper of `gen`); the expert sees the drawn windows moved by up to `jitter` pixels (drawn from `rng`), and
+    the generator hears silence instead of a window's sound with probability `sound_dropout` (the expert always
+    hears the sound)."""
     c = gen.config
     target = batch["target"].to(device).float().div_(255.0)  # [B, 3, T, S, S]
     reference = batch["reference"].to(device).float().div_(255.0)
     mel = batch["mel"].to(device)  # [B, 80, L]
-    pred = (net or gen)(target, reference, mel)  # [B, N_lower, patch_dim]
+    pred = (net or gen)(target, reference, drop_sound(mel, sound_dropout, SILENCE_MEL, rng))  # [B, N_lower, patch_dim]
     truth = patchify(target, c.tubelet_size, c.patch_size)[:, gen.lower]
     ref = patchify(reference, c.tubelet_size, c.patch_size)[:, gen.lower]
     out = {
@@ -250,7 +256,7 @@ class _LipRun(StepRun):
         rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "jitter", self.step, self.dist.rank))
         with autocast(self.dist.device, cfg.precision):
             terms = window_losses(self.gen, batch, self.expert, cfg.sync_weight, self.dist.device, self.net,
-                                  cfg.pixel_loss, cfg.sync_jitter, rng)  # fmt: skip
+                                  cfg.pixel_loss, cfg.sync_jitter, rng, cfg.sound_dropout)  # fmt: skip
             pred = terms.pop("pred")
             if self.critic is not None:
                 real = batch["target"].to(self.dist.device).float().div_(255.0)  # [B, 3, T, S, S]
