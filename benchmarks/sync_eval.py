@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--until", choices=STAGES, default=STAGES[-1])
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    for need in (*stores(args), args.marlin, args.tube):
+    ckpts = [args.marlin] * ("marlin" in args.arms) + [args.tube] * any(a != "marlin" for a in args.arms)  # configs
+    for need in (*stores(args), *ckpts):
         if not need.exists():
             raise SystemExit(f"{need}: missing; run benchmarks/transfer_curve.py first (see this script's doc)")
     order = STAGES.index
