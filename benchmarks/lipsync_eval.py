@@ -170,22 +170,23 @@ def stage_choose(args: argparse.Namespace) -> None:
     expert = load_expert(chooser)
     clips = _own_held_out(args, gen)[: args.choose_pairs]
     log(f"choosing the guidance among {args.guidance} on {len(clips)} held-out training-pool videos by {chooser}")
-    scores: dict[str, dict[str, list[float]]] = {str(g): {"lse_c": [], "lse_d": [], "seams": []} for g in args.guidance}
+    keys = ["undubbed", *map(str, args.guidance)]
+    scores: dict[str, dict[str, list[float]]] = {k: {"lse_c": [], "lse_d": [], "seams": []} for k in keys}
     for i, src in enumerate(clips):
         dst = clips[(i + 1) % len(clips)]
         va, n = load_video_audio(dst), min(load_video_audio(src).n_frames, load_video_audio(dst).n_frames)
         orig = read_frames_for_sync(src, range(n), gen.config.img_size, crop_face=True)
-        for g in args.guidance:
-            dubbed = dub_crops(gen, orig, va.mel, va.fps, guidance=g)
+        for g in [None, *args.guidance]:  # None: the undubbed video with the new sound, for comparison
+            dubbed = orig if g is None else dub_crops(gen, orig, va.mel, va.fps, guidance=g)
             sync = sync_of(expert, dubbed, va.mel, va.fps)
             for k, v in (("lse_c", sync["lse_c"]), ("lse_d", sync["lse_d"]),
                          ("seams", seam_ratio(dubbed, gen.config.patch_size, gen.top))):  # fmt: skip
-                scores[str(g)][k].append(v)
+                scores["undubbed" if g is None else str(g)][k].append(v)
     means = {g: {k: float(np.mean(v)) for k, v in d.items()} for g, d in scores.items()}
     best = max(args.guidance, key=lambda g: (round(means[str(g)]["lse_c"], 4), -g))
-    for g in args.guidance:
-        log(f"guidance {g:g}: LSE-C {means[str(g)]['lse_c']:.3f}, LSE-D {means[str(g)]['lse_d']:.3f}, seams "
-            f"{means[str(g)]['seams']:.3f}")  # fmt: skip
+    for g in keys:
+        log(f"{'guidance ' * (g != 'undubbed')}{g}: LSE-C {means[g]['lse_c']:.3f}, LSE-D {means[g]['lse_d']:.3f}, "
+            f"seams {means[g]['seams']:.3f}")  # fmt: skip
     log(f"chosen guidance: {best:g}")
     path.write_text(json.dumps({"chooser": str(chooser), "clips": clips, "means": means, "chosen": best}, indent=1))
 
@@ -282,7 +283,8 @@ def report(args: argparse.Namespace) -> str:
     if "choose" in doc:
         lines += ["", "Guidance chosen on the generator's own held-out training-pool videos (mean LSE-C by "
                   f"{Path(doc['choose']['chooser']).parent.name}): " + ", ".join(
-                      f"{g}: {m['lse_c']:.3f} (seams {m['seams']:.3f})" for g, m in doc["choose"]["means"].items())
+                      f"{g}: LSE-C {m['lse_c']:.3f}, LSE-D {m['lse_d']:.3f} (seams {m['seams']:.3f})"
+                      for g, m in doc["choose"]["means"].items())
                   + f"; chosen {doc['choose']['chosen']:g}."]  # fmt: skip
     m = {k: np.array([p["mse_to_sound"][k] for p in pairs]) for k in ("undubbed", "dubbed")}
     closer = float(np.mean(m["dubbed"] < m["undubbed"]))
