@@ -13,7 +13,9 @@ One command, resumable stages (each keeps its outputs in ``--work`` and is skipp
 2. ``choose`` the sound guidance (``marlin lipsync --guidance``) on the generator's *own* held-out GRID videos
               (training-pool sentences it never trained on, not the test sentences), each dubbed with the next one's
               sound: the candidate (``--guidance``) with the highest mean LSE-C by ``--chooser`` (default: the
-              expert whose sound net seeded the generator's) wins; 0 when guidance is not asked for.
+              expert whose sound net seeded the generator's) wins, among those whose patch-grid seams rise by at
+              most ``--max-seam-rise`` over the smallest candidate's (strong guidance draws blotches and seams as
+              well as mouths); 0 when guidance is not asked for.
 3. ``eval``   GRID s1's protocol *test* sentences (never used by pretraining, the experts or the generator). Clip
               ``i`` is dubbed with the sound of clip ``i + 1`` (another sentence of the same speaker). Each judge
               (``--judges``: experts from ``benchmarks/sync_eval.py``) scores, with the new sound: the undubbed video
@@ -183,12 +185,15 @@ def stage_choose(args: argparse.Namespace) -> None:
                          ("seams", seam_ratio(dubbed, gen.config.patch_size, gen.top))):  # fmt: skip
                 scores["undubbed" if g is None else str(g)][k].append(v)
     means = {g: {k: float(np.mean(v)) for k, v in d.items()} for g, d in scores.items()}
-    best = max(args.guidance, key=lambda g: (round(means[str(g)]["lse_c"], 4), -g))
+    plain = means[str(min(args.guidance))]["seams"]  # guidance draws more than the sound's mouth at some point: the
+    allowed = [g for g in args.guidance if means[str(g)]["seams"] <= plain + args.max_seam_rise]  # seams tell when
+    best = max(allowed, key=lambda g: (round(means[str(g)]["lse_c"], 4), -g))
     for g in keys:
         log(f"{'guidance ' * (g != 'undubbed')}{g}: LSE-C {means[g]['lse_c']:.3f}, LSE-D {means[g]['lse_d']:.3f}, "
             f"seams {means[g]['seams']:.3f}")  # fmt: skip
     log(f"chosen guidance: {best:g}")
-    path.write_text(json.dumps({"chooser": str(chooser), "clips": clips, "means": means, "chosen": best}, indent=1))
+    path.write_text(json.dumps({"chooser": str(chooser), "clips": clips, "means": means, "chosen": best,
+                                "max_seam_rise": args.max_seam_rise}, indent=1))  # fmt: skip
 
 
 def chosen_guidance(args: argparse.Namespace) -> float:
@@ -365,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chooser", type=Path, help="the expert that chooses the guidance (default: --sync-expert, else "
                     "the last judge)")  # fmt: skip
     ap.add_argument("--choose-pairs", type=int, default=40, help="held-out training-pool videos the choice is made on")
+    ap.add_argument("--max-seam-rise", type=float, default=0.05, help="a guidance whose patch-grid seam ratio exceeds "
+                    "that of the smallest candidate by more than this is not chosen (artefacts)")  # fmt: skip
     ap.add_argument("--pairs", type=int, default=200, help="held-out GRID test sentences dubbed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--from", dest="first", choices=STAGES, default="train")
