@@ -20,8 +20,10 @@ One command, resumable stages (each keeps its outputs in ``--work`` and is skipp
     python benchmarks/transfer_curve.py --until stores     # the stores (once; transfer_curve's pretraining: --marlin)
     python benchmarks/sync_eval.py                         # train, eval, report in runs/sync_eval
     python benchmarks/sync_eval.py --from report           # the tables again
+    python benchmarks/sync_eval.py --arms pixels random    # no pretraining needed (the architecture is made untrained)
 
-Needs the stores and pretraining checkpoints of ``benchmarks/transfer_curve.py`` (its ``--work``).
+Needs the stores and pretraining checkpoints of ``benchmarks/transfer_curve.py`` (its ``--work``); the ``pixels`` and
+``random`` arms alone need only the stores.
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ MAX_OFFSET = 15
 
 def log(msg: str) -> None:
     print(f"[sync_eval {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def untrained_tiny(path: Path) -> Path:
+    """The tiny 112 px architecture of ``benchmarks/transfer_curve.py``, untrained, saved at `path` (once): all the
+    ``pixels`` and ``random`` arms need from a checkpoint is its config, so they run without any pretraining."""
+    if not (path / "config.json").is_file():
+        import dataclasses
+
+        from marlin.models.model import Marlin, create_model
+
+        tiny = create_model("marlin_vit_tiny", full=True).config
+        config = dataclasses.replace(tiny, img_size=112, name="marlin_vit_tiny_112")  # transfer_curve's COMMON
+        Marlin(config, as_feature_extractor=False).save_pretrained(path)
+    return path
 
 
 def stores(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -256,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--until", choices=STAGES, default=STAGES[-1])
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    if not args.tube.exists() and set(args.arms) <= {"pixels", "random"}:
+        args.tube = untrained_tiny(args.work / "tiny112_init")
+        log(f"no tube checkpoint: the pixels / random arms take the architecture from {args.tube}")
     ckpts = [args.marlin] * ("marlin" in args.arms) + [args.tube] * any(a != "marlin" for a in args.arms)  # configs
     for need in (*stores(args), *ckpts):
         if not need.exists():
