@@ -114,17 +114,25 @@ def seam_ratio(crops, patch: int, top: int) -> float:  # noqa: ANN001
     return float(across / within.clamp_min(1e-6))
 
 
-def pair_result(gen, judges: dict, src: str, dst: str, top: int, guidance: float = 0.0) -> dict:  # noqa: ANN001
-    """Clip `src` dubbed with the sound of clip `dst` (plain, and ``guided`` with `guidance` when it is > 0), scored by
-    every judge."""
-    from marlin.lipsync.dub import dub_crops
+def pair_clips(src: str, dst: str, size: int, spoke: bool = True) -> tuple:
+    """``(va_src, va_dst, orig, spoke)`` for clip `src` dubbed with the sound of `dst`: both clips' sound, the face
+    crops of `src` uint8 ``[3, n, S, S]`` over the frames both clips have, and those of `dst` (the mouth that made the
+    new sound; None unless `spoke`)."""
     from marlin.sync.data import load_video_audio, read_frames_for_sync
 
     va_src, va_dst = load_video_audio(src), load_video_audio(dst)
     n = min(va_src.n_frames, va_dst.n_frames)
-    size = gen.config.img_size
-    orig = read_frames_for_sync(src, range(n), size, crop_face=True)  # [3, n, S, S]
-    spoke = read_frames_for_sync(dst, range(n), size, crop_face=True)  # the mouth that made the new sound
+    orig = read_frames_for_sync(src, range(n), size, crop_face=True)
+    return va_src, va_dst, orig, read_frames_for_sync(dst, range(n), size, crop_face=True) if spoke else None
+
+
+def pair_result(gen, judges: dict, src: str, dst: str, top: int, guidance: float = 0.0) -> dict:  # noqa: ANN001
+    """Clip `src` dubbed with the sound of clip `dst` (plain, and ``guided`` with `guidance` when it is > 0), scored by
+    every judge."""
+    from marlin.lipsync.dub import dub_crops
+
+    va_src, va_dst, orig, spoke = pair_clips(src, dst, gen.config.img_size)
+    n = orig.shape[1]
     videos = {"undubbed": orig, "dubbed": dub_crops(gen, orig, va_dst.mel, va_dst.fps)}
     if guidance:
         videos["guided"] = dub_crops(gen, orig, va_dst.mel, va_dst.fps, guidance=guidance)
@@ -160,11 +168,13 @@ def stage_choose(args: argparse.Namespace) -> None:
 
     from marlin.lipsync.dub import dub_crops
     from marlin.lipsync.model import load_generator
-    from marlin.sync.data import load_video_audio, read_frames_for_sync
     from marlin.sync.expert import load_expert
 
     path = args.work / "choose.json"
-    if path.is_file() or args.guidance == [0.0]:
+    if path.is_file():
+        log(f"guidance chosen before: {chosen_guidance(args):g} ({path}; move it away to choose again)")
+        return
+    if args.guidance == [0.0]:
         return
     torch.set_num_threads(args.threads)
     gen = load_generator(args.work / "generator" / "generator.pt")
@@ -175,9 +185,7 @@ def stage_choose(args: argparse.Namespace) -> None:
     keys = ["undubbed", *map(str, args.guidance)]
     scores: dict[str, dict[str, list[float]]] = {k: {"lse_c": [], "lse_d": [], "seams": []} for k in keys}
     for i, src in enumerate(clips):
-        dst = clips[(i + 1) % len(clips)]
-        va, n = load_video_audio(dst), min(load_video_audio(src).n_frames, load_video_audio(dst).n_frames)
-        orig = read_frames_for_sync(src, range(n), gen.config.img_size, crop_face=True)
+        _, va, orig, _ = pair_clips(src, clips[(i + 1) % len(clips)], gen.config.img_size, spoke=False)
         for g in [None, *args.guidance]:  # None: the undubbed video with the new sound, for comparison
             dubbed = orig if g is None else dub_crops(gen, orig, va.mel, va.fps, guidance=g)
             sync = sync_of(expert, dubbed, va.mel, va.fps)
@@ -311,7 +319,6 @@ def strip(args: argparse.Namespace, rows: int = 3, frames: tuple[int, ...] = tup
 
     from marlin.lipsync.dub import dub_crops
     from marlin.lipsync.model import load_generator
-    from marlin.sync.data import load_video_audio, read_frames_for_sync
 
     gen = load_generator(args.work / "generator" / "generator.pt")
     clips, size = _held_out(args), gen.config.img_size
@@ -319,10 +326,7 @@ def strip(args: argparse.Namespace, rows: int = 3, frames: tuple[int, ...] = tup
     label_w, blocks = 150, []
     for i in range(rows):
         src, dst = clips[i], clips[(i + 1) % len(clips)]
-        va = load_video_audio(dst)
-        n = min(load_video_audio(src).n_frames, va.n_frames)
-        orig = read_frames_for_sync(src, range(n), size, crop_face=True)
-        spoke = read_frames_for_sync(dst, range(n), size, crop_face=True)
+        _, va, orig, spoke = pair_clips(src, dst, size)
         shown = [(f"{Path(src).name}: original", orig),
                  (f"+ sound of {Path(dst).name}", dub_crops(gen, orig, va.mel, va.fps))]  # fmt: skip
         if guidance:
