@@ -8,8 +8,8 @@ One command, resumable stages (each keeps its outputs in ``--work`` and is skipp
               pixel MSE only by default (``--sync-weight 0``: see ``marlin.lipsync.train`` for why), so every
               expert below is a judge the generator never trained against (the report marks the one it did, when
               ``--sync-weight`` > 0). ``--init`` continues a generator, ``--still-upper`` / ``--expert-audio`` /
-              ``--sync-expert`` / ``--sync-jitter`` / ``--adv-weight`` are ``marlin lipsync-train``'s options: the
-              README's Dubbing section gives the chain of runs behind its table.
+              ``--sync-expert`` / ``--sync-jitter`` / ``--adv-weight`` / ``--refine`` are ``marlin lipsync-train``'s
+              options: the README's Dubbing section gives the chain of runs behind its table.
 2. ``choose`` the sound guidance (``marlin lipsync --guidance``) on the generator's *own* held-out GRID videos
               (training-pool sentences it never trained on, not the test sentences), each dubbed with the next one's
               sound: the candidate (``--guidance``) with the highest mean LSE-C by ``--chooser`` (default: the
@@ -64,7 +64,7 @@ def stage_train(args: argparse.Namespace) -> None:
            str(args.marlin), "--expert", str(expert), "--sync-weight", str(args.sync_weight), "--sync-jitter",
            str(args.sync_jitter), "--steps", str(args.steps), "--batch-size", "8", "--lr",
            str(args.lr), "--warmup-steps", str(args.warmup), "--adv-weight", str(args.adv_weight),
-           "--pixel-loss", args.pixel_loss, "--sound-dropout", str(args.sound_dropout),
+           "--pixel-loss", args.pixel_loss, "--sound-dropout", str(args.sound_dropout), "--refine", str(args.refine),
            "--workers", "2", "--val-every", str(args.val_every), "--save-every", "50", "--log-every", "20", "--seed",
            "0", "--out", str(out)]  # fmt: skip
     others = [str(j) for j in args.judges if j.resolve() != Path(expert).resolve()]
@@ -369,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pixel-loss", choices=("mse", "l1"), default="mse")
     ap.add_argument("--sound-dropout", type=float, default=0.0, help="share of windows trained with silence (needed "
                     "by --guidance)")  # fmt: skip
+    ap.add_argument("--refine", type=int, default=0, help="channels of the generator's conv refiner across patch "
+                    "borders (0: none; added to an --init generator without one)")  # fmt: skip
     ap.add_argument("--guidance", nargs="+", type=float, default=[0.0], help="sound guidance candidates; the choose "
                     "stage keeps the best on the generator's own held-out videos")  # fmt: skip
     ap.add_argument("--chooser", type=Path, help="the expert that chooses the guidance (default: --sync-expert, else "

@@ -14,7 +14,7 @@ import torch
 from marlin.lipsync.data import LipWindows, reference_frame
 from marlin.lipsync.dub import dub_crops, paste_lower, window_starts_covering
 from marlin.lipsync.losses import critic_frames, drop_sound, jitter_windows, pixel_loss, sync_loss
-from marlin.lipsync.model import SILENCE_MEL, LipGenerator, MouthCritic, load_generator
+from marlin.lipsync.model import SILENCE_MEL, BorderRefiner, LipGenerator, MouthCritic, load_generator
 from marlin.lipsync.train import (
     LipsyncTrainConfig,
     evaluate_generator,
@@ -85,6 +85,52 @@ def test_sound_guidance_extrapolates_from_the_mouth_drawn_for_silence() -> None:
     a, b = (dub_crops(gen, crops, torch.randn(80, 80), 25.0, guidance=g) for g in (0.0, 1.5))
     top = gen.top
     assert torch.equal(a[..., :top, :], b[..., :top, :]) and not torch.equal(a[..., top:, :], b[..., top:, :])
+
+
+def test_a_new_refiner_leaves_the_drawing_alone_and_travels_with_the_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    gen = LipGenerator(TINY).eval()
+    torch.nn.init.normal_(gen.decoder.head.weight, std=0.05)
+    target, reference, mel = _window(1), _window(2), torch.randn(2, 80, gen.mel_length)
+    with torch.no_grad():
+        plain = gen(target, reference, mel)
+        gen.add_refiner(4)
+        assert gen.refine == 4
+        assert torch.allclose(gen(target, reference, mel), plain, atol=1e-6)  # it starts as the identity
+        torch.nn.init.normal_(gen.refiner.net[-1].weight, std=0.05)  # a refiner that redraws something
+        refined, silent = gen(target, reference, mel), gen(target, reference, torch.full_like(mel, SILENCE_MEL))
+        guided = gen(target, reference, mel, guidance=2.0)
+    assert not torch.allclose(refined, plain, atol=1e-4)
+    ref = patchify(reference, TINY.tubelet_size, TINY.patch_size)[:, gen.lower]
+    assert torch.allclose(guided, ref + 3 * (refined - ref) - 2 * (silent - ref), atol=1e-5)  # guides the refined
+    torch.save(gen.checkpoint(), tmp_path / "g.pt")
+    back = load_generator(tmp_path / "g.pt")
+    assert back.refine == 4
+    with torch.no_grad():
+        assert torch.equal(back(target, reference, mel), refined)
+    with pytest.raises(ValueError, match="channels"):
+        gen.add_refiner(0)
+
+
+def test_the_refiner_draws_across_patch_borders() -> None:
+    """A per-patch head draws each patch from its own token, so where two patches meet it draws a step; the refiner
+    learns to blend a step between two patches of random values into a ramp across their border, which needs the
+    value on the other side of the border (no per-patch map can draw it)."""
+    torch.manual_seed(0)
+    p = TINY.patch_size
+    sides = torch.rand(8, 3, 2, 1, 2)  # [B, 3, T, 1, 2]: the values of the left and the right patch
+    step = sides.repeat_interleave(p, -1).expand(-1, -1, -1, p, -1).contiguous()  # [B, 3, T, p, 2p]
+    padded = torch.cat([step[..., :1].expand(-1, -1, -1, -1, 3), step, step[..., -1:].expand(-1, -1, -1, -1, 3)], -1)
+    blend = padded.unfold(-1, 7, 1).mean(-1)  # [B, 3, T, p, 2p]: the step averaged over 7 pixels, a ramp
+    refiner = BorderRefiner(8)
+    opt = torch.optim.Adam(refiner.parameters(), lr=1e-2)
+    before = (step - blend).square().mean().item()
+    for _ in range(200):
+        loss = (refiner(step, torch.zeros_like(step)) - blend).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * before
 
 
 def test_sound_dropout_silences_whole_windows_at_its_rate() -> None:
@@ -312,6 +358,12 @@ def test_a_warm_start_continues_a_generator_and_a_judge_is_reported(tmp_path: Pa
     assert second.val["p_sync_real"] == pytest.approx(second.val["p_sync_judge_real"])
     with pytest.raises(ValueError, match="trained at 25 fps"):
         lipsync_train(LipsyncTrainConfig(steps=1, fps=30.0, init=warm.init, out=str(tmp_path / "c"), **base))
+    refined = lipsync_train(LipsyncTrainConfig(steps=1, lr=1e-9, warmup_steps=0, init=warm.init, refine=4,
+                                               out=str(tmp_path / "d"), **base))  # fmt: skip
+    assert refined.generator.refine == 4 and load_generator(tmp_path / "d" / "generator.pt").refine == 4
+    with pytest.raises(ValueError, match="refiner has 4 channels"):
+        lipsync_train(LipsyncTrainConfig(steps=1, init=str(tmp_path / "d" / "generator.pt"), refine=8,
+                                         out=str(tmp_path / "e"), **base))  # fmt: skip
     data = LipWindows([str(v) for v in videos[4:]], clip_frames=8, size=SIZE, mel_length=first.generator.mel_length,
                       crop_face=False, train=False)  # fmt: skip
     assert set(evaluate_generator(first.generator, data)) == {"mse", "ref_mse", "l1", "ref_l1", "mse_other_sound"}
@@ -322,6 +374,7 @@ def test_a_warm_start_continues_a_generator_and_a_judge_is_reported(tmp_path: Pa
         (dict(critic_frames=0), "critic frames"),
         (dict(adv_weight=-1.0), "adversarial weight"),
         (dict(sound_dropout=1.0), "sound dropout"),
+        (dict(refine=-1), "refiner channels"),
     ):
         with pytest.raises(ValueError, match=match):
             LipsyncTrainConfig(**bad)

@@ -22,7 +22,7 @@ from marlin.utils.errors import one_line
 
 # LipsyncTrainConfig fields set by this command's own options (same names)
 OWN_FIELDS = ("expert", "sync_weight", "sync_jitter", "sync_trains", "judge", "init", "adv_weight", "critic_steps",
-              "critic_frames", "still_upper", "expert_audio", "pixel_loss", "sound_dropout")  # fmt: skip
+              "critic_frames", "still_upper", "expert_audio", "pixel_loss", "sound_dropout", "refine")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sound-dropout", type=float, default=d.sound_dropout, help="share of windows drawn with "
                    "silence instead of their sound, so that marlin lipsync --guidance has a 'no sound' mouth to "
                    "extrapolate from (default: %(default)s)")  # fmt: skip
+    p.add_argument("--refine", type=int, default=d.refine, metavar="C", help="a conv net of C channels redraws the "
+                   "decoder's patches across their borders (added to an --init generator that has none; default: "
+                   "%(default)s, none)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

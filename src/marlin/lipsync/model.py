@@ -22,6 +22,12 @@ its time step. The output is a *residual on the reference pixels* (``reference p
 initialisation the generator copies the reference mouth (sharp, the right person), and training only has to move it
 to the shape the sound asks for. :func:`compose` puts the drawn lower half under the target's upper half.
 
+With ``refine`` > 0 a small conv net (:class:`BorderRefiner`) then redraws the residual as whole lower-face frames,
+across the patch borders. Why: the decoder draws each 16 px patch from its own token, so neighbouring patches need not
+meet (the "seams" of ``benchmarks/lipsync_eval.py``), and sound guidance, which scales the residual up, scales the
+seams with it (ours: seam ratio 1.16 plain, 1.30 at guidance 3). Its last layer starts at zero: a generator trained
+without it continues unchanged (``marlin lipsync-train --init G --refine C``).
+
 Sound guidance (classifier-free guidance, with the sound as the condition): ``guidance`` w > 0 draws
 ``r(sound) + w * (r(sound) - r(silence))`` for the residual ``r``, where silence is :data:`SILENCE_MEL`, the floor of
 :func:`marlin.audio.mel.log_mel`. Why: a pixel loss draws the *average* of the mouths a sound allows, soft and half
@@ -45,10 +51,32 @@ from ..models.decoder import MarlinDecoder
 from ..models.encoder import MarlinEncoder
 from ..sync.expert import MelSteps, lower_half_tokens
 
-__all__ = ["LIPSYNC_FORMAT", "SILENCE_MEL", "LipGenerator", "MouthCritic", "load_generator"]
+__all__ = ["LIPSYNC_FORMAT", "SILENCE_MEL", "BorderRefiner", "LipGenerator", "MouthCritic", "load_generator"]
 
 LIPSYNC_FORMAT = "marlin-lipsync-v1"
 SILENCE_MEL = -4.0  # log_mel of digital silence (its floor): the "no sound" input of sound dropout and guidance
+
+
+class BorderRefiner(nn.Module):
+    """A residual conv net over drawn lower-face frames: ``forward(drawn [B, 3, T, H, W], reference [B, 3, T, H, W])``
+    -> ``drawn + net(drawn, reference)``, same shape. The first layer also looks one frame back and ahead (tubelets are
+    drawn two frames at a time); the last starts at zero, so a new refiner leaves the drawing unchanged."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        c = channels
+        self.net = nn.Sequential(
+            nn.Conv3d(6, c, 3, padding=1), nn.GELU(),
+            nn.Conv3d(c, c, (1, 3, 3), padding=(0, 1, 1)), nn.GELU(),
+            nn.Conv3d(c, 3, (1, 3, 3), padding=(0, 1, 1)),
+        )  # fmt: skip
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, drawn: Tensor, reference: Tensor) -> Tensor:
+        # channels-last: ~4x faster than the default layout on CPUs (oneDNN), and cuDNN's preferred one
+        x = torch.cat([drawn, reference.to(drawn.dtype)], 1).contiguous(memory_format=torch.channels_last_3d)
+        return drawn + self.net(x)
 
 
 class LipGenerator(nn.Module):
@@ -60,7 +88,7 @@ class LipGenerator(nn.Module):
     """
 
     def __init__(self, config: MarlinConfig, *, encoder: MarlinEncoder | None = None, fps: float = 25.0,
-                 audio_width: int = 32, still_upper: bool = False) -> None:  # fmt: skip
+                 audio_width: int = 32, still_upper: bool = False, refine: int = 0) -> None:  # fmt: skip
         super().__init__()
         self.config, self.fps, self.audio_width, self.still_upper = config, fps, audio_width, still_upper
         self.meta: dict[str, Any] = {}
@@ -77,6 +105,21 @@ class LipGenerator(nn.Module):
         self.register_buffer("lower_step", (torch.arange(t * h * w) // (h * w))[lower], persistent=False)  # [N_lower]
         nn.init.zeros_(self.decoder.head.weight)  # start as a copy of the reference (the residual is zero)
         nn.init.zeros_(self.decoder.head.bias)
+        self.refiner: BorderRefiner | None = None
+        if refine:
+            self.add_refiner(refine)
+
+    @property
+    def refine(self) -> int:
+        """Channels of the :class:`BorderRefiner` (0: none, the decoder's patches are the drawing)."""
+        return 0 if self.refiner is None else self.refiner.net[0].out_channels
+
+    def add_refiner(self, channels: int) -> None:
+        """Give a generator a new :class:`BorderRefiner` (which leaves its drawing unchanged until trained)."""
+        if channels < 1:
+            raise ValueError(f"refiner channels must be >= 1, got {channels}")
+        device = self.decoder.head.weight.device
+        self.refiner = BorderRefiner(channels).to(device)
 
     @property
     def clip_frames(self) -> int:
@@ -99,19 +142,28 @@ class LipGenerator(nn.Module):
         face = target[:, :, t // 2 : t // 2 + 1].expand_as(target) if self.still_upper else target  # [B, 3, T, S, S]
         seen = self.enc_to_dec(self.encoder(face, visible=upper))  # [B, N_upper, Dd]
         ref = self.ref_to_dec(self.encoder(reference, visible=lower))  # [B, N_lower, Dd]
-        residual = self._residual(seen, upper, ref, mel)  # [B, N_lower, patch_dim]
+        ref_lower = reference[..., self.top :, :]  # [B, 3, T, S - top, S]
+        residual = self._residual(seen, upper, ref, mel, ref_lower)  # [B, N_lower, patch_dim]
         if guidance:
-            silent = self._residual(seen, upper, ref, torch.full_like(mel, SILENCE_MEL))
+            silent = self._residual(seen, upper, ref, torch.full_like(mel, SILENCE_MEL), ref_lower)
             residual = residual + guidance * (residual - silent)
         c = self.config
         ref_pixels = patchify(reference, c.tubelet_size, c.patch_size)[:, self.lower]  # [B, N_lower, patch_dim]
         return ref_pixels + residual
 
-    def _residual(self, seen: Tensor, upper: Tensor, ref: Tensor, mel: Tensor) -> Tensor:
-        """The decoder's drawing ``[B, N_lower, patch_dim]`` from the encoded upper half ``[B, N_upper, Dd]``, the
-        reference tokens ``[B, N_lower, Dd]`` and the mel window ``[B, 80, L]``."""
+    def _residual(self, seen: Tensor, upper: Tensor, ref: Tensor, mel: Tensor, ref_lower: Tensor) -> Tensor:
+        """The drawing ``[B, N_lower, patch_dim]`` from the encoded upper half ``[B, N_upper, Dd]``, the reference
+        tokens ``[B, N_lower, Dd]`` and the mel window ``[B, 80, L]``: the decoder's patches, redrawn across their
+        borders by the refiner (when there is one, which also sees the reference's lower face `ref_lower`)."""
         sound = self.audio_to_dec(self.audio(mel))  # [B, t, Dd]
-        return self.decoder(seen, upper, hidden_extra=ref + sound[:, self.lower_step])
+        patches = self.decoder(seen, upper, hidden_extra=ref + sound[:, self.lower_step])  # [B, N_lower, patch_dim]
+        if self.refiner is None:
+            return patches
+        c = self.config
+        t, h, w = c.grid_size
+        grid = (t, h - h // 2, w)  # the lower half's tokens, in the same (t, h, w) order as self.lower
+        frames = unpatchify(patches, grid, c.tubelet_size, c.patch_size, c.in_chans)  # [B, 3, T, S - top, S]
+        return patchify(self.refiner(frames, ref_lower), c.tubelet_size, c.patch_size)  # [B, N_lower, patch_dim]
 
     def compose(self, target: Tensor, lower_patches: Tensor) -> Tensor:
         """The target windows ``[B, 3, T, S, S]`` with their lower half replaced by `lower_patches` (clamped to
@@ -130,7 +182,7 @@ class LipGenerator(nn.Module):
     def checkpoint(self, **extra: Any) -> dict[str, Any]:
         """A weights-only dict :func:`load_generator` reads back (the encoder config travels with it)."""
         return {"format": LIPSYNC_FORMAT, "config": self.config.to_dict(), "fps": self.fps,
-                "audio_width": self.audio_width, "still_upper": self.still_upper,
+                "audio_width": self.audio_width, "still_upper": self.still_upper, "refine": self.refine,
                 "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}, **extra}  # fmt: skip
 
 
@@ -172,7 +224,7 @@ def load_generator(path: str | os.PathLike, map_location: str | torch.device = "
     obj = load_tagged_checkpoint(path, LIPSYNC_FORMAT, "lip generator (from marlin lipsync-train)")
     config = MarlinConfig.from_dict(obj["config"])
     gen = LipGenerator(config, fps=float(obj["fps"]), audio_width=int(obj["audio_width"]),
-                       still_upper=bool(obj.get("still_upper", False)))  # fmt: skip
+                       still_upper=bool(obj.get("still_upper", False)), refine=int(obj.get("refine", 0)))  # fmt: skip
     gen.load_state_dict(obj["state_dict"])
     gen.meta = {k: v for k, v in obj.items() if k != "state_dict"}
     return gen.eval().to(map_location)

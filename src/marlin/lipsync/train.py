@@ -79,6 +79,10 @@ class LipsyncTrainConfig(VideoRunConfig):
     # Share of training windows drawn with silence instead of their sound (losses.drop_sound), so the generator learns
     # the mouth of "no sound", which sound guidance (--guidance of marlin lipsync) extrapolates away from; 0: off.
     sound_dropout: float = 0.0
+    # Channels of a conv net that redraws the decoder's patches as whole lower-face frames (model.BorderRefiner), so
+    # neighbouring patches meet instead of drawing the patch grid; with `init`, added to a generator that has none
+    # (it starts as the identity). 0: none, the patches are the drawing.
+    refine: int = 0
     steps: int = 3000
 
     def checks(self) -> list[tuple[bool, str]]:
@@ -90,6 +94,7 @@ class LipsyncTrainConfig(VideoRunConfig):
                 (self.critic_steps >= 1, f"critic steps must be >= 1, got {self.critic_steps}"),
                 (self.critic_frames >= 1, f"critic frames must be >= 1, got {self.critic_frames}"),
                 (0 <= self.sound_dropout < 1, f"sound dropout must be in [0, 1), got {self.sound_dropout}"),
+                (self.refine >= 0, f"refiner channels must be >= 0, got {self.refine}"),
                 (self.pixel_loss in PIXEL_LOSSES, f"pixel loss must be one of {PIXEL_LOSSES}")]  # fmt: skip
 
 
@@ -116,14 +121,19 @@ def load_frozen_expert(path: str, generator: LipGenerator, device: torch.device)
     return expert
 
 
-def warm_generator(path: str, fps: float) -> LipGenerator:
-    """The generator of `path` (a ``generator.pt``) in train mode, to continue training (``init``); refused when it
-    was trained for another frame rate."""
+def warm_generator(path: str, fps: float, refine: int = 0) -> LipGenerator:
+    """The generator of `path` (a ``generator.pt``) in train mode, to continue training (``init``), given a new
+    refiner of `refine` channels when it has none; refused when it was trained for another frame rate or has a
+    refiner of another width."""
     from .model import load_generator
 
     gen = load_generator(path)
     if gen.fps != fps:
         raise ValueError(f"{path}: the generator was trained at {gen.fps:g} fps, this run is at {fps:g} (--fps)")
+    if refine and gen.refine and gen.refine != refine:
+        raise ValueError(f"{path}: the generator's refiner has {gen.refine} channels, this run asks for {refine}")
+    if refine and not gen.refine:
+        gen.add_refiner(refine)
     return gen.train()
 
 
@@ -220,13 +230,13 @@ class _LipRun(StepRun):
 
         self.cfg, self.dist = cfg, dist
         self.train_videos, self.val_videos = split_videos(cfg)
+        torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical new parts on every rank
         if cfg.init:
-            self.gen = warm_generator(cfg.init, cfg.fps).to(dist.device)
+            self.gen = warm_generator(cfg.init, cfg.fps, cfg.refine).to(dist.device)
         else:
             if encoder is None:
                 encoder = from_spec(cfg.model, full=False, random_init=cfg.random_init).encoder
-            torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical new parts on every rank
-            self.gen = LipGenerator(encoder.config, encoder=encoder, fps=cfg.fps).to(dist.device)
+            self.gen = LipGenerator(encoder.config, encoder=encoder, fps=cfg.fps, refine=cfg.refine).to(dist.device)
         self.model = self.gen
         self.gen.still_upper = self.gen.still_upper or cfg.still_upper  # a warm start keeps its generator's
         self.expert = load_frozen_expert(cfg.expert, self.gen, dist.device) if cfg.expert else None
