@@ -151,3 +151,9 @@ def test_bf16_runs_under_autocast_and_returns_float32():
     assert out.dtype == torch.float32 and not torch.equal(out, ref)
     assert F.cosine_similarity(out, ref, dim=-1).min() > 0.99
     assert torch.equal(m.for_inference("fp32").extract_features(x, keep_seq=False), ref)
+
+
+def test_tf32_is_allowed_on_cuda_only() -> None:
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    assert prec.allow_tf32("cpu") is False
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before  # nothing changed

@@ -51,7 +51,7 @@ from ..utils.distributed import DistInfo, init_distributed, is_distributed, shut
 from ..utils.fileio import atomic_write, atomic_write_text, json_safe
 from ..utils.monitor import format_duration
 from ..utils.optim import layer_of, make_optimizer, param_groups
-from ..utils.precision import autocast
+from ..utils.precision import allow_tf32, autocast
 from ..utils.schedule import CosineSchedule
 from ..utils.seeding import derive_seed
 from .engine import train_steps, wrap_ddp
@@ -647,6 +647,7 @@ def finetune(
     """
     owns_group = not is_distributed()
     dist = init_distributed(cfg.device)
+    allow_tf32(dist.device)
     try:
         t_start, source = time.perf_counter(), cfg.labels or "the label set"
         out = Path(cfg.out).expanduser() if cfg.out else None

@@ -53,7 +53,7 @@ from ..utils.distributed import (
 from ..utils.fileio import atomic_write_text, copy_atomic, save_atomic
 from ..utils.monitor import Monitor, format_duration
 from ..utils.optim import make_optimizer, param_groups
-from ..utils.precision import autocast
+from ..utils.precision import allow_tf32, autocast
 from ..utils.schedule import CosineSchedule, set_lr
 from ..utils.seeding import capture_rng, derive_seed, restore_rng
 from . import state as ckio
@@ -122,6 +122,7 @@ class Pretrainer:
         self.cfg = cfg
         self.dist = dist_info or init_distributed(cfg.device)
         self.device = self.dist.device
+        allow_tf32(self.device)
         self.out_dir = Path(cfg.out_dir).expanduser()
         torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical initial weights on every rank
         self.model = (model or Marlin(cfg.model, as_feature_extractor=False)).to(self.device)

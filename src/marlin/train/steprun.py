@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..utils.distributed import DistInfo, init_distributed, is_distributed, shutdown_distributed
 from ..utils.fileio import atomic_write, atomic_write_text, json_safe
+from ..utils.precision import allow_tf32
 from ..utils.seeding import derive_seed
 
 __all__ = [
@@ -259,6 +260,7 @@ def run_to_end(build: Callable[[DistInfo], StepRun], cfg: VideoRunConfig, resume
     signal that stopped it (0: it ran to the end). The caller writes the outputs before returning."""
     owns_group = not is_distributed()
     dist = init_distributed(cfg.device)
+    allow_tf32(dist.device)
     try:
         run = build(dist)
         if run.out is not None and (run.out / LAST_FILE).is_file() and not resume:

@@ -23,6 +23,7 @@ __all__ = [
     "INFERENCE_PRECISIONS",
     "PRECISIONS",
     "DeviceCaps",
+    "allow_tf32",
     "autocast",
     "device_capabilities",
     "inference_precision_name",
@@ -62,6 +63,20 @@ def autocast(device: torch.device | str, precision: str | torch.dtype | None) ->
         return contextlib.nullcontext()
     device_type = torch.device(device).type
     return torch.autocast(device_type, dtype=torch.bfloat16 if name == "bf16" else torch.float16)
+
+
+def allow_tf32(device: torch.device | str) -> bool:
+    """Let float32 matmuls and convolutions on a CUDA `device` use TF32 tensor cores (Ampere and later); whether it
+    applied (False off CUDA, where nothing changes).
+
+    Training runs call it (the fp32 parts outside bf16 autocast, e.g. losses and the optimiser's own matmuls, then run
+    on tensor cores, as PyTorch's own recipes do); inference does not: ``--dtype fp32`` stays true float32, the
+    reference that bf16 / int8 are compared with."""
+    if torch.device(device).type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
 
 
 @dataclass(frozen=True)
