@@ -58,9 +58,10 @@ SILENCE_MEL = -4.0  # log_mel of digital silence (its floor): the "no sound" inp
 
 
 class BorderRefiner(nn.Module):
-    """A residual conv net over drawn lower-face frames: ``forward(drawn [B, 3, T, H, W], reference [B, 3, T, H, W])``
-    -> ``drawn + net(drawn, reference)``, same shape. The first layer also looks one frame back and ahead (tubelets are
-    drawn two frames at a time); the last starts at zero, so a new refiner leaves the drawing unchanged."""
+    """A residual conv net over the decoder's drawing laid out as lower-face frames: ``forward(drawn [B, 3, T, H, W],
+    reference [B, 3, T, H, W])`` -> ``drawn + net(drawn, reference)``, same shape (`drawn`: the generator's residual on
+    the reference pixels; `reference`: the reference's lower face). The first layer also looks one frame back and
+    ahead (tubelets are drawn two frames at a time); the last starts at zero, so a new refiner changes nothing."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
