@@ -230,12 +230,13 @@ class _LipRun(StepRun):
 
         self.cfg, self.dist = cfg, dist
         self.train_videos, self.val_videos = split_videos(cfg)
-        torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical new parts on every rank
         if cfg.init:
+            torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical new parts (a refiner) on every rank
             self.gen = warm_generator(cfg.init, cfg.fps, cfg.refine).to(dist.device)
         else:
             if encoder is None:
                 encoder = from_spec(cfg.model, full=False, random_init=cfg.random_init).encoder
+            torch.manual_seed(derive_seed(cfg.seed, "init"))  # identical new parts on every rank
             self.gen = LipGenerator(encoder.config, encoder=encoder, fps=cfg.fps, refine=cfg.refine).to(dist.device)
         self.model = self.gen
         self.gen.still_upper = self.gen.still_upper or cfg.still_upper  # a warm start keeps its generator's
