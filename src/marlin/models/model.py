@@ -199,8 +199,9 @@ class Marlin(nn.Module):
         fp32 / bf16 / fp16 set this model's precision (bf16 / fp16 run under autocast on its device) and return it in
         eval mode; int8 returns a quantised CPU copy (`marlin.models.quantize`) and leaves this model as it is.
         ``auto`` resolves per device (`marlin.utils.precision.resolve_precision`, logged once); before choosing int8
-        it checks the copy on `sample` clips [B, C, T, H, W] (default: a synthetic smooth clip) and keeps fp32 when
-        the pooled-feature cosine to fp32 is below `min_cosine`. `caps` overrides the device probe (tests).
+        it checks the copy on `sample` clips [B, C, T, H, W] (default: a synthetic smooth clip) and falls back (bf16
+        where the CPU has bf16 units, else fp32) when the pooled-feature cosine to fp32 is below `min_cosine`.
+        `caps` overrides the device probe (tests).
         """
         if self.precision == "int8":
             raise ValueError("this is already an int8 inference copy: call for_inference on the float32 model")
@@ -216,7 +217,7 @@ class Marlin(nn.Module):
             cos = int8_cosine(self, quantized, sample)
             if cos < min_cosine:
                 log.warning(
-                    "int8 pooled-feature cosine to fp32 is %.5f < %.3f on this model: keeping fp32", cos, min_cosine
+                    "int8 pooled-feature cosine to fp32 is %.5f < %.3f on this model: not using int8", cos, min_cosine
                 )
                 return False
             log.info("int8 pooled-feature cosine to fp32: %.5f (>= %.3f)", cos, min_cosine)
