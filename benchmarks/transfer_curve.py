@@ -249,14 +249,37 @@ def cache_clips(args: argparse.Namespace, stores: dict[str, Path]) -> Path:
 def encoders(args: argparse.Namespace) -> dict[str, Path | None]:
     """The encoders of the curve: ``random`` (step 0: the runs' architecture, seeded, untrained), and per run its
     checkpoints ``<run>@<step>`` at the ``--curve-steps`` and its latest one (a run still going, or stopped early,
-    still gives its furthest point)."""
+    still gives its furthest point); then the ``--encoder NAME=PATH`` models, and with ``--copies int8 bf16`` each
+    trained encoder again as ``<name>+int8`` / ``<name>+bf16`` (features from `Marlin.for_inference(precision)`:
+    what that precision does to a probe)."""
     out: dict[str, Path | None] = {"random": None}
     for name in args.runs:
         ckpts = sorted((int(p.stem.split("_")[1]), p) for p in run_dir(args, name).glob("checkpoints/step_*.pt"))
         for i, (step, ck) in enumerate(ckpts):
             if step in args.curve_steps or i == len(ckpts) - 1:
                 out[f"{name}@{step}"] = ck
+    out.update(args.encoder)
+    for precision in args.copies:
+        out.update({f"{name}+{precision}": ck for name, ck in list(out.items()) if ck is not None and "+" not in name})
     return out
+
+
+def encoder_model(args: argparse.Namespace, name: str, ckpt: Path | None):  # noqa: ANN201
+    """The model of `encoders()` entry `name`: random init (seeded; the runs' architecture, or that of the first
+    ``--encoder`` when no run has started), a checkpoint, or a checkpoint in another precision (``+int8``)."""
+    import torch
+
+    from marlin.models.model import create_model, from_spec
+    from marlin.train.config import load_config
+
+    if ckpt is not None:
+        model = from_spec(str(ckpt)).eval()
+        return model.for_inference(name.split("+")[1]) if "+" in name else model
+    torch.manual_seed(0)
+    config = run_dir(args, args.runs[0]) / "config.yaml"
+    if config.is_file() or not args.encoder:
+        return create_model(load_config(config).model).eval()
+    return create_model(from_spec(str(next(iter(args.encoder.values())))).config).eval()
 
 
 def encode_all(model, clips, centres, layers: tuple[int, ...], batch: int = 12) -> dict[str, object]:  # noqa: ANN001
@@ -275,15 +298,18 @@ def encode_all(model, clips, centres, layers: tuple[int, ...], batch: int = 12) 
     rc = np.clip((centres.reshape(n * w, 2) * g).astype(int) - 1, 0, g - 3)  # top-left of the 3 x 3 mouth patches
     per_layer: dict[int, list] = {k: [] for k in layers}
     tokens, mouth = [], []
+    from marlin.utils.precision import autocast
+
+    low = model.precision if model.precision in ("bf16", "fp16") else "fp32"  # under autocast, as extract_features
     for i in range(0, len(flat), batch):
         x = torch.from_numpy(np.array(flat[i : i + batch])).permute(0, 4, 1, 2, 3).float().div_(255)  # a copy: writable
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast("cpu", low):
             h = enc.embed(x)  # [b, T' * g * g, D]
             for k, block in enumerate(enc.blocks, 1):
                 h = block(h)
                 if k in per_layer:
-                    per_layer[k].append(enc.norm(h).reshape(len(x), t_steps, g * g, -1).mean(2).numpy())
-            z = enc.norm(h).reshape(len(x), t_steps, g, g, -1)  # [b, T', g, g, D]
+                    per_layer[k].append(enc.norm(h).float().reshape(len(x), t_steps, g * g, -1).mean(2).numpy())
+            z = enc.norm(h).float().reshape(len(x), t_steps, g, g, -1)  # [b, T', g, g, D]
         for j, (r, c) in enumerate(rc[i : i + batch]):
             mouth.append(z[j, :, r : r + 3, c : c + 3].mean((1, 2)).numpy())  # [T', D]
         zt = z.permute(0, 1, 4, 2, 3).flatten(0, 1)  # [b * T', D, g, g]
@@ -303,9 +329,6 @@ def stage_features(args: argparse.Namespace, stores: dict[str, Path]) -> None:
     import numpy as np
     import torch
 
-    from marlin.models.model import create_model, from_spec
-    from marlin.train.config import load_config
-
     torch.set_num_threads(args.threads)
     clips = np.load(cache_clips(args, stores), mmap_mode="r")
     centres = np.load(args.work / "features" / "mouth_centres.npy")
@@ -313,14 +336,11 @@ def stage_features(args: argparse.Namespace, stores: dict[str, Path]) -> None:
         if feature_file(args, name, "tokens").is_file():
             continue
         t0 = time.time()
-        if ckpt is None:
-            torch.manual_seed(0)
-            model = create_model(load_config(run_dir(args, args.runs[0]) / "config.yaml").model)
-        else:
-            model = from_spec(str(ckpt))
-        model.eval()
+        model = encoder_model(args, name, ckpt)
         depth = len(model.encoder.blocks)
-        feats = encode_all(model, clips, centres, layers=tuple(sorted({depth // 3, 2 * depth // 3, depth})))
+        layers = tuple(sorted({depth // 3, 2 * depth // 3, depth}))
+        # int8 quantises activations per call: one clip per call, as `Marlin.for_inference` runs it on a CPU
+        feats = encode_all(model, clips, centres, layers, batch=1 if name.endswith("+int8") else 12)
         for kind, arr in feats.items():
             target = feature_file(args, name, kind)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -429,7 +449,8 @@ def stage_probe(args: argparse.Namespace) -> dict:
 
 # ---- stage 5: report ------------------------------------------------------------------------------------------------
 def _step(name: str) -> int:
-    return 0 if name == "random" else int(name.split("@")[1])
+    """The pretraining step of a curve encoder (``run@step``; random init 0); -1 for ``--encoder`` models."""
+    return 0 if name == "random" else int(name.split("@")[1]) if "@" in name else -1
 
 
 def _slot_mean(cells: dict) -> float | None:
@@ -451,7 +472,7 @@ def markdown(table: dict) -> str:
             if _slot_mean(cells) is None:
                 continue
             shown = [f"{cells[s]['accuracy']:.3f} [{cells[s]['low']:.2f}, {cells[s]['high']:.2f}]" for s in SLOTS]
-            step = "-" if name == "pixels" else str(_step(name))
+            step = "-" if name == "pixels" or _step(name) < 0 else str(_step(name))
             lines.append(f"| {proto} | {name.split('@')[0]} | {step} | " + " | ".join(shown) +
                          f" | {_mean_cell(cells)} |")  # fmt: skip
     return "\n".join(lines)
@@ -464,7 +485,8 @@ def summary(table: dict) -> str:
     lines = ["| encoder | step | " + " | ".join(protos) + " |", "|---|---|" + "---|" * len(protos)]
     for name in names:
         cells = [_mean_cell(table[proto].get(name, {})) for proto in protos]
-        lines.append(f"| {name.split('@')[0]} | {_step(name)} | " + " | ".join(cells) + " |")
+        step = _step(name)
+        lines.append(f"| {name.split('@')[0]} | {step if step >= 0 else '-'} | " + " | ".join(cells) + " |")
     pixels = table.get("pixels", {}).get("pixels", {})
     if all(s in pixels for s in SLOTS):
         lines.append(f"| raw mouth pixels | - | {_mean_cell(pixels)} (linear) |")
@@ -627,6 +649,13 @@ def heldout_table(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _named_path(ap: argparse.ArgumentParser, text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not Path(path).exists():
+        ap.error(f"--encoder expects NAME=PATH of an existing model, got {text!r}")
+    return name, Path(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shared = Path(os.environ.get("MARLIN_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -668,9 +697,14 @@ def main(argv: list[str] | None = None) -> None:
         default=list(RUNS),
         help="pretraining runs to do (default: all; the masking variants first)",
     )
+    ap.add_argument("--encoder", action="append", default=[], metavar="NAME=PATH",
+                    help="also probe this trained encoder (an exported model or checkpoint; repeatable)")  # fmt: skip
+    ap.add_argument("--copies", nargs="*", default=[], choices=("int8", "bf16"),
+                    help="also probe each trained encoder in these precisions (NAME+int8, ...)")  # fmt: skip
     ap.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0], help="skip the stages before this one")
     ap.add_argument("--until", choices=STAGES, default=STAGES[-1], help="stop after this stage")
     args = ap.parse_args(argv)
+    args.encoder = dict(_named_path(ap, e) for e in args.encoder)
     args.work.mkdir(parents=True, exist_ok=True)
     order = STAGES.index
     stores = stage_stores(args) if order(args.start) <= order("stores") else store_paths(args)

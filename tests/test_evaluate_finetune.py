@@ -215,6 +215,8 @@ def test_multiclass_csv_run_learns_and_best_checkpoint_reproduces(colour_set, tm
     losses = [h["train_loss"] for h in doc["history"]]
     assert losses[-1] < 0.75 * losses[0]  # it learns
     assert doc["metrics"]["val"]["accuracy"] >= 0.99 and doc["metrics"]["test"]["accuracy"] >= 0.99
+    test = doc["metrics"]["test"]  # 95% bootstrap interval over the test videos, as the probes report it
+    assert test["ci95_low"] <= test["accuracy"] <= test["ci95_high"] and "ci95_low" not in doc["metrics"]["val"]
     assert doc["metrics"]["val"]["loss"] < 0.8 * math.log(3)  # well past the chance-level loss of the prior init
     assert set(doc["metrics"]) == {"train", "val", "test"}
     best = doc["best_epoch"]
@@ -227,7 +229,7 @@ def test_multiclass_csv_run_learns_and_best_checkpoint_reproduces(colour_set, tm
     assert model.task == "multiclass" and model.names == ["blue", "green", "red"] and model.meta["epoch"] == best
     test = evaluate(model, result.labels.subset(result.splits["test"]), batch_size=3)
     for k, v in doc["metrics"]["test"].items():
-        if k not in ("loss", "neg_loss"):
+        if k not in ("loss", "neg_loss", "ci95_low", "ci95_high"):
             assert test[k] == pytest.approx(v, abs=1e-6), k
     import marlin
 

@@ -58,8 +58,8 @@ def single(src, model_path, tmp_path_factory) -> Path:
 
 
 def _common(model_path: Path) -> list[str]:
-    # fp32: int8 (what --dtype auto may pick on a CPU) quantises activations per batch, so a clip's features depend
-    # (within cosine 0.9999) on the clips batched with it, and shards batch differently from one process
+    # fp32: bf16 (what --dtype auto picks on CPUs with bf16 units) may round a clip's features differently in another
+    # batch, and shards batch differently from one process
     return ["--model", str(model_path), "--workers", "0", "--batch-size", "3", "--stride", "2", "--no-progress",
             "--dtype", "fp32"]  # fmt: skip
 

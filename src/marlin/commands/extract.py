@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=("auto", "fp32", "bf16", "fp16", "int8"),
         default="auto",
-        help="encoder precision; auto (default): bf16 on GPUs and CPUs with bf16 units, int8 on other AVX2 CPUs where "
-        "it stays within cosine 0.99 of fp32 on this model, else fp32 (README: Precision)",
+        help="encoder precision; auto (default): bf16 on GPUs and CPUs with bf16 units, else fp32; int8 (fastest on "
+        "CPUs, coarser: it warns) only when asked for (README: Precision)",
     )
     p.add_argument("--min-score", type=float, default=0.6, help="with --crop-face: detections scoring below this "
                    "are not faces (default: %(default)s)")  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -28,6 +29,10 @@ class MarlinEncoder(nn.Module):
         # Embed only the visible patches when masking (what `Marlin.set_fused_attention(False)` turns off, to
         # reproduce the official computation: the Conv3d over every patch, then the visible rows kept).
         self.fused = True
+        # Inference only: run the blocks on this many clips at a time (0 = the whole batch). `Marlin.for_inference` sets
+        # 1 on a CPU: a clip's activations then stay in cache (at batch 4 the element-wise ops of ViT-B became memory
+        # bound) and its int8 activation quantisation no longer depends on the other clips of the batch.
+        self.clips_per_pass = 0
         self.apply(init_weights)
 
     def group_matcher(self) -> dict[str, str]:
@@ -65,6 +70,12 @@ class MarlinEncoder(nn.Module):
         return tokens + pos
 
     def run_blocks(self, x: Tensor) -> Tensor:  # [B, n, D] -> [B, n, D]
+        step = self.clips_per_pass
+        if step and x.shape[0] > step and not (self.training and torch.is_grad_enabled()):
+            return torch.cat([self._run_blocks(part) for part in x.split(step)])
+        return self._run_blocks(x)
+
+    def _run_blocks(self, x: Tensor) -> Tensor:  # [B, n, D] -> [B, n, D]
         for block in self.blocks:
             if self.grad_checkpointing and self.training and x.requires_grad:
                 from torch.utils.checkpoint import checkpoint

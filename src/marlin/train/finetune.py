@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from ..data.datasets import VideoClips
 from ..data.sampling import ShardedBatchSampler
 from ..evaluate.manifest import SPLITS, LabelSet, read_labels
-from ..evaluate.metrics import compute_metrics, primary_metric
+from ..evaluate.metrics import bootstrap_interval, compute_metrics, primary_metric
 from ..evaluate.splits import SplitError, split_indices, subsample
 from ..models.config import MarlinConfig
 from ..models.encoder import MarlinEncoder
@@ -511,11 +511,14 @@ class _Run:
                                workers=self.cfg.workers, device=self.device, precision=self.cfg.precision)  # fmt: skip
         return _gather_scores(local, every, r, w, self.model.num_outputs)
 
-    def evaluate_split(self, name: str) -> dict[str, float]:
-        """Metrics of a split (plus ``loss``: the training loss of the clip-averaged scores)."""
+    def evaluate_split(self, name: str, ci: bool = False) -> dict[str, float]:
+        """Metrics of a split (plus ``loss``: the training loss of the clip-averaged scores); with `ci` also the 95%
+        bootstrap interval of the primary metric over the split's videos (``ci95_low`` / ``ci95_high``)."""
         scores = self.predict_split(name)
         targets = self.labels.targets[self.splits[name]]
         metrics = compute_metrics(self.model.task, targets, scores)
+        if ci:
+            metrics["ci95_low"], metrics["ci95_high"] = bootstrap_interval(self.model.task, np.asarray(targets), scores)
         with torch.no_grad():
             per = self.model.per_sample_loss(torch.as_tensor(scores, dtype=torch.float32, device=self.device),
                                              torch.as_tensor(targets, device=self.device))  # fmt: skip
@@ -657,7 +660,7 @@ def finetune(
         history, best, selection, stopped_early = _fit_epochs(run, out)
         run.model.load_state_dict(best.state)
         metrics: dict[str, dict[str, float] | None] = {"val": best.val}
-        metrics["test"] = run.evaluate_split("test") if len(run.splits["test"]) else None
+        metrics["test"] = run.evaluate_split("test", ci=True) if len(run.splits["test"]) else None
         if cfg.eval_train:
             metrics["train"] = run.evaluate_split("train")
         result = FinetuneResult(metrics=metrics, history=history, best_epoch=best.epoch, selection_metric=selection,

@@ -5,10 +5,12 @@ and losses stay float32), and, for inference only, ``"int8"`` (dynamic int8 Line
 `marlin.models.quantize`) and ``"auto"`` (resolved per device by `resolve_precision`).
 
 Why a choice per device: bf16 is fast on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16) but emulated,
-~5x slower than fp32 for ViT-B, on a 2-core AVX2 CPU (measured); int8 dynamic quantisation was 1.3-1.4x faster than fp32
-there, with pooled-feature cosine > 0.999 to fp32. On a 2-core AVX512-BF16 + VNNI CPU without AMX (AMD EPYC) int8 ran
-ViT-B 1.3x faster than bf16 and 1.8x faster than fp32 (VNNI's int8 dot products do twice the work of AVX512-BF16's),
-so `auto` prefers int8 there and bf16 only with AMX. `auto` never picks a path slower than fp32.
+~5x slower than fp32 for ViT-B, on a 2-core AVX2 CPU (measured). int8 dynamic quantisation is the fastest CPU path
+(ViT-B 1.3-1.4x fp32 on AVX2, ~2.2x on a 2-core AVX512-BF16 + VNNI EPYC) but `auto` never picks it: on a tiny
+encoder (112 px, random init) its features moved by ~0.8 of their spread between clips (pooled cosine to fp32 still
+0.9999: cosine cannot see it, because the clips of one face differ by ~4% of the feature norm) and a GRID lip-reading
+probe fell from 0.43 to 0.33 mean accuracy, where bf16 kept 0.42. So `auto` = bf16 where it is native, else fp32;
+int8 only on request, with a warning. `auto` never picks a path slower than fp32.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 __all__ = [
     "INFERENCE_PRECISIONS",
+    "INT8_WARNING",
     "PRECISIONS",
     "DeviceCaps",
     "allow_tf32",
@@ -144,54 +146,55 @@ def _cpu_desc(caps: DeviceCaps) -> str:
     return f"CPU {caps.cpu_capability or '?'}" + ("" if caps.bf16 else ", no AMX / AVX512-BF16 units")
 
 
-def _auto(caps: DeviceCaps, int8_ok: bool | Callable[[], bool]) -> tuple[str, str]:
+#: Why int8 is never automatic (measured; README "Precision"), said once when it is asked for.
+INT8_WARNING = (
+    "int8 linears are fast but coarse: on a tiny encoder they moved the features by ~0.8 of their spread between "
+    "clips and lowered a GRID lip-reading probe from 0.43 to 0.33 mean accuracy (bf16: 0.42); check your task, or "
+    "use precision auto / bf16 / fp32"
+)
+
+
+def _auto(caps: DeviceCaps) -> tuple[str, str]:
     if caps.device_type == "cuda":
         if caps.bf16:
             return "bf16", f"auto: bf16 on {caps.name or 'cuda'} (native bf16 matmuls)"
         return "fp16", f"auto: fp16 on {caps.name or 'cuda'} (no bf16 support)"
     if caps.device_type != "cpu":
         return "fp32", f"auto: fp32 on {caps.device_type} (reduced precision not measured there)"
-    if caps.bf16 and (caps.amx or not (caps.int8 and caps.vnni)):
-        return "bf16", f"auto: bf16 on {_cpu_desc(caps)} (bf16 matrix units)"
-    if caps.int8 and (int8_ok() if callable(int8_ok) else int8_ok):
-        vnni = "VNNI" if caps.vnni else "no VNNI"
-        measured = ("1.3x bf16 and 1.8x fp32 for ViT-B on AVX512-BF16 + VNNI without AMX" if caps.bf16
-                    else "1.3-1.4x fp32 for ViT-B on AVX2")  # fmt: skip
-        return "int8", f"auto: int8 linears on {_cpu_desc(caps)}, {vnni} (measured {measured})"
     if caps.bf16:
-        return "bf16", f"auto: bf16 on {_cpu_desc(caps)} (int8 did not hold cosine >= 0.99 to fp32)"
-    why = "int8 did not hold cosine >= 0.99 to fp32" if caps.int8 else "no int8 engine for this CPU"
-    return "fp32", f"auto: fp32 on {_cpu_desc(caps)} (bf16 would be emulated, ~5x slower; {why})"
+        return "bf16", f"auto: bf16 on {_cpu_desc(caps)} (bf16 matrix units)"
+    return "fp32", (f"auto: fp32 on {_cpu_desc(caps)} (bf16 would be emulated, ~5x slower; int8 is faster but not "
+                    "faithful enough to choose for you: precision int8 asks for it)")  # fmt: skip
 
 
 def resolve_precision(
     precision: str | torch.dtype | None,
     device: torch.device | str,
     caps: DeviceCaps | None = None,
-    *,
-    int8_ok: bool | Callable[[], bool] = True,
 ) -> tuple[str, str]:
     """The concrete precision (``fp32``/``bf16``/``fp16``/``int8``) to run on `device`, and why (logged once).
 
-    ``auto``: bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs with AMX (or bf16 units and no int8 VNNI); int8
-    on other x86 CPUs with the int8 engine when `int8_ok` holds (a fidelity check, called only when int8 is the
-    candidate), else bf16 where the CPU has bf16 units, else fp32. An explicit precision is kept, with a warning
-    (once) where it is emulated and slow; int8 off the CPU is a ValueError. `caps` defaults to
-    `device_capabilities(device)`; tests pass fakes.
+    ``auto``: bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs with bf16 units (AMX / AVX512-BF16), else
+    fp32; never int8 (see the module doc). An explicit precision is kept, with a warning (once) where it is emulated
+    and slow, and for int8 (its measured loss of detail); int8 off an x86 CPU with the int8 engine is a ValueError.
+    `caps` defaults to `device_capabilities(device)`; tests pass fakes.
     """
     name = inference_precision_name(precision)
     caps = caps or device_capabilities(device)
     if name == "auto":
-        name, reason = _auto(caps, int8_ok)
+        name, reason = _auto(caps)
         _say_once(reason)
         return name, reason
-    if name == "int8" and not (caps.device_type == "cpu" and caps.int8):
-        where = _cpu_desc(caps) if caps.device_type == "cpu" else caps.device_type
-        raise ValueError(f"precision 'int8' needs an x86 CPU with torch's int8 engine, not {where}: use auto or fp32")
+    if name == "int8":
+        if not (caps.device_type == "cpu" and caps.int8):
+            where = _cpu_desc(caps) if caps.device_type == "cpu" else caps.device_type
+            raise ValueError(f"precision 'int8' needs an x86 CPU with torch's int8 engine, not {where}: use auto")
+        _say_once(INT8_WARNING, warn=True)
+        return name, INT8_WARNING
     reason = f"{name} requested"
     native = {"bf16": caps.bf16, "fp16": caps.fp16}.get(name, True)
     if caps.device_type == "cpu" and not native:
         reason = (f"{name} on {_cpu_desc(caps)}, is emulated: bf16 measured ~5x slower than fp32 for ViT-B on AVX2; "
-                  "use precision auto (int8 or fp32) for speed")  # fmt: skip
+                  "use precision auto (fp32 there) for speed")  # fmt: skip
         _say_once(reason, warn=True)
     return name, reason
