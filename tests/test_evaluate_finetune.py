@@ -262,6 +262,30 @@ def test_multilabel_and_regression_run_end_to_end(colour_set, tmp_path) -> None:
         _cfg(tmp_path, colour_set / "labels.csv", ("colour",), layer_decay=1.5)
 
 
+def test_time_pool_tells_order_that_the_clip_mean_cannot(tmp_path) -> None:
+    """Two classes with the same colours in opposite order (red then blue, blue then red): the mean over a clip is
+    the same for both, the time-kept head input is not."""
+    rows = []
+    for order in ("red_blue", "blue_red"):
+        first, second = (COLOURS[c] for c in order.split("_"))
+        for i in range(10):
+            path = tmp_path / f"{order}_{i}.mp4"
+            write_video(path, n_frames=4, height=32, width=32, frame_fn=lambda k, h, w, a=first, b=second, s=i: _noisy(
+                a if k < 2 else b, s)(k, h, w))  # fmt: skip
+            rows.append({"path": str(path), "order": order})
+    labels = _write_csv(tmp_path / "labels.csv", rows)
+    acc = {}
+    for pool in ("mean", "time"):
+        r = finetune(_cfg(tmp_path / pool, labels, ("order",), pool=pool, epochs=6, sample_rate=1, test_clips=1,
+                          split=(0.6, 0.2, 0.2), freeze_encoder=True, lr=3e-2, eval_train=False))  # fmt: skip
+        acc[pool] = r.metrics["test"]["accuracy"]
+        assert r.model.head.in_features == (2 if pool == "time" else 1) * r.model.config.encoder_embed_dim
+    assert acc["time"] == 1.0 and acc["mean"] <= 0.75
+    assert load_finetuned(tmp_path / "time" / "best.pt").pool == "time"
+    with pytest.raises(ValueError, match="pool must be one of mean, time"):
+        _cfg(tmp_path, labels, ("order",), pool="max")
+
+
 def test_binary_low_data_groups_and_early_stopping(colour_set, tmp_path) -> None:
     # lr 1e-12 cannot move float32 weights: validation never improves, so patience 2 stops after epoch 3
     cfg = _cfg(tmp_path, colour_set / "labels.csv", ("is_red",), epochs=10, patience=2, lr=1e-12, min_lr=0.0,

@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sample_rate(p, d.sample_rate)
     p.add_argument("--test-clips", type=int, default=d.test_clips, help="clips averaged per video in validation "
                    "and testing (default: %(default)s)")  # fmt: skip
+    p.add_argument("--pool", choices=("mean", "time"), default=d.pool, help="head input: the clip feature (mean) or "
+                   "one feature per time step in order (time: when things happen, e.g. lip reading) "
+                   "(default: %(default)s)")  # fmt: skip
     p.add_argument("--hflip", action="store_true", help="random horizontal flips in training")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader processes per rank "
                    "(default: %(default)s)")  # fmt: skip
@@ -90,9 +93,10 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         train_fraction=args.train_fraction, freeze_encoder=args.freeze_encoder, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
         layer_decay=args.layer_decay, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-        patience=args.patience, sample_rate=args.sample_rate, test_clips=args.test_clips, hflip=args.hflip,
-        workers=args.workers, seed=args.seed, out=args.out, device=args.device, precision=args.precision,
-        grad_checkpointing=args.grad_checkpointing, eval_train=not args.no_train_eval, log_every=args.log_every,
+        patience=args.patience, sample_rate=args.sample_rate, test_clips=args.test_clips, pool=args.pool,
+        hflip=args.hflip, workers=args.workers, seed=args.seed, out=args.out, device=args.device,
+        precision=args.precision, grad_checkpointing=args.grad_checkpointing, eval_train=not args.no_train_eval,
+        log_every=args.log_every,
     )  # fmt: skip
 
 

@@ -6,9 +6,9 @@ accumulation cannot overflow). Attention itself (q k^T, softmax, @ v) runs in bf
 units (AVX512-BF16 / AMX: one head at a time, the scores in a reused buffer, 1.6x float32 SDPA measured on an
 AVX512-BF16 EPYC, whose CPU flash attention gains nothing from bf16) and as float32 SDPA elsewhere (bf16 is emulated
 there). LayerNorm, GELU and the Conv3d patch embedding stay float32. Measured: ViT-B 1.3-1.4x fp32 on a 2-core
-AVX2 CPU, ~2.2x on a 2-core AVX512-BF16 EPYC; pooled-feature cosine to fp32 > 0.9999 on face clips, yet on a tiny
-encoder (random init) the features moved by ~0.8 of their spread between clips and a GRID lip-reading probe lost
-0.10 of mean accuracy (README "Precision"): which is why `auto` never picks this path.
+AVX2 CPU, ~2.2x on a 2-core AVX512-BF16 EPYC; pooled-feature cosine to fp32 > 0.9999 on face clips, yet on GRID
+clips the features moved by 0.56 (random init) / 0.08 (pretrained) of their spread between clips and a lip-reading
+probe lost 0.10 / 0.02-0.03 of mean accuracy (README "Precision"): which is why `auto` never picks this path.
 
 The fp32 model keeps a bias-free `qkv` Linear plus separate q / v biases (the checkpoint layout) and calls
 `F.linear` on its weight; dynamic quantisation only replaces real `nn.Linear` modules that are called, so the copy

@@ -74,6 +74,7 @@ log = logging.getLogger("marlin")
 FINETUNE_FORMAT = "marlin-finetune-v1"
 BEST_FILE = "best.pt"
 RESULTS_FILE = "results.json"
+POOLS = ("mean", "time")  # what the head reads (FinetuneModel)
 SPLITS_FILE = "splits.json"
 
 
@@ -104,6 +105,7 @@ class FinetuneConfig:
     patience: int = 10  # epochs without a better validation score before stopping; 0 = never stop early
     sample_rate: int = 2  # frames between the frames of a clip (as `marlin extract --sample-rate`)
     test_clips: int = 4  # evenly spaced clips averaged per video in validation / testing
+    pool: str = "mean"  # head input: "mean" (the clip feature), "time" (one per time step, in order: lip reading)
     hflip: bool = False  # random horizontal flips in training (off: some labels are left / right specific)
     workers: int = 2  # DataLoader processes per rank
     seed: int = 0
@@ -128,6 +130,7 @@ class FinetuneConfig:
             (0 < self.train_fraction <= 1, f"train fraction must be in (0, 1], got {self.train_fraction}"),
             (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
             (self.warmup_epochs >= 0, f"warmup epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.pool in POOLS, f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -145,6 +148,10 @@ class FinetuneConfig:
 class FinetuneModel(nn.Module):
     """MARLIN encoder + linear head on the pooled clip feature; `forward` gives task-space scores ``[B, K]``.
 
+    `pool`: ``"mean"`` reads the released clip feature (all tokens averaged, then the final norm); ``"time"`` reads
+    one such feature per time step (tokens averaged over the frame, then the norm), concatenated in order, so the head
+    knows *when* something happens (a word's place in a sentence), which a mean over the clip averages away.
+
     Scores are logits for the classification tasks and values in the targets' units for regression (the head
     predicts train-standardised targets; ``target_mean`` / ``target_std`` undo that).
     """
@@ -160,13 +167,17 @@ class FinetuneModel(nn.Module):
         label: str = "label",
         sample_rate: int = 2,
         test_clips: int = 4,
+        pool: str = "mean",
     ) -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         self.config, self.task, self.names, self.label = config, task, list(names), label
-        self.sample_rate, self.test_clips = sample_rate, test_clips
+        self.sample_rate, self.test_clips, self.pool = sample_rate, test_clips, pool
         self.meta: dict[str, Any] = {}  # what a loaded checkpoint says besides the weights (epoch, metrics, config)
         self.encoder = encoder if encoder is not None else MarlinEncoder(config)
-        self.head = nn.Linear(config.encoder_embed_dim, num_outputs)
+        steps = config.clip_frames // config.tubelet_size if pool == "time" else 1
+        self.head = nn.Linear(steps * config.encoder_embed_dim, num_outputs)
         nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
         self.register_buffer("target_mean", torch.zeros(num_outputs))
@@ -178,7 +189,13 @@ class FinetuneModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Clips ``[B, 3, T, H, W]`` in [0, 1] -> scores ``[B, K]``."""
-        z = self.head(self.encoder.extract_features(x, seq_mean_pool=True))  # [B, K]
+        if self.pool == "time":
+            enc, steps = self.encoder, self.config.clip_frames // self.config.tubelet_size
+            h = enc.run_blocks(enc.embed(x))  # [B, N, D], tokens in (t, h, w) order
+            feats = enc.norm(h.view(len(x), steps, -1, h.shape[-1]).mean(2)).flatten(1)  # [B, T' * D]
+        else:
+            feats = self.encoder.extract_features(x, seq_mean_pool=True)  # [B, D]
+        z = self.head(feats)  # [B, K]
         if self.task == "regression":
             z = z * self.target_std + self.target_mean
         return z
@@ -229,6 +246,7 @@ class FinetuneModel(nn.Module):
             "num_outputs": self.num_outputs,
             "sample_rate": self.sample_rate,
             "test_clips": self.test_clips,
+            "pool": self.pool,
             **extra,
         }
 
@@ -242,7 +260,7 @@ def load_finetuned(path: str | os.PathLike, map_location: str | torch.device = "
     config = MarlinConfig.from_dict(obj["config"])
     model = FinetuneModel(config, obj["task"], obj["names"], int(obj["num_outputs"]), label=obj.get("label", "label"),
                           sample_rate=int(obj.get("sample_rate", obj.get("stride", 2))),  # "stride": before 0.2
-                          test_clips=int(obj.get("test_clips", 4)))  # fmt: skip
+                          test_clips=int(obj.get("test_clips", 4)), pool=obj.get("pool", "mean"))  # fmt: skip
     model.load_state_dict({**obj["state_dict"], **obj["head_state"]})
     model.meta = {k: v for k, v in obj.items() if k not in ("state_dict", "head_state")}
     return model.eval().to(map_location)
@@ -556,7 +574,8 @@ def _setup(cfg: FinetuneConfig, labels: LabelSet | None, encoder: MarlinEncoder 
     if encoder is None:
         encoder = _load_encoder(cfg)
     model = FinetuneModel(encoder.config, labels.task, labels.names, labels.num_outputs, encoder=encoder,
-                          label=labels.label, sample_rate=cfg.sample_rate, test_clips=cfg.test_clips)  # fmt: skip
+                          label=labels.label, sample_rate=cfg.sample_rate, test_clips=cfg.test_clips,
+                          pool=cfg.pool)  # fmt: skip
     model.init_head(labels.targets[splits["train"]])
     return _Run(cfg, labels, model, splits, dist)
 

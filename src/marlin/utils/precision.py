@@ -6,11 +6,12 @@ and losses stay float32), and, for inference only, ``"int8"`` (dynamic int8 Line
 
 Why a choice per device: bf16 is fast on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16) but emulated,
 ~5x slower than fp32 for ViT-B, on a 2-core AVX2 CPU (measured). int8 dynamic quantisation is the fastest CPU path
-(ViT-B 1.3-1.4x fp32 on AVX2, ~2.2x on a 2-core AVX512-BF16 + VNNI EPYC) but `auto` never picks it: on a tiny
-encoder (112 px, random init) its features moved by ~0.8 of their spread between clips (pooled cosine to fp32 still
-0.9999: cosine cannot see it, because the clips of one face differ by ~4% of the feature norm) and a GRID lip-reading
-probe fell from 0.43 to 0.33 mean accuracy, where bf16 kept 0.42. So `auto` = bf16 where it is native, else fp32;
-int8 only on request, with a warning. `auto` never picks a path slower than fp32.
+(ViT-B 1.3-1.4x fp32 on AVX2, ~2.2x on a 2-core AVX512-BF16 + VNNI EPYC) but `auto` never picks it: on GRID clips
+its features moved by 0.56 (tiny encoder at random init) and 0.08 (MARLIN-pretrained 1000 steps) of their spread
+between clips while the pooled cosine to fp32 stayed >= 0.9999 (cosine cannot see it: the clips of one face differ by
+~4% of the feature norm), and a lip-reading probe lost 0.10 and 0.02-0.03 mean accuracy, where bf16 changed nothing
+(within 0.01). So `auto` = bf16 where it is native, else fp32; int8 only on request, with a warning. `auto` never
+picks a path slower than fp32.
 """
 
 from __future__ import annotations
@@ -148,9 +149,9 @@ def _cpu_desc(caps: DeviceCaps) -> str:
 
 #: Why int8 is never automatic (measured; README "Precision"), said once when it is asked for.
 INT8_WARNING = (
-    "int8 linears are fast but coarse: on a tiny encoder they moved the features by ~0.8 of their spread between "
-    "clips and lowered a GRID lip-reading probe from 0.43 to 0.33 mean accuracy (bf16: 0.42); check your task, or "
-    "use precision auto / bf16 / fp32"
+    "int8 linears are fast but coarse: measured on GRID clips they moved the features by 0.56 (tiny encoder, random "
+    "init) and 0.08 (pretrained) of their spread between clips, and a lip-reading probe lost 0.10 and 0.02-0.03 mean "
+    "accuracy (bf16: none); check it on your task, or use precision auto / bf16 / fp32"
 )
 
 
