@@ -104,8 +104,9 @@ def stage_finetune(args: argparse.Namespace, manifest: Path) -> None:
                 cmd = [sys.executable, "-m", "marlin.cli", "finetune", "--model", str(args.model),
                        *(["--random-init"] if init == "random" else []), "--labels", str(manifest),
                        "--label", slot, "--split-col", "split", "--train-fraction", str(fraction),
-                       "--sample-rate", "4", "--pool", "time", "--lr", str(args.lr), "--epochs", str(args.epochs),
-                       "--patience", str(args.patience), "--batch-size", "8", "--workers", "1", "--seed", "0",
+                       "--sample-rate", "4", "--pool", "time", "--head-norm", "--lr", str(args.lr), "--layer-decay",
+                       str(args.layer_decay), "--epochs", str(args.epochs), "--patience", str(args.patience),
+                       "--batch-size", "8", "--workers", "1", "--seed", "0",
                        "--no-train-eval", "--log-every", "0", "--out", str(out)]  # fmt: skip
                 t0 = time.time()
                 with open(args.work / "finetune.log", "a") as logf:
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.1], help="training fractions (default: 0.1)")
     ap.add_argument("--slots", nargs="+", choices=SLOTS, default=list(SLOTS))
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--layer-decay", type=float, default=1.0, help="block k below the head trains at lr x this^k")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--patience", type=int, default=8)
     ap.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0])

@@ -281,6 +281,12 @@ def test_time_pool_tells_order_that_the_clip_mean_cannot(tmp_path) -> None:
         acc[pool] = r.metrics["test"]["accuracy"]
         assert r.model.head.in_features == (2 if pool == "time" else 1) * r.model.config.encoder_embed_dim
     assert acc["time"] == 1.0 and acc["mean"] <= 0.75
+    normed = finetune(_cfg(tmp_path / "norm", labels, ("order",), pool="time", head_norm=True, epochs=2, batch_size=13,
+                           sample_rate=1, test_clips=1, split=(0.65, 0.15, 0.2), eval_train=False))  # fmt: skip
+    assert len(normed.splits["train"]) == 14  # batches of 13 + 1: a one-clip batch cannot be standardised by itself
+    assert normed.model.head_norm is not None and normed.model.head_norm.num_batches_tracked == 2
+    back = load_finetuned(tmp_path / "norm" / "best.pt")
+    assert back.head_norm is not None and torch.equal(back.head_norm.running_var, normed.model.head_norm.running_var)
     assert load_finetuned(tmp_path / "time" / "best.pt").pool == "time"
     with pytest.raises(ValueError, match="pool must be one of mean, time"):
         _cfg(tmp_path, labels, ("order",), pool="max")

@@ -106,6 +106,7 @@ class FinetuneConfig:
     sample_rate: int = 2  # frames between the frames of a clip (as `marlin extract --sample-rate`)
     test_clips: int = 4  # evenly spaced clips averaged per video in validation / testing
     pool: str = "mean"  # head input: "mean" (the clip feature), "time" (one per time step, in order: lip reading)
+    head_norm: bool = False  # standardise the head input per batch (BatchNorm, no affine; MAE's linear-probe trick)
     hflip: bool = False  # random horizontal flips in training (off: some labels are left / right specific)
     workers: int = 2  # DataLoader processes per rank
     seed: int = 0
@@ -168,6 +169,7 @@ class FinetuneModel(nn.Module):
         sample_rate: int = 2,
         test_clips: int = 4,
         pool: str = "mean",
+        head_norm: bool = False,
     ) -> None:
         super().__init__()
         if pool not in POOLS:
@@ -178,6 +180,8 @@ class FinetuneModel(nn.Module):
         self.encoder = encoder if encoder is not None else MarlinEncoder(config)
         steps = config.clip_frames // config.tubelet_size if pool == "time" else 1
         self.head = nn.Linear(steps * config.encoder_embed_dim, num_outputs)
+        # clips of faces differ by a few % of the feature norm: standardised, that difference is what the head sees
+        self.head_norm = nn.BatchNorm1d(self.head.in_features, affine=False) if head_norm else None
         nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
         self.register_buffer("target_mean", torch.zeros(num_outputs))
@@ -195,10 +199,19 @@ class FinetuneModel(nn.Module):
             feats = enc.norm(h.view(len(x), steps, -1, h.shape[-1]).mean(2)).flatten(1)  # [B, T' * D]
         else:
             feats = self.encoder.extract_features(x, seq_mean_pool=True)  # [B, D]
-        z = self.head(feats)  # [B, K]
+        z = self.head(self._normalise(feats))  # [B, K]
         if self.task == "regression":
             z = z * self.target_std + self.target_mean
         return z
+
+    def _normalise(self, feats: Tensor) -> Tensor:  # [B, F] -> [B, F]
+        """The head norm, if any; a one-clip training batch (an epoch's remainder) uses the running statistics."""
+        norm = self.head_norm
+        if norm is None:
+            return feats
+        if self.training and len(feats) < 2:
+            return F.batch_norm(feats, norm.running_mean, norm.running_var, training=False, eps=norm.eps)
+        return norm(feats)
 
     def init_head(self, targets: np.ndarray) -> None:
         """Start the head at the training targets' prior (class log-frequencies, label rates) or, for regression,
@@ -247,6 +260,7 @@ class FinetuneModel(nn.Module):
             "sample_rate": self.sample_rate,
             "test_clips": self.test_clips,
             "pool": self.pool,
+            "head_norm": self.head_norm is not None,
             **extra,
         }
 
@@ -260,7 +274,8 @@ def load_finetuned(path: str | os.PathLike, map_location: str | torch.device = "
     config = MarlinConfig.from_dict(obj["config"])
     model = FinetuneModel(config, obj["task"], obj["names"], int(obj["num_outputs"]), label=obj.get("label", "label"),
                           sample_rate=int(obj.get("sample_rate", obj.get("stride", 2))),  # "stride": before 0.2
-                          test_clips=int(obj.get("test_clips", 4)), pool=obj.get("pool", "mean"))  # fmt: skip
+                          test_clips=int(obj.get("test_clips", 4)), pool=obj.get("pool", "mean"),
+                          head_norm=bool(obj.get("head_norm", False)))  # fmt: skip
     model.load_state_dict({**obj["state_dict"], **obj["head_state"]})
     model.meta = {k: v for k, v in obj.items() if k not in ("state_dict", "head_state")}
     return model.eval().to(map_location)
@@ -575,7 +590,7 @@ def _setup(cfg: FinetuneConfig, labels: LabelSet | None, encoder: MarlinEncoder 
         encoder = _load_encoder(cfg)
     model = FinetuneModel(encoder.config, labels.task, labels.names, labels.num_outputs, encoder=encoder,
                           label=labels.label, sample_rate=cfg.sample_rate, test_clips=cfg.test_clips,
-                          pool=cfg.pool)  # fmt: skip
+                          pool=cfg.pool, head_norm=cfg.head_norm)  # fmt: skip
     model.init_head(labels.targets[splits["train"]])
     return _Run(cfg, labels, model, splits, dist)
 
