@@ -19,6 +19,7 @@ import torch
 
 from marlin.commands import finetune as finetune_cmd
 from marlin.data.clips import clip_indices, fit_sample_rate, random_start, read_clip, spread_starts
+from marlin.data.datasets import VideoClips
 from marlin.data.sampling import ShardedBatchSampler
 from marlin.evaluate.manifest import LabelSet, read_labels
 from marlin.models.registry import get_config
@@ -129,6 +130,24 @@ def test_read_clip_selects_crops_and_pads(tmp_path) -> None:
     assert clip[1].mean() > 200 and clip[0].mean() < 40 and clip[2].mean() < 40  # all green
     with pytest.raises(ValueError, match="no such file"):
         read_clip(tmp_path / "absent.mp4", [0], 16)
+
+
+def test_training_clip_is_random_or_always_the_centred_one(tmp_path) -> None:
+    path = write_video(tmp_path / "barcode.mp4", n_frames=30, height=64, width=64, codec="libx264rgb",
+                       pix_fmt="rgb24", codec_options={"qp": "0"})  # fmt: skip
+
+    def first_frames(jitter: bool) -> set[int]:
+        data = VideoClips([path], np.zeros(1), clip_frames=4, img_size=64, sample_rate=2, jitter=jitter)
+        firsts = set()
+        for epoch in range(8):
+            data.set_epoch(epoch)
+            firsts.add(frame_index(data[0]["video"][:, 0].permute(1, 2, 0).numpy()))
+        return firsts
+
+    held_out = VideoClips([path], np.zeros(1), clip_frames=4, img_size=64, sample_rate=2, train=False, n_clips=1)
+    centre = frame_index(held_out[0]["video"][0, :, 0].permute(1, 2, 0).numpy())
+    assert first_frames(jitter=False) == {centre} == {11}  # a span of 7 of 30 frames: starts 0..23, the centred 11
+    assert len(first_frames(jitter=True)) > 3
 
 
 def test_sharded_sampler_uses_every_video_once_and_matches_one_process() -> None:

@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", choices=("mean", "time"), default=d.pool, help="head input: the clip feature (mean) or "
                    "one feature per time step in order (time: when things happen, e.g. lip reading) "
                    "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--train-clip", choices=("random", "centre"), default=d.train_clip, help="training clip: a random "
+                   "start each epoch, or the centred clip every time (labels that are a position in time; pair it "
+                   "with --test-clips 1) (default: %(default)s)")  # fmt: skip
     p.add_argument("--head-norm", action="store_true", help="standardise the head input per batch (BatchNorm without "
                    "affine, as MAE's linear probe): face clips differ by a few %% of the feature norm")  # fmt: skip
     p.add_argument("--hflip", action="store_true", help="random horizontal flips in training")
@@ -96,8 +99,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
         layer_decay=args.layer_decay, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         patience=args.patience, sample_rate=args.sample_rate, test_clips=args.test_clips, pool=args.pool,
-        head_norm=args.head_norm, hflip=args.hflip, workers=args.workers, seed=args.seed, out=args.out,
-        device=args.device, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
+        train_clip=args.train_clip, head_norm=args.head_norm, hflip=args.hflip, workers=args.workers, seed=args.seed,
+        out=args.out, device=args.device, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
         eval_train=not args.no_train_eval, log_every=args.log_every,
     )  # fmt: skip
 

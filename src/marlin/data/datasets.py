@@ -272,7 +272,8 @@ class VideoFolderClips(Dataset):
 
 
 class VideoClips(Dataset):
-    """Labelled videos as clips: one random clip per item in training, `n_clips` evenly spaced ones otherwise.
+    """Labelled videos as clips: one random clip per item in training (the centred one with ``jitter=False``: where
+    a label is a position in time, as a word's in a sentence), `n_clips` evenly spaced ones otherwise.
 
     Items: ``{"video": uint8 [3, T, S, S] (train) or [n_clips, 3, T, S, S], "target": tensor, "index": int}``.
     Training randomness (clip start, flip) is seeded by (seed, epoch, index): call :meth:`set_epoch` before each
@@ -291,8 +292,10 @@ class VideoClips(Dataset):
         n_clips: int = 4,
         hflip: bool = False,
         seed: int = 0,
+        jitter: bool = True,
     ) -> None:
         self.paths = [Path(p) for p in paths]
+        self.jitter = jitter
         self.targets = torch.as_tensor(np.asarray(targets))
         self.clip_frames, self.img_size, self.sample_rate = clip_frames, img_size, sample_rate
         self.train, self.n_clips, self.hflip, self.seed = train, n_clips, hflip, seed
@@ -310,7 +313,11 @@ class VideoClips(Dataset):
         rate = fit_sample_rate(n, self.clip_frames, self.sample_rate)
         if self.train:
             rng = np.random.default_rng(derive_seed(self.seed, "finetune-clip", self.epoch, index))
-            start = random_start(n, self.clip_frames, rate, rng)
+            start = (
+                random_start(n, self.clip_frames, rate, rng)
+                if self.jitter
+                else spread_starts(n, self.clip_frames, rate, 1)[0]
+            )
             video = read_clip(path, clip_indices(n, self.clip_frames, rate, start), self.img_size)  # [3, T, S, S]
             if self.hflip and rng.random() < 0.5:
                 video = video.flip(-1)

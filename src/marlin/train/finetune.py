@@ -106,6 +106,7 @@ class FinetuneConfig:
     sample_rate: int = 2  # frames between the frames of a clip (as `marlin extract --sample-rate`)
     test_clips: int = 4  # evenly spaced clips averaged per video in validation / testing
     pool: str = "mean"  # head input: "mean" (the clip feature), "time" (one per time step, in order: lip reading)
+    train_clip: str = "random"  # "random" start per epoch, or "centre": the same clip each time (positions in time)
     head_norm: bool = False  # standardise the head input per batch (BatchNorm, no affine; MAE's linear-probe trick)
     hflip: bool = False  # random horizontal flips in training (off: some labels are left / right specific)
     workers: int = 2  # DataLoader processes per rank
@@ -132,6 +133,7 @@ class FinetuneConfig:
             (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
             (self.warmup_epochs >= 0, f"warmup epochs must be >= 0, got {self.warmup_epochs}"),
             (self.pool in POOLS, f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}"),
+            (self.train_clip in ("random", "centre"), f"train clip must be random or centre, got {self.train_clip!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -451,7 +453,7 @@ class _Run:
         tr = splits["train"]
         self.train_set = VideoClips([labels.paths[i] for i in tr], labels.targets[tr], clip_frames=c.clip_frames,
                                     img_size=c.img_size, sample_rate=cfg.sample_rate, train=True, hflip=cfg.hflip,
-                                    seed=cfg.seed)  # fmt: skip
+                                    seed=cfg.seed, jitter=cfg.train_clip == "random")  # fmt: skip
         self.sampler = ShardedBatchSampler(len(tr), cfg.batch_size, dist_info.rank, dist_info.world_size, cfg.seed)
         steps = self.sampler.steps
         total = steps * cfg.epochs
