@@ -205,6 +205,13 @@ def test_bf16_on_a_cpu_with_bf16_units_uses_the_bf16_attention_kernel():
     assert not any(a.bf16_heads for a in attns)
     model.for_inference("bf16", caps=CPU_ZEN4).for_inference("fp32")
     assert not any(a.bf16_heads for a in attns) and torch.equal(model.extract_features(x, keep_seq=True), ref)
+    model.for_inference("bf16", caps=CPU_ZEN4)
+    if quantize.int8_available():  # asking for int8 leaves this model the fp32 reference, bf16 kernel off
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.for_inference("int8", caps=CPU_ZEN4)
+        assert model.precision == "fp32" and not any(a.bf16_heads for a in attns)
+        assert torch.equal(model.extract_features(x, keep_seq=True), ref)
 
 
 def test_tf32_is_allowed_on_cuda_only() -> None:
