@@ -5,10 +5,12 @@ paths take turns clip batch by clip batch, so a loaded machine slows them alike 
 (marlin-pytorch 0.3.4 fp32, needs `pip install --no-deps marlin-pytorch==0.3.4 einops`), `naive` (ours with explicit
 attention, the official computation), `fp32` (ours, SDPA), `int8` (`Marlin.for_inference("int8")`: its attention in
 bf16 where the CPU has bf16 units), `int8-sdpa` (int8 linears, float32 SDPA attention everywhere), `bf16` / `fp16`
-(autocast; by default only where the device has native units). In the same turns it times a lone matmul of the ViT-B
-MLP shape ([B*1568, 768] x [768, 3072]) in fp32, as a dynamic int8 quantised Linear and in bf16 when measured: the
-machine's reachable rate per precision. Printed per path and batch: seconds per clip, speed ratio to official,
-effective GFLOP/s (the analytic FLOPs of a clip / time) as a fraction of that precision's lone-matmul rate, and the
+(`for_inference`: autocast, plus marlin's bf16 kernels on CPUs with bf16 units; by default only where the device has
+native units), `bf16-autocast` (plain bf16 autocast and SDPA, what the bf16 kernels replace). In the same turns it
+times a lone matmul of the ViT-B MLP shape ([B*1568, 768] x [768, 3072]) in fp32, as a dynamic int8 quantised Linear
+and in bf16 when measured (oneDNN's prepacked bf16 weight where torch has it): the machine's reachable rate per
+precision. Printed per path and batch: seconds per clip, speed ratio to official, effective GFLOP/s (the analytic FLOPs
+of a clip / time) as a fraction of that precision's lone-matmul rate, and the
 pooled-feature cosine to our fp32 (max |official - fp32| is checked <= 1e-4).
 
     python benchmarks/bench_extract.py                                   # ViT-B, batch 1 and 4, reps 3
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-PATHS = ("official", "naive", "fp32", "int8", "int8-sdpa", "bf16", "fp16")
+PATHS = ("official", "naive", "fp32", "int8", "int8-sdpa", "bf16", "bf16-autocast", "fp16")
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "marlin_samples"
 
 
@@ -93,12 +95,16 @@ def build_paths(variant: str, paths: list[str]) -> dict:
 
             q = quantize_int8(ours, bf16_attn=False)
             fns[name] = lambda x, m=q: m.extract_features(x, keep_seq=False)
-        elif name in ("bf16", "fp16"):
+        elif name in ("bf16", "bf16-autocast", "fp16"):
             low = Marlin(get_config(variant)).eval()
             low.load_state_dict(ours.state_dict())
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # emulated on this CPU: measured on purpose (--paths)
-                low.for_inference(name)
+                low.for_inference(name.removesuffix("-autocast"))
+            if name == "bf16-autocast":
+                for m in low.modules():
+                    if hasattr(m, "bf16_kernels"):
+                        m.bf16_kernels = False
             fns[name] = lambda x, m=low: m.extract_features(x, keep_seq=False)
     if "fp32" in paths:
         fp32 = ours.for_inference("fp32")  # what users get (one clip of a batch at a time on a CPU)
@@ -120,9 +126,12 @@ def matmul_probes(batch: int, bf16: bool) -> dict:
         warnings.simplefilter("ignore")
         qlin = quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear: per_channel_dynamic_qconfig})
     probes = {"fp32": (lambda: F.linear(x, w), 2 * m * k * n / 1e9), "int8": (lambda: qlin(x), 2 * m * k * n / 1e9)}
-    if bf16:
-        xb, wb = x.bfloat16(), w.bfloat16()
-        probes["bf16"] = (lambda: F.linear(xb, wb), 2 * m * k * n / 1e9)
+    if bf16:  # oneDNN's prepacked bf16 weight where torch has it (the bf16 path's linears), else a plain bf16 matmul
+        from marlin.models.layers import PackedBf16Linear, mkldnn_bf16_linear_available
+
+        xb, wb, packed = x.bfloat16(), w.bfloat16(), PackedBf16Linear()
+        fn = (lambda: packed(xb, wb, (None,))) if mkldnn_bf16_linear_available() else (lambda: F.linear(xb, wb))
+        probes["bf16"] = (fn, 2 * m * k * n / 1e9)
     return probes
 
 
@@ -140,12 +149,13 @@ def run_speed(args: argparse.Namespace) -> list[dict]:
     caps = device_capabilities("cpu")
     paths = args.paths or ["official", "fp32", "int8"] + (["bf16"] if caps.bf16 else [])
     cfg = get_config(args.variant)
-    fns = build_paths(args.variant, paths)
+    with torch.inference_mode(False):  # models built as users build them (inference-mode weights stay unpacked)
+        fns = build_paths(args.variant, paths)
     gflop = clip_gflop(cfg)
     print(f"torch {torch.__version__}, cpu {caps.cpu_capability}, bf16 units {caps.bf16}, vnni {caps.vnni}, "
           f"threads {torch.get_num_threads()}, {args.variant} {gflop:.0f} GFLOP/clip, paths {list(fns)}")  # fmt: skip
     inputs = {b: torch.rand(b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size) for b in args.batches}
-    probes = {b: matmul_probes(b, "bf16" in fns) for b in args.batches}
+    probes = {b: matmul_probes(b, any(p.startswith("bf16") for p in fns)) for b in args.batches}
     times = {(b, p): [] for b in args.batches for p in [*fns, *(f"mm-{k}" for k in probes[args.batches[0]])]}
     feats = {}
     for rep in range(args.warmup + args.reps):
@@ -166,7 +176,7 @@ def run_speed(args: argparse.Namespace) -> list[dict]:
 
 def summarise(args, fns, probes, times, feats, gflop) -> list[dict]:
     rows = []
-    print(f"{'batch':>5}  {'path':<9}{'s/clip':>8}{'x official':>11}{'GFLOP/s':>9}{'% of mm':>9}{'cos fp32':>10}")
+    print(f"{'batch':>5}  {'path':<14}{'s/clip':>8}{'x official':>11}{'GFLOP/s':>9}{'% of mm':>9}{'cos fp32':>10}")
     for b in args.batches:
         rate = {k: probes[b][k][1] / statistics.median(times[(b, f"mm-{k}")]) for k in probes[b]}
         print(f"{b:>5}  lone matmul GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rate.items()))
@@ -183,7 +193,7 @@ def summarise(args, fns, probes, times, feats, gflop) -> list[dict]:
                    "gflops": gflop / sec, "frac_of_matmul": gflop / sec / peak, "cos_fp32": cos}  # fmt: skip
             rows.append(row)
             xo = f"{row['x_official']:.2f}" if official else "-"
-            print(f"{b:>5}  {name:<9}{sec:>8.2f}{xo:>11}{row['gflops']:>9.0f}{100 * row['frac_of_matmul']:>8.0f}%"
+            print(f"{b:>5}  {name:<14}{sec:>8.2f}{xo:>11}{row['gflops']:>9.0f}{100 * row['frac_of_matmul']:>8.0f}%"
                   f"{cos:>10.5f}")  # fmt: skip
     return rows
 

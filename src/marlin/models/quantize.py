@@ -53,7 +53,7 @@ class QkvLinearAttention(nn.Module):
         with torch.no_grad():
             self.qkv.weight.copy_(weight)
             if attn.q_bias is not None:
-                self.qkv.bias.copy_(torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias)))
+                self.qkv.bias.copy_(attn.fused_qkv_bias())
         self.proj = copy.deepcopy(attn.proj)
 
     def forward(self, x: Tensor) -> Tensor:  # [B, N, D] -> [B, N, D]
