@@ -6,9 +6,10 @@ paths take turns clip batch by clip batch, so a loaded machine slows them alike 
 attention, the official computation), `fp32` (ours, SDPA), `int8` (`Marlin.for_inference("int8")`: its attention in
 bf16 where the CPU has bf16 units), `int8-sdpa` (int8 linears, float32 SDPA attention everywhere), `bf16` / `fp16`
 (`for_inference`: autocast, plus marlin's bf16 kernels on CPUs with bf16 units; by default only where the device has
-native units), `bf16-autocast` (plain bf16 autocast and SDPA, what the bf16 kernels replace). In the same turns it
+native units), `bf16-autocast` (plain bf16 autocast and SDPA, what the bf16 kernels replace), `fp32-plain` (`F.linear`
+instead of the fp32 path's prepacked linears). In the same turns it
 times a lone matmul of the ViT-B MLP shape ([B*1568, 768] x [768, 3072]) in fp32, as a dynamic int8 quantised Linear
-and in bf16 when measured (oneDNN's prepacked bf16 weight where torch has it): the machine's reachable rate per
+and in bf16 when measured (oneDNN's prepacked weight where torch has it): the machine's reachable rate per
 precision. Printed per path and batch: seconds per clip, speed ratio to official, effective GFLOP/s (the analytic FLOPs
 of a clip / time) as a fraction of that precision's lone-matmul rate, and the
 pooled-feature cosine to our fp32 (max |official - fp32| is checked <= 1e-4).
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-PATHS = ("official", "naive", "fp32", "int8", "int8-sdpa", "bf16", "bf16-autocast", "fp16")
+PATHS = ("official", "naive", "fp32", "fp32-plain", "int8", "int8-sdpa", "bf16", "bf16-autocast", "fp16")
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "marlin_samples"
 
 
@@ -102,12 +103,15 @@ def build_paths(variant: str, paths: list[str]) -> dict:
                 warnings.simplefilter("ignore")  # emulated on this CPU: measured on purpose (--paths)
                 low.for_inference(name.removesuffix("-autocast"))
             if name == "bf16-autocast":
-                for m in low.modules():
-                    if hasattr(m, "bf16_kernels"):
-                        m.bf16_kernels = False
+                low.set_cpu_kernels("")
             fns[name] = lambda x, m=low: m.extract_features(x, keep_seq=False)
+    if "fp32-plain" in paths:
+        plain = Marlin(get_config(variant)).eval()
+        plain.load_state_dict(ours.state_dict())
+        plain.for_inference("fp32").set_cpu_kernels("")
+        fns["fp32-plain"] = lambda x, m=plain: m.extract_features(x, keep_seq=False)
     if "fp32" in paths:
-        fp32 = ours.for_inference("fp32")  # what users get (one clip of a batch at a time on a CPU)
+        fp32 = ours.for_inference("fp32")  # what users get (one clip of a batch at a time on a CPU, packed linears)
         fns["fp32"] = lambda x: fp32.extract_features(x, keep_seq=False)
     return {k: fns[k] for k in paths if k in fns}
 
@@ -125,13 +129,15 @@ def matmul_probes(batch: int, bf16: bool) -> dict:
     with warnings.catch_warnings():  # the same quantisation as the int8 path (`marlin.models.quantize`)
         warnings.simplefilter("ignore")
         qlin = quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear: per_channel_dynamic_qconfig})
-    probes = {"fp32": (lambda: F.linear(x, w), 2 * m * k * n / 1e9), "int8": (lambda: qlin(x), 2 * m * k * n / 1e9)}
-    if bf16:  # oneDNN's prepacked bf16 weight where torch has it (the bf16 path's linears), else a plain bf16 matmul
-        from marlin.models.layers import PackedBf16Linear, mkldnn_bf16_linear_available
+    from marlin.models.layers import PackedLinear, packed_linear_available
 
-        xb, wb, packed = x.bfloat16(), w.bfloat16(), PackedBf16Linear()
-        fn = (lambda: packed(xb, wb, (None,))) if mkldnn_bf16_linear_available() else (lambda: F.linear(xb, wb))
-        probes["bf16"] = (fn, 2 * m * k * n / 1e9)
+    def best(x: torch.Tensor, w: torch.Tensor):  # oneDNN's prepacked weight where torch has it (our paths' linears)
+        packed = PackedLinear()
+        return (lambda: packed(x, w, (None,), x.dtype)) if packed_linear_available() else (lambda: F.linear(x, w))
+
+    probes = {"fp32": (best(x, w), 2 * m * k * n / 1e9), "int8": (lambda: qlin(x), 2 * m * k * n / 1e9)}
+    if bf16:
+        probes["bf16"] = (best(x.bfloat16(), w.bfloat16()), 2 * m * k * n / 1e9)
     return probes
 
 

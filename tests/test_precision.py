@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from marlin import Marlin, get_config
 from marlin.models import quantize
-from marlin.models.layers import Attention, Mlp, PackedBf16Linear, bf16_attention, mkldnn_bf16_linear_available
+from marlin.models.layers import Attention, Mlp, PackedLinear, bf16_attention, packed_linear_available
 from marlin.utils import precision as prec
 from marlin.utils.precision import DeviceCaps, resolve_precision
 
@@ -189,32 +189,35 @@ def test_bf16_runs_under_autocast_and_returns_float32():
     assert torch.equal(m.for_inference("fp32").extract_features(x, keep_seq=False), ref)
 
 
-def test_bf16_on_a_cpu_with_bf16_units_uses_the_bf16_kernels():
+def test_cpu_inference_kernels_per_precision():
     model = tiny()
     x = clips(2)
     ref = model.extract_features(x, keep_seq=True)
-    attns = [m for m in model.modules() if isinstance(m, (Attention, Mlp))]
+    blocks = [m for m in model.modules() if isinstance(m, (Attention, Mlp))]
+    onednn = packed_linear_available()
     m = model.for_inference("bf16", caps=CPU_ZEN4)
-    assert all(a.bf16_kernels for a in attns) == mkldnn_bf16_linear_available()
+    assert all(b.kernels == ("bf16" if onednn else "") for b in blocks)
     out = m.extract_features(x, keep_seq=True)
     assert out.dtype == torch.float32 and F.cosine_similarity(out, ref, dim=-1).min() > 0.99
-    with torch.enable_grad():  # gradients: SDPA (the kernel is for inference only)
+    with torch.enable_grad():  # gradients: F.linear and SDPA (the kernels are for inference only)
         model.encoder(x).float().sum().backward()
+    assert all(p.grad is not None for p in model.encoder.blocks.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.for_inference("bf16", caps=CPU_AVX2)  # emulated bf16: SDPA
-    assert not any(a.bf16_kernels for a in attns)
-    model.for_inference("bf16", caps=CPU_ZEN4).extract_features(x)
-    model.for_inference("fp32")  # kernels off, their packed weights freed
-    assert not any(a.bf16_kernels for a in attns) and torch.equal(model.extract_features(x, keep_seq=True), ref)
-    assert all(c.weight is None for a in attns for c in a._packed)
+        model.for_inference("bf16", caps=CPU_AVX2)  # emulated bf16: plain autocast
+    assert not any(b.kernels for b in blocks) and all(c.weight is None for b in blocks for c in b._packed)
+    fp32 = model.for_inference("fp32")  # prepacked fp32 linears: the same features to float32 rounding
+    assert all(b.kernels == ("fp32" if onednn else "") for b in blocks)
+    torch.testing.assert_close(fp32.extract_features(x, keep_seq=True), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fp32.set_cpu_kernels("").extract_features(x, keep_seq=True), ref)
     model.for_inference("bf16", caps=CPU_ZEN4)
-    if quantize.int8_available():  # asking for int8 leaves this model the fp32 reference, bf16 kernel off
+    if quantize.int8_available():  # asking for int8 leaves this model the exact fp32 reference, kernels off
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.for_inference("int8", caps=CPU_ZEN4)
-        assert model.precision == "fp32" and not any(a.bf16_kernels for a in attns)
+            q = model.for_inference("int8", caps=CPU_ZEN4)
+        assert model.precision == "fp32" and not any(b.kernels for b in blocks)
         assert torch.equal(model.extract_features(x, keep_seq=True), ref)
+        assert not any(getattr(b, "kernels", "") for b in q.modules())
 
 
 def test_tf32_is_allowed_on_cuda_only() -> None:
@@ -251,41 +254,43 @@ def test_int8_features_of_a_clip_do_not_depend_on_its_batch():
     assert (batch - alone).abs().max() < 1e-5
 
 
-needs_onednn = pytest.mark.skipif(not mkldnn_bf16_linear_available(), reason="torch built without oneDNN")
+needs_onednn = pytest.mark.skipif(not packed_linear_available(), reason="torch built without oneDNN")
 
 
 @needs_onednn
-def test_packed_bf16_linear_matches_a_bf16_matmul_and_follows_weight_changes():
+def test_packed_linear_matches_f_linear_and_follows_weight_changes():
     g = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*s, generator=g) for s in ((2, 5, 24), (16, 24), (16,)))
-    packed = PackedBf16Linear()
+    packed = PackedLinear()
     want = F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()).float()
-    got = packed(x, w, (b,))
+    got = packed(x, w, (b,), torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 5, 16)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(packed(x, w, (b,), torch.float32), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # an optimiser step / load_state_dict: in place, same storage
         w.mul_(-1)
         b.add_(3)
-    torch.testing.assert_close(packed(x, w, (b,)).float(), F.linear(x, w, b), rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(packed(x, w, (b,), torch.float32), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     with torch.inference_mode():  # weights without a version counter are repacked on every call
         wi, bi = w.clone(), b.clone()
-        first = packed(x, wi, (bi,))
+        first = packed(x, wi, (bi,), torch.float32)
         wi.zero_()
-        assert torch.equal(packed(x, wi, (bi,)), bi.bfloat16().expand_as(first))
+        assert torch.equal(packed(x, wi, (bi,), torch.float32), bi.expand_as(first))
 
 
 @needs_onednn
-def test_bf16_kernels_never_serve_stale_weights_and_stay_out_of_checkpoints():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_kernels_never_serve_stale_weights_and_stay_out_of_checkpoints(precision):
     model, x = tiny(), clips(1)
     keys = set(model.state_dict())
-    model.for_inference("bf16", caps=CPU_ZEN4)
+    model.for_inference(precision, caps=CPU_ZEN4)
     before = model.extract_features(x, keep_seq=False)
     assert set(model.state_dict()) == keys
     copy_ = copy.deepcopy(model)  # packs its own weights
     assert all(c.weight is None for m in copy_.modules() if isinstance(m, Mlp) for c in m._packed)
     other = tiny(seed=1)
     model.load_state_dict(other.state_dict())
-    want = other.for_inference("bf16", caps=CPU_ZEN4).extract_features(x, keep_seq=False)
+    want = other.for_inference(precision, caps=CPU_ZEN4).extract_features(x, keep_seq=False)
     after = model.extract_features(x, keep_seq=False)
     assert torch.equal(after, want) and not torch.allclose(after, before, atol=1e-2)
     torch.testing.assert_close(copy_.extract_features(x, keep_seq=False), before)

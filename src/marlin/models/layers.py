@@ -53,7 +53,7 @@ class PatchEmbedding3d(nn.Module):
 
 def bf16_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d)) v with bf16 matmuls and softmax (float32 accumulation inside each), for inference
-    on CPUs with bf16 units (the int8 path, and bf16 inference: `Attention.bf16_kernels`).
+    on CPUs with bf16 units (the int8 path, and bf16 inference: `Attention.kernels`).
 
     q, k, v: ``[B, H, N, d]`` -> ``[B, H, N, d]`` in q's dtype. One (clip, head) at a time into one reused ``[N, N]``
     score buffer: on a 2-core AVX512-BF16 CPU this ran 1.6x torch's float32 SDPA for ViT-B's 1568 tokens (whose bf16 CPU
@@ -72,20 +72,21 @@ def bf16_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.to(q.dtype)
 
 
-def mkldnn_bf16_linear_available() -> bool:
-    """Whether this torch build has oneDNN's packed linear (`torch.ops.mkldnn._linear_pointwise`), used by
-    `PackedBf16Linear`."""
+def packed_linear_available() -> bool:
+    """Whether this torch build has oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`), used by
+    `PackedLinear`."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-class PackedBf16Linear:
-    """A bf16 copy of a linear layer's weight, laid out once for oneDNN, for CPU inference on bf16 units.
+class PackedLinear:
+    """A copy of a linear layer's weight laid out once for oneDNN (in fp32 or bf16), for CPU inference.
 
-    `F.linear` under bf16 autocast casts the fp32 weight on every call and hands oneDNN a plain row-major matrix; a
-    prepacked bf16 copy ran ViT-B's four linear shapes 11% faster on a 2-core AVX512-BF16 EPYC (and saves the casts).
-    The copy is rebuilt whenever a source tensor is replaced or modified in place (`Tensor._version`: an optimiser
-    step, `load_state_dict`, `.to()`), so it never serves stale weights; weights made under `torch.inference_mode`
-    have no version counter and are repacked on every call. Not a module: nothing enters the state dict.
+    `F.linear` hands the weight to the BLAS as a plain row-major matrix on every call (and bf16 autocast casts it on
+    every call too); a prepacked copy ran ViT-B's four linear shapes 14% faster in fp32 and 11% faster in bf16 on a
+    2-core AVX512-BF16 EPYC. The copy is rebuilt whenever a source tensor is replaced or modified in place
+    (`Tensor._version`: an optimiser step, `load_state_dict`, `.to()`), so it never serves stale weights; weights made
+    under `torch.inference_mode` have no version counter and are repacked on every call. Not a module: nothing enters
+    the state dict, and copies of a model start empty.
     """
 
     def __init__(self) -> None:
@@ -93,28 +94,34 @@ class PackedBf16Linear:
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
 
-    def __call__(self, x: Tensor, weight: Tensor, biases: tuple[Tensor | None, ...], bias_fn=None) -> Tensor:
-        """x @ weight^T + bias in bf16 (fp32 accumulation), output bf16. `biases` are the source tensors of the
-        bias (watched for changes); `bias_fn()` builds it (default: the single bias as it is)."""
+    def __call__(
+        self, x: Tensor, weight: Tensor, biases: tuple[Tensor | None, ...], dtype: torch.dtype, bias_fn=None
+    ) -> Tensor:
+        """x @ weight^T + bias in `dtype` (float32 accumulation), output in `dtype`. `biases` are the source tensors
+        of the bias (watched for changes); `bias_fn()` builds it (default: the single bias as it is)."""
         sources = [t for t in (weight, *biases) if t is not None]
-        # inference tensors (made under torch.inference_mode) keep no version counter: repacked on every call
-        key = None if any(t.is_inference() for t in sources) else tuple((t.data_ptr(), t._version) for t in sources)
+        key = None
+        if not any(t.is_inference() for t in sources):  # inference tensors keep no version counter: repack
+            key = (dtype, *((t.data_ptr(), t._version) for t in sources))
         if key is None or key != self.key:
             with torch.no_grad():
-                self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), None)
+                self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), None)
                 bias = bias_fn() if bias_fn is not None else biases[0]
-                self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
+                self.bias = None if bias is None else bias.detach().to(dtype)
             self.key = key
-        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), self.weight, self.bias, "none", [], "")
 
     def clear(self) -> None:
         self.key = self.weight = self.bias = None
 
-    def __deepcopy__(self, memo: dict) -> PackedBf16Linear:  # a copied model packs its own weights when first used
-        return PackedBf16Linear()
+    def __deepcopy__(self, memo: dict) -> PackedLinear:  # a copied model packs its own weights when first used
+        return PackedLinear()
 
     def __getstate__(self) -> dict:  # pickling a model (torch.save(model)) leaves the cache behind
         return {"key": None, "weight": None, "bias": None}
+
+
+KERNEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class Attention(nn.Module):
@@ -137,11 +144,11 @@ class Attention(nn.Module):
             self.q_bias = self.v_bias = None
         self.proj = nn.Linear(dim, dim)
         self.fused = True
-        # bf16 inference kernels for CPUs with bf16 units, used without gradients (set by `Marlin.for_inference`):
-        # `bf16_attention` instead of SDPA (torch's bf16 SDPA measured no faster than its fp32 one there, this 1.6x
-        # faster) and prepacked bf16 linears (`PackedBf16Linear`)
-        self.bf16_kernels = False
-        self._packed = (PackedBf16Linear(), PackedBf16Linear())  # qkv, proj
+        # CPU inference kernels, used without gradients (set by `Marlin.for_inference`): "" = none, "fp32" = prepacked
+        # linears (`PackedLinear`), "bf16" = prepacked bf16 linears and `bf16_attention` instead of SDPA (torch's bf16
+        # SDPA measured no faster than its fp32 one on a CPU with bf16 units, this 1.6x faster)
+        self.kernels = ""
+        self._packed = (PackedLinear(), PackedLinear())  # qkv, proj
 
     def fused_qkv_bias(self) -> Tensor | None:
         """The [3D] bias of the fused projection: (q_bias, 0, v_bias), or None."""
@@ -151,14 +158,15 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [B, N, D] -> [B, N, D]
         b, n, d = x.shape
-        packed = self.bf16_kernels and not torch.is_grad_enabled()
-        if packed:
+        kernels = self.kernels if not torch.is_grad_enabled() else ""
+        dtype = KERNEL_DTYPES.get(kernels)
+        if dtype is not None:
             bias_src = (self.q_bias, self.v_bias)
-            qkv = self._packed[0](x, self.qkv.weight, bias_src, self.fused_qkv_bias)  # [B, N, 3D] bf16
+            qkv = self._packed[0](x, self.qkv.weight, bias_src, dtype, self.fused_qkv_bias)  # [B, N, 3D]
         else:
             qkv = F.linear(x, self.qkv.weight, self.fused_qkv_bias())  # [B, N, 3D]
         q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d]
-        if packed:
+        if kernels == "bf16":
             x = bf16_attention(q, k, v)
         elif self.fused:
             x = F.scaled_dot_product_attention(q, k, v)
@@ -166,8 +174,8 @@ class Attention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
             x = attn.softmax(dim=-1) @ v
         x = x.transpose(1, 2).reshape(b, n, d)
-        if packed:
-            return self._packed[1](x, self.proj.weight, (self.proj.bias,))
+        if dtype is not None:
+            return self._packed[1](x, self.proj.weight, (self.proj.bias,), dtype)
         return self.proj(x)
 
 
@@ -188,14 +196,15 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList([WrappedLinear(dim, hidden), WrappedLinear(hidden, dim)])
-        self.bf16_kernels = False  # prepacked bf16 linears without gradients, as `Attention.bf16_kernels`
-        self._packed = (PackedBf16Linear(), PackedBf16Linear())
+        self.kernels = ""  # prepacked linears without gradients, as `Attention.kernels`
+        self._packed = (PackedLinear(), PackedLinear())
 
     def forward(self, x: Tensor) -> Tensor:  # [B, N, D] -> [B, N, D]
-        if self.bf16_kernels and not torch.is_grad_enabled():
+        dtype = KERNEL_DTYPES.get(self.kernels) if not torch.is_grad_enabled() else None
+        if dtype is not None:
             fc1, fc2 = (layer.linear for layer in self.layers)
-            h = F.gelu(self._packed[0](x, fc1.weight, (fc1.bias,)))  # [B, N, hidden] bf16
-            return self._packed[1](h, fc2.weight, (fc2.bias,))
+            h = F.gelu(self._packed[0](x, fc1.weight, (fc1.bias,), dtype))  # [B, N, hidden]
+            return self._packed[1](h, fc2.weight, (fc2.bias,), dtype)
         return self.layers[1](F.gelu(self.layers[0](x)))
 
 

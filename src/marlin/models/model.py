@@ -33,7 +33,7 @@ from . import checkpoint as ckpt_io
 from .config import MarlinConfig
 from .decoder import MarlinDecoder
 from .encoder import MarlinEncoder
-from .layers import Attention, Mlp, mkldnn_bf16_linear_available
+from .layers import Attention, Mlp, packed_linear_available
 from .registry import get_config
 
 log = logging.getLogger("marlin")
@@ -204,15 +204,7 @@ class Marlin(nn.Module):
         caps = caps or device_capabilities(self.device)
         name, _ = resolve_precision(precision, self.device, caps)
         self.precision = "fp32" if name == "int8" else name  # int8 is a copy; this model stays the fp32 reference
-        # bf16 on a CPU with bf16 units: marlin's bf16 attention and prepacked linears (`Attention.bf16_kernels`)
-        kernels = self.precision == "bf16" and self.device.type == "cpu" and caps.bf16
-        kernels = kernels and mkldnn_bf16_linear_available()
-        for m in self.modules():
-            if isinstance(m, (Attention, Mlp)):
-                m.bf16_kernels = kernels
-                if not kernels:
-                    for cache in m._packed:
-                        cache.clear()
+        self.set_cpu_kernels("" if name == "int8" else self._cpu_kernels(caps))  # int8: this stays the reference
         # a CPU runs the blocks one clip at a time (activations stay in cache: ViT-B fp32 batch 4 6% faster, measured
         # on a 2-core EPYC); a GPU needs the whole batch
         self.encoder.clips_per_pass = 1 if self.device.type == "cpu" else 0
@@ -220,6 +212,26 @@ class Marlin(nn.Module):
             from .quantize import quantize_int8
 
             return quantize_int8(self, bf16_attn=caps.bf16)
+        return self
+
+    def _cpu_kernels(self, caps: DeviceCaps) -> str:
+        """The CPU inference kernels for this model's precision (`Attention.kernels`): prepacked fp32 linears, or bf16
+        linears and attention where the CPU has bf16 units; "" elsewhere (GPUs, fp16, emulated bf16, no oneDNN)."""
+        if self.device.type != "cpu" or not packed_linear_available():
+            return ""
+        if self.precision == "bf16":
+            return "bf16" if caps.bf16 else ""
+        return "fp32" if self.precision == "fp32" else ""
+
+    def set_cpu_kernels(self, kernels: str) -> Marlin:
+        """Switch the blocks' inference kernels ("", "fp32", "bf16"; see `Attention.kernels`); "" frees their packed
+        weights. `for_inference` sets them; training and anything with gradients never uses them."""
+        for m in self.modules():
+            if isinstance(m, (Attention, Mlp)):
+                m.kernels = kernels
+                if not kernels:
+                    for cache in m._packed:
+                        cache.clear()
         return self
 
     def at_layer(self, layer: int) -> Marlin:

@@ -92,7 +92,7 @@ def quantize_int8(model: Marlin, bf16_attn: bool | None = None) -> Marlin:
         raise ValueError(f"precision 'int8' runs on the CPU only; the model is on {model.device}: use bf16 or fp32")
     if bf16_attn is None:
         bf16_attn = device_capabilities("cpu").bf16
-    out = copy.deepcopy(model).eval()
+    out = copy.deepcopy(model).eval().set_cpu_kernels("")  # its Linear layers become int8 modules
     out.encoder.clips_per_pass = 1  # measured: ViT-B batch 4 as four clips ran 10% faster here, see MarlinEncoder
     for block in out.encoder.blocks:
         if isinstance(block.attn, Attention):
