@@ -133,7 +133,9 @@ def matmul_probes(batch: int, bf16: bool) -> dict:
 
     def best(x: torch.Tensor, w: torch.Tensor):  # oneDNN's prepacked weight where torch has it (our paths' linears)
         packed = PackedLinear()
-        return (lambda: packed(x, w, (None,), x.dtype)) if packed_linear_available() else (lambda: F.linear(x, w))
+        if packed_linear_available(x.dtype):
+            return lambda: packed(x, w, (None,), x.dtype)
+        return lambda: F.linear(x, w)
 
     probes = {"fp32": (best(x, w), 2 * m * k * n / 1e9), "int8": (lambda: qlin(x), 2 * m * k * n / 1e9)}
     if bf16:

@@ -110,7 +110,7 @@ def stage_stores(args: argparse.Namespace) -> dict[str, Path]:
 COMMON = [
     "--config", "marlin_vit_tiny", "--batch-size", "8", "--workers", "1",
     "model.name=marlin_vit_tiny_112", "model.img_size=112", "data.temporal_sample_rate=2",
-    "mask.ratio=0.9", "loss.norm_target=true",
+    "mask.ratio=0.9", "loss.norm_target=true", "precision=fp32",
     "optim.scale_lr=false", "optim.lr=5e-4", "optim.min_lr=1e-5", "optim.warmup_lr=1e-5", "optim.warmup_steps=100",
     "ckpt.keep=1000", "log.every=20", "log.image_every=500", "val.max_clips=48",
 ]  # fmt: skip

@@ -196,7 +196,7 @@ def test_cpu_inference_kernels_per_precision():
     blocks = [m for m in model.modules() if isinstance(m, (Attention, Mlp))]
     onednn = packed_linear_available()
     m = model.for_inference("bf16", caps=CPU_ZEN4)
-    assert all(b.kernels == ("bf16" if onednn else "") for b in blocks)
+    assert all(b.kernels == ("bf16" if packed_linear_available(torch.bfloat16) else "") for b in blocks)
     out = m.extract_features(x, keep_seq=True)
     assert out.dtype == torch.float32 and F.cosine_similarity(out, ref, dim=-1).min() > 0.99
     with torch.enable_grad():  # gradients: F.linear and SDPA (the kernels are for inference only)
@@ -262,10 +262,11 @@ def test_packed_linear_matches_f_linear_and_follows_weight_changes():
     g = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*s, generator=g) for s in ((2, 5, 24), (16, 24), (16,)))
     packed = PackedLinear()
-    want = F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()).float()
-    got = packed(x, w, (b,), torch.bfloat16)
-    assert got.dtype == torch.bfloat16 and got.shape == (2, 5, 16)
-    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    if packed_linear_available(torch.bfloat16):  # oneDNN's bf16 needs AVX512 (or AMX) on x86
+        want = F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()).float()
+        got = packed(x, w, (b,), torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and got.shape == (2, 5, 16)
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(packed(x, w, (b,), torch.float32), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # an optimiser step / load_state_dict: in place, same storage
         w.mul_(-1)
@@ -294,3 +295,56 @@ def test_cpu_kernels_never_serve_stale_weights_and_stay_out_of_checkpoints(preci
     after = model.extract_features(x, keep_seq=False)
     assert torch.equal(after, want) and not torch.allclose(after, before, atol=1e-2)
     torch.testing.assert_close(copy_.extract_features(x, keep_seq=False), before)
+
+
+@pytest.mark.parametrize(
+    ("caps", "want"),
+    [
+        (CPU_ZEN4, "bf16"),
+        (CPU_AMX, "bf16"),
+        (CPU_AVX2, "fp32"),
+        (CPU_PLAIN, "fp32"),
+        (CUDA_BF16, "bf16"),
+        (CUDA_OLD, "fp32"),
+        (MPS, "fp32"),
+    ],  # fmt: skip
+)
+def test_training_auto_is_bf16_only_where_it_is_native(caps, want):
+    assert prec.training_precision("auto", caps.device_type, caps) == want
+    assert prec.training_precision("fp32", caps.device_type, caps) == "fp32"
+
+
+def test_training_precision_rejects_fp16_and_int8_and_autocast_resolves_auto(monkeypatch):
+    for bad in ("fp16", "int8", "half"):
+        with pytest.raises(ValueError, match="training precision"):
+            prec.training_precision(bad, "cpu", CPU_ZEN4)
+    monkeypatch.setattr(prec, "device_capabilities", lambda device: CPU_ZEN4)
+    ctx = prec.autocast("cpu", "auto")
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+    monkeypatch.setattr(prec, "device_capabilities", lambda device: CPU_AVX2)
+    assert not isinstance(prec.autocast("cpu", "auto"), torch.autocast)
+    with pytest.warns(UserWarning, match="emulated"):
+        assert prec.training_precision("bf16", "cpu", CPU_AVX2) == "bf16"
+
+
+def test_pretraining_defaults_to_auto_and_checks_the_name():
+    from marlin.train.config import PretrainConfig
+
+    assert PretrainConfig().precision == "auto"
+    with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16"):
+        PretrainConfig(precision="fp16")
+
+
+@needs_onednn
+def test_fp32_kernels_leave_other_dtypes_and_gradients_to_the_plain_modules():
+    model, x = tiny(), clips(1)
+    model.for_inference("fp32")
+    ref = model.extract_features(x, keep_seq=False)
+    plain = copy.deepcopy(model).set_cpu_kernels("").double()
+    double = model.double().extract_features(x.double(), keep_seq=False)
+    assert double.dtype == torch.float64 and torch.equal(double, plain.extract_features(x.double(), keep_seq=False))
+    model.float()
+    grad_x = x.clone().requires_grad_(True)
+    out = model.extract_features(grad_x, keep_seq=False)  # input needing gradients: the autograd path
+    out.sum().backward()
+    assert grad_x.grad is not None and torch.allclose(out, ref, atol=1e-5)

@@ -16,7 +16,8 @@ from marlin.train import NonFiniteLossError, Pretrainer, load_config
 from marlin.train.reference import two_forward_step
 from marlin.utils.seeding import derive_seed
 
-TINY = ["mask.ratio=0.5", "data.num_workers=0", "log.tensorboard=false", "ckpt.export=false"]
+# fp32: these tests compare against float32 references (the default, auto, is bf16 on CPUs with bf16 units)
+TINY = ["mask.ratio=0.5", "data.num_workers=0", "log.tensorboard=false", "ckpt.export=false", "precision=fp32"]
 
 
 def _cfg(tmp_path, *extra: str):
@@ -161,3 +162,20 @@ def test_critic_matches_official_size_for_released_configs() -> None:
     for name, hidden in (("marlin_vit_small", 768), ("marlin_vit_base", 1536), ("marlin_vit_large", 2048)):
         critic = PatchCritic.from_config(get_config(name))
         assert critic.layers[0].linear.weight.shape == (hidden, 1536)
+
+
+@pytest.mark.parametrize(("bf16_units", "want"), [(True, torch.bfloat16), (False, None)])
+def test_auto_precision_trains_in_bf16_where_the_device_has_bf16_units(tmp_path, monkeypatch, bf16_units, want):
+    from marlin.utils import precision as prec
+
+    caps = prec.DeviceCaps("cpu", "cpu", bf16=bf16_units, cpu_capability="AVX512" if bf16_units else "AVX2")
+    monkeypatch.setattr(prec, "device_capabilities", lambda device: caps)
+    trainer = Pretrainer(_cfg(tmp_path, "precision=auto", "max_steps=2"))
+    seen = []
+    trainer.model.encoder.register_forward_hook(
+        lambda *_: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+    )
+    trainer.ensure_schedule(steps_per_epoch=1.0)
+    out = trainer.train_step([_batch(2)])
+    assert seen == [want] and all(torch.isfinite(torch.tensor(v)) for v in out.values() if isinstance(v, float))
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay float32

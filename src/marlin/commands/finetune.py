@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: %(default)s)")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda (default: %(default)s)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute encoder activations in backward")
     p.add_argument("--no-train-eval", action="store_true", help="skip the final metrics on the training split")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines "

@@ -66,7 +66,7 @@ def add_video_run_arguments(p: argparse.ArgumentParser, defaults: Any, model_fil
         default = getattr(d, name.replace("-", "_"))
         p.add_argument(f"--{name}", type=type(default), default=default, help=f"{help_text} (default: %(default)s)")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda (default: %(default)s)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision)
 
 
 def video_run_fields(args: argparse.Namespace, command: str) -> dict[str, Any]:

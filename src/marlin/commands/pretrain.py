@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=float)
     p.add_argument("--batch-size", type=int, help="per process and micro-step")
     p.add_argument("--accum", type=int, help="gradient accumulation micro-steps per optimiser step")
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default): bf16 where bf16 is native")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, help="DataLoader workers per process")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute encoder activations in backward")

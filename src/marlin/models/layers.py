@@ -6,6 +6,8 @@ part of the public checkpoint format: renaming any of them breaks loading of the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -72,10 +74,22 @@ def bf16_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.to(q.dtype)
 
 
-def packed_linear_available() -> bool:
-    """Whether this torch build has oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`), used by
-    `PackedLinear`."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+@functools.cache
+def packed_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's prepacked linear (`torch.ops.mkldnn._linear_pointwise`, a private op, used by `PackedLinear`)
+    exists in this torch build and gives `F.linear`'s numbers in `dtype` on a small probe (checked once per dtype)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    try:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), None)
+            got = torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, b.to(dtype), "none", [], "")
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(got.float(), F.linear(x, w, b), atol=tol, rtol=tol))
 
 
 class PackedLinear:
@@ -124,6 +138,16 @@ class PackedLinear:
 KERNEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def kernel_dtype(kernels: str, x: Tensor) -> torch.dtype | None:
+    """The dtype `kernels` ("", "fp32", "bf16") computes `x` in, or None for the plain modules: always with gradients,
+    off the CPU, and for "fp32" on anything but float32 input (a float64 model stays float64)."""
+    if not kernels or torch.is_grad_enabled() or x.device.type != "cpu":
+        return None
+    if kernels == "fp32" and x.dtype != torch.float32:
+        return None
+    return KERNEL_DTYPES[kernels]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a bias-free qkv projection plus separate q and v biases (k bias is zero).
 
@@ -158,15 +182,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [B, N, D] -> [B, N, D]
         b, n, d = x.shape
-        kernels = self.kernels if not torch.is_grad_enabled() else ""
-        dtype = KERNEL_DTYPES.get(kernels)
+        dtype = kernel_dtype(self.kernels, x)
         if dtype is not None:
             bias_src = (self.q_bias, self.v_bias)
             qkv = self._packed[0](x, self.qkv.weight, bias_src, dtype, self.fused_qkv_bias)  # [B, N, 3D]
         else:
             qkv = F.linear(x, self.qkv.weight, self.fused_qkv_bias())  # [B, N, 3D]
         q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d]
-        if kernels == "bf16":
+        if dtype == torch.bfloat16:
             x = bf16_attention(q, k, v)
         elif self.fused:
             x = F.scaled_dot_product_attention(q, k, v)
@@ -200,7 +223,7 @@ class Mlp(nn.Module):
         self._packed = (PackedLinear(), PackedLinear())
 
     def forward(self, x: Tensor) -> Tensor:  # [B, N, D] -> [B, N, D]
-        dtype = KERNEL_DTYPES.get(self.kernels) if not torch.is_grad_enabled() else None
+        dtype = kernel_dtype(self.kernels, x)
         if dtype is not None:
             fc1, fc2 = (layer.linear for layer in self.layers)
             h = F.gelu(self._packed[0](x, fc1.weight, (fc1.bias,), dtype))  # [B, N, hidden]

@@ -33,7 +33,7 @@ from . import checkpoint as ckpt_io
 from .config import MarlinConfig
 from .decoder import MarlinDecoder
 from .encoder import MarlinEncoder
-from .layers import Attention, Mlp, packed_linear_available
+from .layers import KERNEL_DTYPES, Attention, Mlp, packed_linear_available
 from .registry import get_config
 
 log = logging.getLogger("marlin")
@@ -217,11 +217,11 @@ class Marlin(nn.Module):
     def _cpu_kernels(self, caps: DeviceCaps) -> str:
         """The CPU inference kernels for this model's precision (`Attention.kernels`): prepacked fp32 linears, or bf16
         linears and attention where the CPU has bf16 units; "" elsewhere (GPUs, fp16, emulated bf16, no oneDNN)."""
-        if self.device.type != "cpu" or not packed_linear_available():
+        if self.device.type != "cpu" or self.precision not in KERNEL_DTYPES:
             return ""
-        if self.precision == "bf16":
-            return "bf16" if caps.bf16 else ""
-        return "fp32" if self.precision == "fp32" else ""
+        if self.precision == "bf16" and not caps.bf16:
+            return ""
+        return self.precision if packed_linear_available(KERNEL_DTYPES[self.precision]) else ""
 
     def set_cpu_kernels(self, kernels: str) -> Marlin:
         """Switch the blocks' inference kernels ("", "fp32", "bf16"; see `Attention.kernels`); "" frees their packed

@@ -32,6 +32,7 @@ from ..data.sampling import BALANCE
 from ..mae.masking import STRATEGIES, num_visible
 from ..models.config import MarlinConfig
 from ..models.registry import get_config, list_models
+from ..utils.precision import TRAIN_PRECISIONS
 from ..utils.schedule import CosineSchedule
 
 __all__ = [
@@ -140,7 +141,9 @@ class PretrainConfig:
     batch_size: int = 16  # per process and micro-step
     accum_steps: int = 1  # micro-steps per optimiser step
     seed: int = 0
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; master weights and losses stay float32)
+    # "auto" (bf16 where the device has bf16 matmuls, else fp32: `training_precision`), "fp32" or "bf16" (autocast;
+    # master weights and losses stay float32)
+    precision: str = "auto"
     grad_checkpointing: bool = False  # recompute encoder activations in the backward pass
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK when available, else cpu), "cpu", "cuda"
     out_dir: str = "runs/pretrain"
@@ -159,7 +162,7 @@ class PretrainConfig:
                 f"mask.strategy must be one of {STRATEGIES}, found {self.mask.strategy!r}",
             ),
             (0.0 < self.mask.ratio < 1.0, f"mask.ratio must be in (0, 1), found {self.mask.ratio}"),
-            (self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', found {self.precision!r}"),
+            (self.precision in TRAIN_PRECISIONS, f"precision must be auto, fp32 or bf16, found {self.precision!r}"),
             (self.optim.type in ("AdamW", "Adam"), f"optim.type must be 'AdamW' or 'Adam', found {self.optim.type!r}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, found {self.batch_size}"),
             (self.accum_steps >= 1, f"accum_steps must be >= 1, found {self.accum_steps}"),

@@ -51,7 +51,7 @@ from ..utils.distributed import DistInfo, init_distributed, is_distributed, shut
 from ..utils.fileio import atomic_write, atomic_write_text, json_safe
 from ..utils.monitor import format_duration
 from ..utils.optim import layer_of, make_optimizer, param_groups
-from ..utils.precision import allow_tf32, autocast
+from ..utils.precision import TRAIN_PRECISIONS, allow_tf32, autocast
 from ..utils.schedule import CosineSchedule
 from ..utils.seeding import derive_seed
 from .engine import train_steps, wrap_ddp
@@ -113,7 +113,7 @@ class FinetuneConfig:
     seed: int = 0
     out: str | None = None  # run folder; None writes nothing
     device: str = "auto"
-    precision: str = "fp32"  # or "bf16" (autocast)
+    precision: str = "fp32"  # or "bf16" (autocast), or "auto" (`training_precision`); fp32: bf16 not measured here yet
     grad_checkpointing: bool = False
     eval_train: bool = True  # also report metrics on the training split with the best weights
     log_every: int = 50  # steps between progress lines within an epoch
@@ -130,7 +130,7 @@ class FinetuneConfig:
             (self.test_clips >= 1, f"test clips must be >= 1, got {self.test_clips}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (0 < self.train_fraction <= 1, f"train fraction must be in (0, 1], got {self.train_fraction}"),
-            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.precision in TRAIN_PRECISIONS, f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
             (self.warmup_epochs >= 0, f"warmup epochs must be >= 0, got {self.warmup_epochs}"),
             (self.pool in POOLS, f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}"),
             (self.train_clip in ("random", "centre"), f"train clip must be random or centre, got {self.train_clip!r}"),

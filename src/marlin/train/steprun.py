@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..utils.distributed import DistInfo, init_distributed, is_distributed, shutdown_distributed
 from ..utils.fileio import atomic_write, atomic_write_text, json_safe
-from ..utils.precision import allow_tf32
+from ..utils.precision import TRAIN_PRECISIONS, allow_tf32
 from ..utils.seeding import derive_seed
 
 __all__ = [
@@ -68,7 +68,7 @@ class VideoRunConfig:
     seed: int = 0
     out: str | None = None
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "fp32"  # or "bf16", or "auto" (`training_precision`)
     save_every: int = 200
     val_every: int = 500
     log_every: int = 20
@@ -79,7 +79,7 @@ class VideoRunConfig:
                 (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
                 (self.lr > 0, f"lr must be > 0, got {self.lr}"),
                 (0 <= self.val_fraction < 1, f"val fraction must be in [0, 1), got {self.val_fraction}"),
-                (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
+                (self.precision in TRAIN_PRECISIONS, f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
                 (self.fps > 0, f"fps must be > 0, got {self.fps}")]  # fmt: skip
 
     def __post_init__(self) -> None:
