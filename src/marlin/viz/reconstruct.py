@@ -101,10 +101,9 @@ def render_grid(
     return image
 
 
-def _add_row_labels(image: np.ndarray, names: Sequence[str], row_h: int, gap: int) -> np.ndarray:
+def _add_row_labels(image: np.ndarray, names: Sequence[str], row_h: int, gap: int, margin: int = 96) -> np.ndarray:
     from PIL import Image, ImageDraw
 
-    margin = 96
     canvas = Image.new("RGB", (image.shape[1] + margin, image.shape[0]), (255, 255, 255))
     canvas.paste(Image.fromarray(image), (margin, 0))
     draw = ImageDraw.Draw(canvas)
