@@ -449,8 +449,9 @@ def stage_probe(args: argparse.Namespace) -> dict:
 
 # ---- stage 5: report ------------------------------------------------------------------------------------------------
 def _step(name: str) -> int:
-    """The pretraining step of a curve encoder (``run@step``; random init 0); -1 for ``--encoder`` models."""
-    return 0 if name == "random" else int(name.split("@")[1]) if "@" in name else -1
+    """The pretraining step of a curve encoder (``run@step``, also as a ``+int8`` / ``+bf16`` copy; random init 0);
+    -1 for ``--encoder`` models."""
+    return 0 if name == "random" else int(name.split("@")[1].split("+")[0]) if "@" in name else -1
 
 
 def _slot_mean(cells: dict) -> float | None:

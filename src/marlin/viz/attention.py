@@ -77,9 +77,10 @@ def _heat(values: np.ndarray) -> np.ndarray:  # [...] in [0, 1] -> [..., 3] floa
 
 
 def _overlay(frame: np.ndarray, amap: np.ndarray, vmax: float, alpha: float = 0.55) -> np.ndarray:
-    """A frame [H, W, 3] uint8 with map [H', W'] (nearest-upsampled, 0..vmax) blended over it."""
+    """A frame [H, W, 3] uint8 with map [H', W'] (nearest-upsampled, log scale 0..vmax) blended over it."""
     h, w = frame.shape[:2]
-    up = np.kron(amap / vmax, np.ones((h // amap.shape[0], w // amap.shape[1])))  # [H, W]
+    scaled = np.log1p(np.maximum(amap, 0)) / np.log1p(vmax)  # log: a 2x share shows beside a 200x sink
+    up = np.kron(scaled, np.ones((h // amap.shape[0], w // amap.shape[1])))  # [H, W]
     return (frame.astype(np.float32) * (1 - alpha) + _heat(up) * alpha).round().clip(0, 255).astype(np.uint8)
 
 
@@ -87,8 +88,8 @@ def attention_sheet(
     frames: np.ndarray, maps: Mapping[str, Tensor | np.ndarray], *, vmax: float | None = None, gap: int = 2
 ) -> np.ndarray:
     """One row per map (labelled with its name), one column per time step (the first frame of each tubelet): the
-    clip's frames ``[T, H, W, 3]`` uint8 with the map over them. One colour scale for every row (`vmax`, default
-    the largest value), so rows compare. Returns ``[H', W', 3]`` uint8."""
+    clip's frames ``[T, H, W, 3]`` uint8 with the map over them. One logarithmic colour scale for every row (0 to
+    `vmax`, default the largest value), so rows compare. Returns ``[H', W', 3]`` uint8."""
     from .reconstruct import _add_row_labels
 
     arrays = {name: np.asarray(m, dtype=np.float32) for name, m in maps.items()}
