@@ -18,6 +18,7 @@ picks a path slower than fp32.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -106,8 +107,10 @@ class DeviceCaps:
     flags: frozenset[str] = field(default_factory=frozenset)
 
 
+@functools.cache
 def _cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where it does not exist, e.g. macOS)."""
+    """The CPU feature flags of /proc/cpuinfo (empty where it does not exist, e.g. macOS); read once (a training step
+    resolves ``auto`` through `device_capabilities` every time)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
