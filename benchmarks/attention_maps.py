@@ -65,8 +65,9 @@ def measure(model, clips: torch.Tensor, region: torch.Tensor, layer: int) -> dic
 
     maps = attention_received(model, clips, layer=layer)  # [B, T', H', W']
     flat = maps.flatten(1) / maps.flatten(1).sum(1, keepdim=True)  # [B, N], sums to 1
-    top = flat.sort(dim=1, descending=True).values[:, : max(1, flat.shape[1] // 10)].sum(1)
-    half = (flat.sort(dim=1, descending=True).values.cumsum(1) < 0.5).sum(1) + 1
+    ranked = flat.sort(dim=1, descending=True).values  # [B, N], most attended first
+    top = ranked[:, : max(1, flat.shape[1] // 10)].sum(1)
+    half = (ranked.cumsum(1) < 0.5).sum(1) + 1
     share = region_share(maps, region)
     return {"mouth": share.mean().item(), "mouth_sd": share.std().item(), "top10": top.mean().item(),
             "half": half.float().median().item(), "maps": maps}  # fmt: skip
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         for layer in args.layers:
             r = measure(model, clips, region, layer)
             print(f"{name:<16}{layer:>6}{r['mouth']:>8.2f}{r['mouth_sd']:>7.2f}{r['top10']:>9.3f}{r['half']:>7.0f}")
-            if layer in args.picture_layers and (name == "random") <= (layer == min(args.picture_layers)):
-                picture[f"{name} block {layer}"] = r["maps"][0].numpy()  # random init: one row (it is uniform)
+            drawn = layer == min(args.picture_layers) if name == "random" else layer in args.picture_layers
+            if drawn:  # random init: one row (it is uniform)
+                picture[f"{name} block {layer}"] = r["maps"][0].numpy()
     from PIL import Image
 
     from marlin.viz.attention import attention_sheet
