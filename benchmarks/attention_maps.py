@@ -7,7 +7,9 @@ protocol test sentences, summarised as:
 - **mouth**: how many times its share of tokens the 3 x 3 patches around the mouth draw (the region the mouth
   probe reads; from the face parser's lip pixels, per window);
 - **top 10%**: the share of all attention drawn by the 10% most attended tokens (0.10 = uniform);
-- **half**: how many tokens draw half of all attention (half the tokens when uniform).
+- **half**: how many tokens draw half of all attention (half the tokens when uniform);
+- **reg**: with register tokens, the share of all attention they draw (the three figures above are then among the
+  patch tokens only).
 
 and one clip drawn as a picture (one row per encoder and block, one colour scale). Needs `benchmarks/transfer_curve.py`
 run up to its features stage (the decoded clips and mouth centres in ``runs/transfer_curve/features/``).
@@ -63,14 +65,16 @@ def mouth_regions(centres: np.ndarray, grid: tuple[int, int, int]) -> torch.Tens
 def measure(model, clips: torch.Tensor, region: torch.Tensor, layer: int) -> dict[str, float]:  # noqa: ANN001
     from marlin.viz.attention import attention_received, region_share
 
-    maps = attention_received(model, clips, layer=layer)  # [B, T', H', W']
-    flat = maps.flatten(1) / maps.flatten(1).sum(1, keepdim=True)  # [B, N], sums to 1
+    maps = attention_received(model, clips, layer=layer)  # [B, T', H', W'], units of 1 / (registers + patches)
+    drawn = maps.flatten(1).sum(1, keepdim=True)  # [B, 1]: what the patches draw; R + N without registers
+    flat = maps.flatten(1) / drawn  # [B, N], sums to 1
     ranked = flat.sort(dim=1, descending=True).values  # [B, N], most attended first
     top = ranked[:, : max(1, flat.shape[1] // 10)].sum(1)
     half = (ranked.cumsum(1) < 0.5).sum(1) + 1
-    share = region_share(maps, region)
+    share = region_share(flat.view_as(maps) * flat.shape[1], region)  # among the patches
+    reg = 1 - drawn[:, 0] / (flat.shape[1] + model.config.num_registers)
     return {"mouth": share.mean().item(), "mouth_sd": share.std().item(), "top10": top.mean().item(),
-            "half": half.float().median().item(), "maps": maps}  # fmt: skip
+            "half": half.float().median().item(), "reg": reg.mean().item(), "maps": maps}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,13 +106,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
     picture = {}
     print(f"{len(rows)} GRID test sentences, middle window; mouth = its 3 x 3 patches' draw in units of their share")
-    print(f"{'encoder':<16}{'block':>6}{'mouth':>8}{'(sd)':>7}{'top 10%':>9}{'half':>7}")
+    print(f"{'encoder':<16}{'block':>6}{'mouth':>8}{'(sd)':>7}{'top 10%':>9}{'half':>7}{'reg':>7}")
     for name, model in load_encoders(args).items():
         c = model.config
         region = mouth_regions(centres, (c.clip_frames // c.tubelet_size, *(2 * (c.img_size // c.patch_size,))))
         for layer in args.layers:
             r = measure(model, clips, region, layer)
-            print(f"{name:<16}{layer:>6}{r['mouth']:>8.2f}{r['mouth_sd']:>7.2f}{r['top10']:>9.3f}{r['half']:>7.0f}")
+            print(f"{name:<16}{layer:>6}{r['mouth']:>8.2f}{r['mouth_sd']:>7.2f}{r['top10']:>9.3f}{r['half']:>7.0f}"
+                  f"{r['reg']:>7.3f}")  # fmt: skip
             drawn = layer == min(args.picture_layers) if name == "random" else layer in args.picture_layers
             if drawn:  # random init: one row (it is uniform)
                 picture[f"{name} block {layer}"] = r["maps"][0].numpy()

@@ -123,11 +123,15 @@ RUNS = {
     "fasking_opp": ["mask.strategy=fasking_opp", "loss.adversarial=false"],
     "random_mask": ["mask.strategy=random", "loss.adversarial=false"],
     "fasking_75": ["mask.strategy=fasking", "mask.ratio=0.75", "loss.adversarial=false"],
+    # the attention sink seen under fasking (attention piled onto 1-3 background patches): 4 register tokens give
+    # the encoder somewhere else to put it
+    "fasking_reg": ["mask.strategy=fasking", "loss.adversarial=false", "model.num_registers=4"],
     # the learning rate: 5x lower (MAE's linear scaling rule would give 4.7e-6 for batch 8; the runs use 5e-4)
     "tube_lr1e-4": ["mask.strategy=tube", "loss.adversarial=false", "optim.lr=1e-4"],
 }
-COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:cyan")  # per run
-VARIANTS = ("fasking", "fasking_opp", "random_mask", "fasking_75", "tube_lr1e-4")  # short runs, done first
+COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive",
+           "tab:cyan")  # per run, in RUNS order  # fmt: skip
+VARIANTS = ("fasking", "fasking_opp", "random_mask", "fasking_75", "fasking_reg", "tube_lr1e-4")  # short runs, first
 
 
 def run_dir(args: argparse.Namespace, name: str) -> Path:
@@ -304,9 +308,7 @@ def encode_all(model, clips, centres, layers: tuple[int, ...], batch: int = 12) 
     for i in range(0, len(flat), batch):
         x = torch.from_numpy(np.array(flat[i : i + batch])).permute(0, 4, 1, 2, 3).float().div_(255)  # a copy: writable
         with torch.inference_mode(), autocast("cpu", low):
-            h = enc.embed(x)  # [b, T' * g * g, D]
-            for k, block in enumerate(enc.blocks, 1):
-                h = block(h)
+            for k, h in enumerate(enc.iter_blocks(enc.embed(x)), 1):  # [b, T' * g * g, D] after block k
                 if k in per_layer:
                     per_layer[k].append(enc.norm(h).float().reshape(len(x), t_steps, g * g, -1).mean(2).numpy())
             z = enc.norm(h).float().reshape(len(x), t_steps, g, g, -1)  # [b, T', g, g, D]

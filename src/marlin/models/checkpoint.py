@@ -203,6 +203,8 @@ def describe(sd: dict[str, Tensor]) -> dict[str, int]:
     w = sd.get("encoder.patch_embedding.projection.weight")
     if w is not None:  # [D, C, t, p, p]
         out.update(encoder_embed_dim=w.shape[0], in_chans=w.shape[1], tubelet_size=w.shape[2], patch_size=w.shape[3])
+        reg = sd.get("encoder.registers")  # [1, R, D], absent from the released architecture
+        out["num_registers"] = 0 if reg is None else reg.shape[1]
     for part in ("encoder", "decoder"):
         idx = {int(m.group(1)) for k in sd if (m := re.match(rf"{part}\.blocks\.(\d+)\.", k))}
         if idx:
@@ -224,7 +226,7 @@ def check_config_matches(config: MarlinConfig, sd: dict[str, Tensor], path: str)
         "encoder_embed_dim": config.encoder_embed_dim, "in_chans": config.in_chans,
         "tubelet_size": config.tubelet_size, "patch_size": config.patch_size, "encoder_depth": config.encoder_depth,
         "num_tokens": config.num_tokens, "decoder_embed_dim": config.decoder_embed_dim,
-        "decoder_depth": config.decoder_depth,
+        "decoder_depth": config.decoder_depth, "num_registers": config.num_registers,
     }  # fmt: skip
     diff = [f"{k}={wanted[k]} but the tensors hold {found[k]}" for k in wanted if k in found and found[k] != wanted[k]]
     if diff:
@@ -270,6 +272,7 @@ def infer_config(sd: dict[str, Tensor], path: str = "<state dict>") -> MarlinCon
         decoder_embed_dim=dec_dim,
         decoder_depth=d.get("decoder_depth", base.decoder_depth),
         decoder_num_heads=max(1, dec_dim // 64),
+        num_registers=d.get("num_registers", 0),
     )
 
 

@@ -34,6 +34,10 @@ class MarlinConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True  # separate q and v biases, k bias fixed at zero (BEiT/VideoMAE style)
     norm_eps: float = 1e-5  # torch LayerNorm default, as in the released checkpoints
+    # Learnable tokens the encoder carries beside the patch tokens and drops at its output ("registers", Darcet et al.
+    # 2024): a place for global computation, so attention need not pile onto a few background patches. 0 = the
+    # released architecture (their checkpoints have none).
+    num_registers: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form notes (e.g. provenance)
 
     def __post_init__(self) -> None:
@@ -46,6 +50,10 @@ class MarlinConfig:
                 raise ValueError(
                     f"invalid MarlinConfig {self.name!r}: {field_name} must be a positive integer, got {value!r}"
                 )
+        if isinstance(self.num_registers, bool) or not isinstance(self.num_registers, int) or self.num_registers < 0:
+            raise ValueError(
+                f"invalid MarlinConfig {self.name!r}: num_registers must be an integer >= 0, got {self.num_registers!r}"
+            )
         if not (isinstance(self.mlp_ratio, int | float) and self.mlp_ratio > 0):
             raise ValueError(f"invalid MarlinConfig {self.name!r}: mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         checks = [

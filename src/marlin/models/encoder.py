@@ -12,7 +12,11 @@ from .layers import Block, PatchEmbedding3d, SinCosPositionalEmbedding, init_wei
 
 
 class MarlinEncoder(nn.Module):
-    """Video ViT encoder. Input [B, C, T, H, W] RGB in [0, 1]; tokens ordered (t, h, w); no class token."""
+    """Video ViT encoder. Input [B, C, T, H, W] RGB in [0, 1]; tokens ordered (t, h, w); no class token.
+
+    With ``config.num_registers`` > 0 the blocks also carry that many learnt register tokens, placed before the patch
+    tokens by :meth:`run_blocks` and dropped after it, so every output keeps one row per patch token.
+    """
 
     def __init__(self, config: MarlinConfig) -> None:
         super().__init__()
@@ -25,6 +29,8 @@ class MarlinEncoder(nn.Module):
             for _ in range(c.encoder_depth)
         )
         self.norm = nn.LayerNorm(c.encoder_embed_dim, eps=c.norm_eps)
+        # Only registered when used, so the released architecture's state dict keeps its keys.
+        self.registers = nn.Parameter(torch.zeros(1, c.num_registers, c.encoder_embed_dim)) if c.num_registers else None
         self.grad_checkpointing = False
         # Embed only the visible patches when masking (what `Marlin.set_fused_attention(False)` turns off, to
         # reproduce the official computation: the Conv3d over every patch, then the visible rows kept).
@@ -34,12 +40,14 @@ class MarlinEncoder(nn.Module):
         # bound) and its int8 activation quantisation no longer depends on the other clips of the batch.
         self.clips_per_pass = 0
         self.apply(init_weights)
+        if self.registers is not None:
+            nn.init.trunc_normal_(self.registers, std=0.02)  # as timm's register / class tokens
 
     def group_matcher(self) -> dict[str, str]:
         """The encoder's layer groups, declared once (timm's convention) for layer-wise lr decay: parameter names
         matching ``stem`` are layer 0, ``blocks`` capture block k (layer k + 1); the rest (the final norm, which acts
         on the pooled feature) sits with the head above the last block. See :func:`marlin.utils.optim.param_groups`."""
-        return {"stem": r"^(patch_embedding|pos_embedding)\.", "blocks": r"^blocks\.(\d+)\."}
+        return {"stem": r"^(patch_embedding\.|pos_embedding\.|registers$)", "blocks": r"^blocks\.(\d+)\."}
 
     def check_input(self, x: Tensor) -> None:
         """Raise a one-line ValueError when `x` is not [B, C, T, H, W] of the configured size."""
@@ -75,7 +83,17 @@ class MarlinEncoder(nn.Module):
             return torch.cat([self._run_blocks(part) for part in x.split(step)])
         return self._run_blocks(x)
 
+    def add_registers(self, x: Tensor) -> Tensor:  # [B, n, D] -> [B, R + n, D]
+        """The register tokens (if any) placed before the tokens `x`; they carry no position."""
+        if self.registers is None:
+            return x
+        return torch.cat([self.registers.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+
+    def drop_registers(self, x: Tensor) -> Tensor:  # [B, R + n, D] -> [B, n, D]
+        return x[:, self.config.num_registers :] if self.registers is not None else x
+
     def _run_blocks(self, x: Tensor) -> Tensor:  # [B, n, D] -> [B, n, D]
+        x = self.add_registers(x)  # [B, R + n, D]
         for block in self.blocks:
             if self.grad_checkpointing and self.training and x.requires_grad:
                 from torch.utils.checkpoint import checkpoint
@@ -83,7 +101,15 @@ class MarlinEncoder(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return x
+        return self.drop_registers(x)
+
+    def iter_blocks(self, x: Tensor):  # noqa: ANN201  [B, n, D] -> yields [B, n, D] per block
+        """The patch tokens after each block in turn (registers carried along, not yielded): for layer-wise
+        features in one pass. No gradient checkpointing, no clip splitting."""
+        x = self.add_registers(x)
+        for block in self.blocks:
+            x = block(x)
+            yield self.drop_registers(x)
 
     def forward(self, x: Tensor, visible: Tensor | None = None) -> Tensor:
         """Encode the visible tokens only (pretraining). `visible`: [B, N] bool, True = visible, same count per row.

@@ -267,7 +267,8 @@ class Marlin(nn.Module):
         return self
 
     def no_weight_decay(self) -> set[str]:
-        return {n for n, _ in self.named_parameters() if n.endswith(("bias", "mask_token")) or ".norm" in n}
+        skip = ("bias", "mask_token", "registers")  # learnt tokens stay undecayed, as timm's class / register tokens
+        return {n for n, _ in self.named_parameters() if n.endswith(skip) or ".norm" in n}
 
     # ---- loading --------------------------------------------------------------------------------------------------
     @classmethod
@@ -382,6 +383,11 @@ class Marlin(nn.Module):
         """Write a plain state dict in the official `.encoder.pt` / `.full.pt` layout (loads in marlin-pytorch);
         `full=None` exports what this model holds, `full=False` only its encoder."""
         self._check_saveable()
+        if self.config.num_registers:
+            raise ValueError(
+                f"this model has {self.config.num_registers} register tokens, which the official layout cannot hold "
+                "(marlin-pytorch has none); use save_pretrained"
+            )
         full = (not self.as_feature_extractor) if full is None else full
         if full and self.as_feature_extractor:
             raise ValueError("cannot export a full model from an encoder-only Marlin")
@@ -392,11 +398,14 @@ class Marlin(nn.Module):
 
     def export_all(self, directory: str | os.PathLike) -> dict[str, Path]:
         """Every layout at once into `directory`: official ``<name>.encoder.pt`` (+ ``<name>.full.pt`` for a full
-        model) and a ``save_pretrained`` folder ``<name>/`` (what a pretraining run exports)."""
+        model) and a ``save_pretrained`` folder ``<name>/`` (what a pretraining run exports). A model with register
+        tokens has no official layout: only the folder."""
         directory, name = Path(directory), self.config.name
-        out = {"encoder_official": self.export_official(directory / f"{name}.encoder.pt", full=False)}
-        if not self.as_feature_extractor:
-            out["full_official"] = self.export_official(directory / f"{name}.full.pt", full=True)
+        out = {}
+        if not self.config.num_registers:
+            out["encoder_official"] = self.export_official(directory / f"{name}.encoder.pt", full=False)
+            if not self.as_feature_extractor:
+                out["full_official"] = self.export_official(directory / f"{name}.full.pt", full=True)
         out["marlin"] = self.save_pretrained(directory / name)
         return out
 

@@ -44,6 +44,8 @@ def attention_received(model: torch.nn.Module, video: Tensor, layer: int | None 
     heads and queries, in units of a uniform share: ``[B, C, T, H, W]`` clips -> ``[B, T', H', W']`` (mean 1).
 
     `model`: a `Marlin` (float32) or its `encoder`. Clips go through one at a time (an [N, N] matrix per head).
+    With register tokens the shares count them too (uniform = 1 / (R + N)) and only the patch tokens are returned:
+    their mean falls below 1 by what the registers draw.
     """
     encoder = getattr(model, "encoder", model)
     blocks, c = encoder.blocks, encoder.config
@@ -53,12 +55,13 @@ def attention_received(model: torch.nn.Module, video: Tensor, layer: int | None 
     grid = (c.clip_frames // c.tubelet_size, c.img_size // c.patch_size, c.img_size // c.patch_size)
     maps = []
     for clip in video.float():
-        x = encoder.embed(clip[None])  # [1, N, D]
+        x = encoder.add_registers(encoder.embed(clip[None]))  # [1, R + N, D]
         for block in blocks[: layer - 1]:
             x = block(x)
         block = blocks[layer - 1]
-        probs = attention_probs(block.attn, block.norm1(x))  # [1, H, N, N]
-        maps.append(probs.mean(dim=(1, 2)) * probs.shape[-1])  # [1, N]: received, x N
+        probs = attention_probs(block.attn, block.norm1(x))  # [1, H, R + N, R + N]
+        received = probs.mean(dim=(1, 2)) * probs.shape[-1]  # [1, R + N]: received, x (R + N)
+        maps.append(encoder.drop_registers(received[..., None])[..., 0])  # [1, N]
     return torch.cat(maps).view(len(maps), *grid)
 
 
