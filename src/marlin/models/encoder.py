@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -103,7 +105,7 @@ class MarlinEncoder(nn.Module):
                 x = block(x)
         return self.drop_registers(x)
 
-    def iter_blocks(self, x: Tensor):  # noqa: ANN201  [B, n, D] -> yields [B, n, D] per block
+    def iter_blocks(self, x: Tensor) -> Iterator[Tensor]:  # [B, n, D] -> [B, n, D] after each block
         """The patch tokens after each block in turn (registers carried along, not yielded): for layer-wise
         features in one pass. No gradient checkpointing, no clip splitting."""
         x = self.add_registers(x)
