@@ -106,14 +106,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
     picture = {}
     print(f"{len(rows)} GRID test sentences, middle window; mouth = its 3 x 3 patches' draw in units of their share")
-    print(f"{'encoder':<16}{'block':>6}{'mouth':>8}{'(sd)':>7}{'top 10%':>9}{'half':>7}{'reg':>7}")
+    print(f"{'encoder':<24}{'block':>6}{'mouth':>8}{'(sd)':>7}{'top 10%':>9}{'half':>7}{'reg':>7}")
     for name, model in load_encoders(args).items():
         c = model.config
         region = mouth_regions(centres, (c.clip_frames // c.tubelet_size, *(2 * (c.img_size // c.patch_size,))))
         for layer in args.layers:
             r = measure(model, clips, region, layer)
-            print(f"{name:<16}{layer:>6}{r['mouth']:>8.2f}{r['mouth_sd']:>7.2f}{r['top10']:>9.3f}{r['half']:>7.0f}"
-                  f"{r['reg']:>7.3f}")  # fmt: skip
+            reg = f"{r['reg']:.3f}" if c.num_registers else "-"
+            print(f"{name:<24}{layer:>6}{r['mouth']:>8.2f}{r['mouth_sd']:>7.2f}{r['top10']:>9.3f}{r['half']:>7.0f}"
+                  f"{reg:>7}")  # fmt: skip
             drawn = layer == min(args.picture_layers) if name == "random" else layer in args.picture_layers
             if drawn:  # random init: one row (it is uniform)
                 picture[f"{name} block {layer}"] = r["maps"][0].numpy()

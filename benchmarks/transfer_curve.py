@@ -114,8 +114,9 @@ COMMON = [
     "optim.scale_lr=false", "optim.lr=5e-4", "optim.min_lr=1e-5", "optim.warmup_lr=1e-5", "optim.warmup_steps=100",
     "ckpt.keep=1000", "log.every=20", "log.image_every=500", "val.max_clips=48",
 ]  # fmt: skip
+RUNS_MARLIN = ["mask.strategy=fasking", "loss.adversarial=true", "loss.adv_weight=0.001", "loss.gp_weight=10"]
 RUNS = {
-    "marlin": ["mask.strategy=fasking", "loss.adversarial=true", "loss.adv_weight=0.001", "loss.gp_weight=10"],
+    "marlin": RUNS_MARLIN,
     "tube": ["mask.strategy=tube", "loss.adversarial=false"],
     # What the encoder sees (issue 14's lead: under fasking at 90% no visible token shows an eye, nose or mouth): the
     # masking alone changes, no critic, everything else as above; stopped at --variant-steps of the same schedule.
@@ -126,12 +127,17 @@ RUNS = {
     # the attention sink seen under fasking (attention piled onto 1-3 background patches): 4 register tokens give
     # the encoder somewhere else to put it
     "fasking_reg": ["mask.strategy=fasking", "loss.adversarial=false", "model.num_registers=4"],
+    "marlin_reg": [*RUNS_MARLIN, "model.num_registers=4"],
+    # a second seed (initialisation, clip order, masks): how far two runs of one recipe land apart
+    "fasking_seed1": ["mask.strategy=fasking", "loss.adversarial=false", "seed=1"],
+    "fasking_reg_seed1": ["mask.strategy=fasking", "loss.adversarial=false", "model.num_registers=4", "seed=1"],
     # the learning rate: 5x lower (MAE's linear scaling rule would give 4.7e-6 for batch 8; the runs use 5e-4)
     "tube_lr1e-4": ["mask.strategy=tube", "loss.adversarial=false", "optim.lr=1e-4"],
 }
-COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive",
-           "tab:cyan")  # per run, in RUNS order  # fmt: skip
-VARIANTS = ("fasking", "fasking_opp", "random_mask", "fasking_75", "fasking_reg", "tube_lr1e-4")  # short runs, first
+COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:pink",
+           "tab:gray", "black", "tab:cyan")  # per run, in RUNS order  # fmt: skip
+VARIANTS = ("fasking", "fasking_opp", "random_mask", "fasking_75", "fasking_reg", "marlin_reg", "fasking_seed1",
+            "fasking_reg_seed1", "tube_lr1e-4")  # short runs (stopped at --variant-steps), done first  # fmt: skip
 
 
 def run_dir(args: argparse.Namespace, name: str) -> Path:
