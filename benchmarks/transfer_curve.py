@@ -13,7 +13,9 @@ so an interrupted run continues where it stopped:
                 per-patch normalised targets) with the same data, schedule, batch and learning rate:
                 ``marlin`` (fasking + adversarial critic) and ``tube`` (VideoMAE-style tube masking, no critic), and
                 the masking variants (what the encoder sees: ``fasking``, ``fasking_opp``, ``random_mask`` at 90% and
-                ``fasking_75``, none with a critic) stopped at ``--variant-steps`` of that schedule.
+                ``fasking_75``, none with a critic), the learning rate (``tube_lr1e-4``), four register tokens
+                (``fasking_reg``, ``marlin_reg``) and a second seed (``*_seed1``), stopped at ``--variant-steps`` of
+                that schedule.
                 Checkpoints along the way are kept (``--ckpt-every``) for the curve.
 3. ``features`` per encoder (random init = step 0, and every kept checkpoint of each run) the tokens of every GRID
                 clip: three 16-frame windows at stride 2 (start / middle / end), pooled per time step over the face
