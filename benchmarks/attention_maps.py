@@ -122,8 +122,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from marlin.viz.attention import attention_sheet
 
-    args.picture.parent.mkdir(parents=True, exist_ok=True)  # 256 colours: a quarter of the size, same look
-    Image.fromarray(attention_sheet(frames[0], picture)).quantize(256).save(args.picture)
+    args.picture.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(attention_sheet(frames[0], picture))
+    if args.picture.suffix.lower() in (".jpg", ".jpeg"):
+        image.save(args.picture, quality=88)
+    else:  # 256 colours: a quarter of the size, same look
+        image.quantize(256).save(args.picture)
     print(f"picture: {args.picture} (sentence {rows[0]}, one colour scale)")
 
 
