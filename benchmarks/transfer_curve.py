@@ -133,13 +133,14 @@ RUNS = {
     # a second seed (initialisation, clip order, masks): how far two runs of one recipe land apart
     "fasking_seed1": ["mask.strategy=fasking", "loss.adversarial=false", "seed=1"],
     "fasking_reg_seed1": ["mask.strategy=fasking", "loss.adversarial=false", "model.num_registers=4", "seed=1"],
+    "tube_seed1": ["mask.strategy=tube", "loss.adversarial=false", "seed=1"],
     # the learning rate: 5x lower (MAE's linear scaling rule would give 4.7e-6 for batch 8; the runs use 5e-4)
     "tube_lr1e-4": ["mask.strategy=tube", "loss.adversarial=false", "optim.lr=1e-4"],
 }
 COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:pink",
-           "tab:gray", "black", "tab:cyan")  # per run, in RUNS order  # fmt: skip
+           "tab:gray", "black", "lightsteelblue", "tab:cyan")  # per run, in RUNS order  # fmt: skip
 VARIANTS = ("fasking", "fasking_opp", "random_mask", "fasking_75", "fasking_reg", "marlin_reg", "fasking_seed1",
-            "fasking_reg_seed1", "tube_lr1e-4")  # short runs (stopped at --variant-steps), done first  # fmt: skip
+            "fasking_reg_seed1", "tube_seed1", "tube_lr1e-4")  # short runs (stopped at --variant-steps), first  # fmt: skip
 
 
 def run_dir(args: argparse.Namespace, name: str) -> Path:
