@@ -140,7 +140,7 @@ RUNS = {
 COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:pink",
            "tab:gray", "black", "lightsteelblue", "tab:cyan")  # per run, in RUNS order  # fmt: skip
 VARIANTS = ("fasking", "fasking_opp", "random_mask", "fasking_75", "fasking_reg", "marlin_reg", "fasking_seed1",
-            "fasking_reg_seed1", "tube_seed1", "tube_lr1e-4")  # short runs (stopped at --variant-steps), first  # fmt: skip
+            "fasking_reg_seed1", "tube_seed1", "tube_lr1e-4")  # short runs, stopped at --variant-steps  # fmt: skip
 
 
 def run_dir(args: argparse.Namespace, name: str) -> Path:
