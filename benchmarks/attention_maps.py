@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("MARLIN_SHARED_DATA", REPO.parent / "shared" / "data"))  # as the other benchmarks
 
 
 def test_rows(args: argparse.Namespace) -> list[int]:

@@ -115,7 +115,7 @@ def attention_sheet(
 def save_attention_sheet(
     path: str | os.PathLike, frames: np.ndarray, maps: Mapping[str, Tensor | np.ndarray], **kwargs: float
 ) -> Path:
-    """`attention_sheet` written as a PNG; returns the path."""
+    """`attention_sheet` written as an image (format from the suffix, e.g. ``.png``); returns the path."""
     from PIL import Image
 
     path = Path(path)
