@@ -134,13 +134,18 @@ RUNS = {
     "fasking_seed1": ["mask.strategy=fasking", "loss.adversarial=false", "seed=1"],
     "fasking_reg_seed1": ["mask.strategy=fasking", "loss.adversarial=false", "model.num_registers=4", "seed=1"],
     "tube_seed1": ["mask.strategy=tube", "loss.adversarial=false", "seed=1"],
+    # the target (issue 14's "effect of normalised targets"): raw pixels, as the released MARLIN models were trained,
+    # and for MARLIN the released critic weight (0.01), which stalled only with normalised targets
+    "marlin_raw": [*RUNS_MARLIN, "loss.adv_weight=0.01", "loss.norm_target=false"],
+    "tube_raw": ["mask.strategy=tube", "loss.adversarial=false", "loss.norm_target=false"],
     # the learning rate: 5x lower (MAE's linear scaling rule would give 4.7e-6 for batch 8; the runs use 5e-4)
     "tube_lr1e-4": ["mask.strategy=tube", "loss.adversarial=false", "optim.lr=1e-4"],
 }
 COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:pink",
-           "tab:gray", "black", "lightsteelblue", "tab:cyan")  # per run, in RUNS order  # fmt: skip
+           "tab:gray", "black", "lightsteelblue", "darkred", "navy", "tab:cyan")  # per run, in RUNS order  # fmt: skip
+# short runs, stopped at --variant-steps
 VARIANTS = ("fasking", "fasking_opp", "random_mask", "fasking_75", "fasking_reg", "marlin_reg", "fasking_seed1",
-            "fasking_reg_seed1", "tube_seed1", "tube_lr1e-4")  # short runs, stopped at --variant-steps  # fmt: skip
+            "fasking_reg_seed1", "tube_seed1", "marlin_raw", "tube_raw", "tube_lr1e-4")  # fmt: skip
 
 
 def run_dir(args: argparse.Namespace, name: str) -> Path:
@@ -369,21 +374,28 @@ L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 def protocols(depth: int) -> dict[str, tuple[str, str]]:
     """Protocol name -> (feature kind, head): linear probes on the time-kept face features of the last block and of
-    the block at two thirds of the depth and on the last block's mouth features, and the attentive probe on the last
-    block's tokens. (Features of the block at one third are kept too; probing them as well doubles the stage's time.)"""
+    the block at two thirds of the depth and on the last block's mouth features, the attentive probe on the last
+    block's tokens, and ``centred`` linear probes on the last block's face and mouth features (each window's mean
+    over its time steps subtracted, or not, chosen with the L2 strength by the inner CV: ``ProbeConfig.centre``).
+    (Features of the block at one third are kept too; probing them as well doubles the stage's time.)"""
     out = {f"linear L{k}": (f"L{k}", "linear") for k in sorted({2 * depth // 3, depth})}
     out[f"linear L{depth} mouth"] = ("mouth", "linear")
     out["attentive"] = ("tokens", "attentive")
+    out[f"centred L{depth}"] = (f"L{depth}", "centred")
+    out[f"centred L{depth} mouth"] = ("mouth", "centred")
     return out
 
 
-def _probe_one(x, labels, head: str) -> dict:  # noqa: ANN001
+def _probe_one(x, labels, head: str, clip_steps: int | None) -> dict:  # noqa: ANN001
     from marlin.evaluate.attentive import AttentiveConfig
     from marlin.evaluate.probe import ProbeConfig, run_probe
 
     if head == "linear":
         x = x.reshape(len(x), -1)  # time-kept: the steps in order
         cfg = ProbeConfig(folds=None, pca=200, seed=0, l2_grid=L2_GRID, inner_folds=3)
+    elif head == "centred":  # the same probe on [N, steps, D], each clip centred in time or not, by the inner CV
+        cfg = ProbeConfig(folds=None, pca=200, seed=0, l2_grid=L2_GRID, inner_folds=3, centre="auto",
+                          clip_steps=clip_steps)  # fmt: skip
     else:
         # one pool per time step (3 windows x 8), in order: a word slot is *when* the mouth says it; the epoch count is
         # chosen on a held-out fifth of the training sentences
@@ -395,13 +407,15 @@ def _probe_one(x, labels, head: str) -> dict:  # noqa: ANN001
             "chosen": res.get("l2", res.get("chosen"))}  # fmt: skip
 
 
-PRIORITY = ("linear L6 mouth", "attentive", "linear L6", "linear L4")  # job order: the most telling first
+# job order: the most telling first
+PRIORITY = ("linear L6 mouth", "centred L6 mouth", "attentive", "centred L6", "linear L6", "linear L4")
+PIXELS = ("pixels", "centred pixels")  # the raw-pixel baseline's protocols (its encoder is "pixels")
 
 
 def probe_jobs(args: argparse.Namespace) -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     """(protocol, encoder, feature kind, head, slots) for every encoder with features, most telling protocol first;
     the attentive probe (the costly one) on ``--attentive-slots`` of ``--attentive-encoders`` only."""
-    jobs = [("pixels", "pixels", "pixels", "linear", SLOTS)]
+    jobs = [("pixels", "pixels", "pixels", "linear", SLOTS), ("centred pixels", "pixels", "pixels", "centred", SLOTS)]
     per_encoder = []
     for name in encoders(args):
         if not feature_file(args, name, "tokens").is_file():
@@ -449,7 +463,9 @@ def stage_probe(args: argparse.Namespace) -> dict:
         x = np.load(src, mmap_mode="r" if head == "attentive" else None)
         for slot in todo:
             t0 = time.time()
-            r = job["slots"][slot] = _probe_one(x, labels[slot], head)
+            # a window's 8 time steps are centred together; the pixels' 25 frames span the sentence: one clip
+            clip = None if name == "pixels" else CLIP_FRAMES // TUBELET
+            r = job["slots"][slot] = _probe_one(x, labels[slot], head, clip)
             log(f"{proto:15s} {name:12s} {slot:12s} {r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}] "
                 f"({time.time() - t0:.0f} s)")  # fmt: skip
             tmp = path.with_name(path.name + ".part")
@@ -492,16 +508,17 @@ def markdown(table: dict) -> str:
 
 def summary(table: dict) -> str:
     """Mean test accuracy over the six slots, one row per encoder and one column per protocol (the curve's numbers)."""
-    protos = [p for p in table if p != "pixels"]
+    protos = [p for p in table if p not in PIXELS]
     names = sorted({n for p in protos for n in table[p]}, key=lambda n: (n != "random", n.split("@")[0], _step(n)))
     lines = ["| encoder | step | " + " | ".join(protos) + " |", "|---|---|" + "---|" * len(protos)]
     for name in names:
         cells = [_mean_cell(table[proto].get(name, {})) for proto in protos]
         step = _step(name)
         lines.append(f"| {name.split('@')[0]} | {step if step >= 0 else '-'} | " + " | ".join(cells) + " |")
-    pixels = table.get("pixels", {}).get("pixels", {})
-    if all(s in pixels for s in SLOTS):
-        lines.append(f"| raw mouth pixels | - | {_mean_cell(pixels)} (linear) |")
+    for proto in PIXELS:
+        pixels = table.get(proto, {}).get("pixels", {})
+        if all(s in pixels for s in SLOTS):
+            lines.append(f"| raw mouth pixels | - | {_mean_cell(pixels)} ({proto.replace('pixels', 'linear')}) |")
     return "\n".join(lines)
 
 
@@ -514,11 +531,11 @@ def plot_curve(table: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    protos = [p for p in table if p != "pixels"]
+    protos = [p for p in table if p not in PIXELS]
     fig, axes = plt.subplots(1, len(protos), figsize=(4.4 * len(protos), 4.0), sharey=True, squeeze=False)
-    pixels = table.get("pixels", {}).get("pixels", {})
     for ax, proto in zip(axes[0], protos, strict=True):
         rows = table[proto]
+        pixels = table.get("centred pixels" if proto.startswith("centred") else "pixels", {}).get("pixels", {})
         for run, colour in zip(RUNS, COLOURS, strict=True):
             pts = sorted((_step(n), _slot_mean(c)) for n, c in rows.items()
                          if (n == "random" or n.startswith(run + "@")) and _slot_mean(c) is not None)  # fmt: skip

@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_argument("--split-fractions", type=_fractions, default=(0.7, 0.1, 0.2), metavar="TR,VA,TE")
     ev.add_argument("--train-fractions", type=_fractions, default=(1.0,), metavar="F,F,...",
                     help="low-data regime: fit on these fractions of each training part (default 1)")  # fmt: skip
+    ev.add_argument("--centre", choices=("off", "on", "auto"), default="off",
+                    help="linear head with --reduce concat: subtract each video's mean over its windows (what a "
+                         "video holds constant: who, light, session), or let the inner CV choose (auto); for tasks "
+                         "about what changes within a video")  # fmt: skip
     ev.add_argument("--pca", type=int, help="PCA dimensions learnt on each training part")
     ev.add_argument("--no-standardize", action="store_true", help="skip per-feature standardisation")
     ev.add_argument("--l2", type=float, help="fixed L2 strength (default: chosen by inner CV on training data)")
@@ -92,13 +96,17 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--time-steps is an option of the attentive head (--head attentive)")
         if args.time_steps < 1:
             raise ValueError(f"--time-steps must be >= 1, found {args.time_steps}")
+        if args.centre != "off" and (args.head != "linear" or args.reduce != "concat"):
+            raise ValueError("--centre needs the time-kept linear probe: --head linear --reduce concat")
         labels = read_labels(args.labels, args.label, task=args.task, path_col=args.path_col,
                              group_col=args.group_col, split_col=args.split_col)  # fmt: skip
         feats_src = args.features if args.features is not None else _extract(args, labels)
-        x = load_features(feats_src, labels, args.reduce, tokens=args.head == "attentive")
+        x = load_features(feats_src, labels, args.reduce, tokens=args.head == "attentive",
+                          keep_steps=args.centre != "off")  # fmt: skip
         cfg = ProbeConfig(
             head=args.head, folds=args.folds if args.split == "kfold" else None, split=args.split_fractions,
             train_fractions=args.train_fractions, pca=args.pca, standardize=not args.no_standardize, l2=args.l2,
+            centre=args.centre,
             attentive=AttentiveConfig(time_steps=args.time_steps), seed=args.seed,
             extra={"features": str(feats_src), "labels": str(args.labels), "reduce": args.reduce, "layer": args.layer},
         )  # fmt: skip

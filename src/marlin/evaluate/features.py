@@ -140,14 +140,22 @@ def reduce_tokens(x: np.ndarray, reduction: str, where: str = "features") -> np.
 
 
 def load_features(
-    source: str | os.PathLike, labels: LabelSet, reduction: str = "mean", *, tokens: bool = False
+    source: str | os.PathLike,
+    labels: LabelSet,
+    reduction: str = "mean",
+    *,
+    tokens: bool = False,
+    keep_steps: bool = False,
 ) -> np.ndarray:
     """``[N, F]`` float32 features in the order of `labels`; with `tokens`, ``[N, L, D]`` tokens (features extracted
-    with ``--keep-seq``) for the attentive probe, reduced over windows by :func:`reduce_tokens`."""
+    with ``--keep-seq``) for the attentive probe, reduced over windows by :func:`reduce_tokens`; with `keep_steps` and
+    ``concat``, time-kept ``[N, W, D]`` (the windows in order, not flattened: what probe centring reads)."""
     source = Path(source)
     rows, wheres = _gather_rows(source, labels)
     reduce = reduce_tokens if tokens else reduce_windows
     vecs = [reduce(r, reduction, w) for r, w in zip(rows, wheres, strict=True)]
+    if keep_steps and reduction == "concat" and not tokens:
+        vecs = [v.reshape(-1, np.shape(r)[-1]) for v, r in zip(vecs, rows, strict=True)]  # [W, D]
     sizes = {v.shape for v in vecs}
     if len(sizes) != 1:
         raise FeatureError(f"{source}: feature sizes differ after {reduction!r} reduction "

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..utils.fileio import atomic_write_text, json_safe
 from .attentive import AttentiveConfig, AttentiveProbe
-from .linear import DEFAULT_L2_GRID, LinearProbe, select_l2
+from .linear import DEFAULT_L2_GRID, LinearProbe, centre_steps, select_l2
 from .manifest import LabelSet
 from .metrics import binary_auc, bootstrap_interval, compute_metrics, confusion_matrix, primary_metric, primary_value
 from .splits import kfold, split_indices, subsample
@@ -35,6 +35,7 @@ log = logging.getLogger("marlin")
 
 
 HEADS = ("linear", "attentive")
+CENTRING = {"off": (False,), "on": (True,), "auto": (False, True)}  # ProbeConfig.centre -> the candidates tried
 
 
 @dataclass
@@ -49,6 +50,11 @@ class ProbeConfig:
     l2_grid: tuple[float, ...] = DEFAULT_L2_GRID
     inner_folds: int = 3
     max_iter: int = 200  # L-BFGS iterations per fit
+    # linear head on time-kept features [N, S, D]: "on" subtracts each clip's mean over its time steps (what a clip
+    # holds constant: who, light, session; see linear.centre_steps), "auto" tries both and keeps the better one by
+    # the same inner CV / validation part as the L2 strength; "off" flattens them as they are
+    centre: str = "off"
+    clip_steps: int | None = None  # time steps per clip for centring (None: all S steps of a sample are one clip)
     seed: int = 0
     attentive: AttentiveConfig = field(default_factory=AttentiveConfig)  # the attentive head's training
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the results
@@ -82,25 +88,53 @@ def _parts(labels: LabelSet, cfg: ProbeConfig) -> list[tuple[np.ndarray, np.ndar
 
 
 def _fit_part(x: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, labels: LabelSet,
-              cfg: ProbeConfig) -> tuple[Any, Any]:  # fmt: skip
-    """A probe fitted on the rows `tr`, hyper-parameters chosen on `va` or inside `tr`: (probe, what was chosen)."""
+              cfg: ProbeConfig) -> tuple[Any, Any, np.ndarray]:  # fmt: skip
+    """A probe fitted on the rows `tr`, hyper-parameters chosen on `va` or inside `tr`: (probe, what was chosen, the
+    inputs of every row as the probe reads them)."""
     task, k = labels.task, labels.num_outputs
     if cfg.head == "attentive":
         acfg = replace(cfg.attentive, seed=cfg.seed)
         probe = AttentiveProbe(task, k, acfg).fit(x[tr], y[tr], val=(x[va], y[va]) if len(va) else None)
-        return probe, probe.chosen
+        return probe, probe.chosen, x
     kw = {"pca": cfg.pca, "standardize": cfg.standardize, "max_iter": cfg.max_iter}
+    inputs = _linear_inputs(x, cfg)
+    best: tuple[float, bool, float] | None = None  # (score, centred, l2)
+    for centred, z in inputs.items():
+        l2, score = _choose_l2(z, y, tr, va, labels, cfg, kw)
+        score = -math.inf if math.isnan(score) else score
+        if best is None or score > best[0]:  # ties keep the earlier candidate: uncentred first
+            best = (score, centred, l2)
+    _, centred, l2 = best
+    z = inputs[centred]
+    probe = LinearProbe(task, k, l2=l2, **kw).fit(z[tr], y[tr])
+    return probe, ({"l2": l2, "centred": centred} if len(inputs) > 1 else l2), z
+
+
+def _linear_inputs(x: np.ndarray, cfg: ProbeConfig) -> dict[bool, np.ndarray]:
+    """The linear head's candidate inputs ``[N, F]`` keyed by whether they are centred in time (one unless
+    ``centre="auto"``); time-kept features ``[N, S, D]`` are flattened, the steps in order."""
+    if x.ndim == 2:
+        return {False: x}
+    return {c: (centre_steps(x, cfg.clip_steps) if c else x).reshape(len(x), -1) for c in CENTRING[cfg.centre]}
+
+
+def _choose_l2(z: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, labels: LabelSet, cfg: ProbeConfig,
+               kw: dict[str, Any]) -> tuple[float, float]:  # fmt: skip
+    """(L2 strength, its score) on training data only: the validation part when there is one, else the inner CV;
+    a fixed ``cfg.l2`` scores nan (nothing to choose)."""
+    task, k = labels.task, labels.num_outputs
     if cfg.l2 is not None:
-        l2 = cfg.l2
-    elif len(va):
+        return cfg.l2, math.nan
+    if len(va):
         table = {}
         for cand in cfg.l2_grid:
-            p = LinearProbe(task, k, l2=cand, **kw).fit(x[tr], y[tr])
-            table[cand] = primary_value(task, y[va], p.scores(x[va]))
-        l2 = max(table, key=lambda c: (-math.inf if math.isnan(table[c]) else table[c], c))
+            p = LinearProbe(task, k, l2=cand, **kw).fit(z[tr], y[tr])
+            table[cand] = primary_value(task, y[va], p.scores(z[va]))
     else:
-        l2, _ = select_l2(x[tr], y[tr], task, k, grid=cfg.l2_grid, folds=cfg.inner_folds, seed=cfg.seed, **kw)
-    return LinearProbe(task, k, l2=l2, **kw).fit(x[tr], y[tr]), l2
+        l2, table = select_l2(z[tr], y[tr], task, k, grid=cfg.l2_grid, folds=cfg.inner_folds, seed=cfg.seed, **kw)
+        return l2, table.get(l2, math.nan)  # empty table: a one-value grid or too few samples, nothing compared
+    l2 = max(table, key=lambda c: (-math.inf if math.isnan(table[c]) else table[c], c))
+    return l2, table[l2]
 
 
 def _check_inputs(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig) -> np.ndarray:
@@ -114,11 +148,26 @@ def _check_inputs(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig) -> np.ndarr
             x = x.astype(np.float32)
     else:
         x = np.asarray(x, dtype=np.float32)
+        _check_centring(x, cfg)
     if len(x) != len(labels):
         raise ValueError(f"{len(x)} feature rows for {len(labels)} labelled videos")
     if not np.isfinite(x).all():
         raise ValueError("features contain NaN or inf")
     return x
+
+
+def _check_centring(x: np.ndarray, cfg: ProbeConfig) -> None:
+    """The linear head reads ``[N, F]``, or time-kept ``[N, S, D]`` (needed by, and only useful with, centring)."""
+    if cfg.centre not in CENTRING:
+        raise ValueError(f"centre must be one of {', '.join(CENTRING)}, found {cfg.centre!r}")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"the linear probe needs features [N, F] or time-kept [N, S, D], got shape {tuple(x.shape)}")
+    if cfg.centre != "off" and x.ndim != 3:
+        raise ValueError(f"centre={cfg.centre!r} needs time-kept features [N, S, D], got shape {tuple(x.shape)}")
+    if cfg.centre == "auto" and cfg.l2 is not None:
+        raise ValueError("centre='auto' is chosen with the L2 strength on training data: leave l2 unset")
+    if x.ndim == 3 and cfg.clip_steps is not None and (cfg.clip_steps < 1 or x.shape[1] % cfg.clip_steps):
+        raise ValueError(f"{x.shape[1]} time steps do not split into clips of {cfg.clip_steps}")
 
 
 def _pooled_entry(labels: LabelSet, scores: np.ndarray, tested: np.ndarray, seed: int) -> dict[str, Any]:
@@ -165,8 +214,8 @@ def run_probe(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig | None = None) -
         tested = np.zeros(len(labels), dtype=bool)
         for i, (tr, va, te) in enumerate(parts):
             tr = subsample(tr, frac, y=strat, seed=cfg.seed + i)
-            probe, choice = _fit_part(x, y, tr, va, labels, cfg)
-            s = probe.scores(x[te])
+            probe, choice, z = _fit_part(x, y, tr, va, labels, cfg)
+            s = probe.scores(z[te])
             scores_all[te], tested[te] = s, True
             m = compute_metrics(task, y[te], s)
             m.update(n_train=float(len(tr)), n_test=float(len(te)))
