@@ -14,7 +14,8 @@ Stages, each resumable (done work is skipped):
                  (``--sample-rate 4``: 16 frames over 61 of its 75), the same centred clip in training and testing
                  (``--train-clip centre --test-clips 1``: a word slot is a moment in the sentence, which a random
                  clip start moves), the head reading one standardised feature per time step in order (``--pool time
-                 --head-norm``), AdamW at ``--lr`` with ``--layer-decay``. README "Does pretraining transfer?" lists
+                 --head-norm``; with ``--centre`` each step minus the clip's mean over them), AdamW at ``--lr`` with
+                 ``--layer-decay``. README "Does pretraining transfer?" lists
                  the recipes that stayed at chance before this one.
 3. ``report``    test accuracy with its 95% bootstrap interval per slot, and where the intervals do not overlap.
 
@@ -91,7 +92,7 @@ def stage_crops(args: argparse.Namespace, side: int) -> Path:
 
 
 def run_dir(args: argparse.Namespace, init: str, slot: str, fraction: float) -> Path:
-    return args.work / "runs" / f"{init}_{slot}_{fraction:g}"
+    return args.work / "runs" / f"{init}_{slot}_{fraction:g}{'_centred' if args.centre else ''}"
 
 
 def stage_finetune(args: argparse.Namespace, manifest: Path) -> None:
@@ -105,7 +106,7 @@ def stage_finetune(args: argparse.Namespace, manifest: Path) -> None:
                 cmd = [sys.executable, "-m", "marlin.cli", "finetune", "--model", str(args.model),
                        *(["--random-init"] if init == "random" else []), "--labels", str(manifest),
                        "--label", slot, "--split-col", "split", "--train-fraction", str(fraction),
-                       "--sample-rate", "4", "--pool", "time", "--head-norm",
+                       "--sample-rate", "4", "--pool", "time", "--head-norm", *(["--centre"] if args.centre else []),
                        "--train-clip", "centre", "--test-clips", "1", "--lr", str(args.lr), "--layer-decay",
                        str(args.layer_decay), "--epochs", str(args.epochs), "--patience", str(args.patience),
                        "--batch-size", "8", "--workers", "1", "--seed", "0",
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layer-decay", type=float, default=1.0, help="block k below the head trains at lr x this^k")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--patience", type=int, default=8)
+    ap.add_argument("--centre", action="store_true", help="the head reads each time step minus the clip's mean over "
+                    "them (marlin finetune --centre); runs kept apart (<run>_centred)")  # fmt: skip
     ap.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0])
     ap.add_argument("--until", choices=STAGES, default=STAGES[-1])
     args = ap.parse_args(argv)

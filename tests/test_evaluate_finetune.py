@@ -311,6 +311,41 @@ def test_time_pool_tells_order_that_the_clip_mean_cannot(tmp_path) -> None:
         _cfg(tmp_path, labels, ("order",), pool="max")
 
 
+def test_centred_time_head_reads_what_changes_within_the_clip(tmp_path) -> None:
+    """``centre``: the head input is each time step minus the clip's mean over its steps (exactly that, on the same
+    encoder), saved with the model; order (red then blue vs blue then red) survives it."""
+    rows = []
+    for order in ("red_blue", "blue_red"):
+        first, second = (COLOURS[c] for c in order.split("_"))
+        for i in range(8):
+            path = tmp_path / f"{order}_{i}.mp4"
+            write_video(path, n_frames=4, height=32, width=32, frame_fn=lambda k, h, w, a=first, b=second, s=i: _noisy(
+                a if k < 2 else b, s)(k, h, w))  # fmt: skip
+            rows.append({"path": str(path), "order": order})
+    labels = _write_csv(tmp_path / "labels.csv", rows)
+    cfg = _cfg(tmp_path / "c", labels, ("order",), pool="time", centre=True, epochs=6, sample_rate=1, test_clips=1,
+               split=(0.5, 0.25, 0.25), freeze_encoder=True, lr=3e-2, eval_train=False)  # fmt: skip
+    run = finetune(cfg)
+    assert run.metrics["test"]["accuracy"] == 1.0
+    model = load_finetuned(tmp_path / "c" / "best.pt")
+    plain = FinetuneModel(model.config, model.task, model.names, model.num_outputs, encoder=model.encoder,
+                          pool="time").eval()  # fmt: skip
+    assert model.centre and not plain.centre
+    seen = []
+    for m in (model, plain):
+        m.head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].view(3, 2, -1)))  # [B, T', D]
+    x = torch.rand(3, 3, 4, 32, 32)
+    with torch.no_grad():
+        model(x), plain(x)
+    centred, raw = seen
+    assert torch.allclose(centred, raw - raw.mean(1, keepdim=True), atol=1e-6)
+    assert torch.allclose(centred.mean(1), torch.zeros(()), atol=1e-6) and centred.abs().max() > 1e-3
+    with pytest.raises(ValueError, match="centre needs the time-kept head input"):
+        _cfg(tmp_path, labels, ("order",), centre=True)
+    with pytest.raises(ValueError, match="centre needs the time-kept head input"):
+        FinetuneModel(model.config, model.task, model.names, model.num_outputs, centre=True)
+
+
 def test_binary_low_data_groups_and_early_stopping(colour_set, tmp_path) -> None:
     # lr 1e-12 cannot move float32 weights: validation never improves, so patience 2 stops after epoch 3
     cfg = _cfg(tmp_path, colour_set / "labels.csv", ("is_red",), epochs=10, patience=2, lr=1e-12, min_lr=0.0,

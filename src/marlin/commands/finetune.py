@@ -75,6 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "with --test-clips 1) (default: %(default)s)")  # fmt: skip
     p.add_argument("--head-norm", action="store_true", help="standardise the head input per batch (BatchNorm without "
                    "affine, as MAE's linear probe): face clips differ by a few %% of the feature norm")  # fmt: skip
+    p.add_argument("--centre", action="store_true", help="with --pool time: subtract the clip's mean over its time "
+                   "steps from the head input (what the clip holds constant: who, light, session)")  # fmt: skip
     p.add_argument("--hflip", action="store_true", help="random horizontal flips in training")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader processes per rank "
                    "(default: %(default)s)")  # fmt: skip
@@ -99,7 +101,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
         layer_decay=args.layer_decay, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         patience=args.patience, sample_rate=args.sample_rate, test_clips=args.test_clips, pool=args.pool,
-        train_clip=args.train_clip, head_norm=args.head_norm, hflip=args.hflip, workers=args.workers, seed=args.seed,
+        train_clip=args.train_clip, head_norm=args.head_norm, centre=args.centre, hflip=args.hflip,
+        workers=args.workers, seed=args.seed,
         out=args.out, device=args.device, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
         eval_train=not args.no_train_eval, log_every=args.log_every,
     )  # fmt: skip

@@ -108,6 +108,9 @@ class FinetuneConfig:
     pool: str = "mean"  # head input: "mean" (the clip feature), "time" (one per time step, in order: lip reading)
     train_clip: str = "random"  # "random" start per epoch, or "centre": the same clip each time (positions in time)
     head_norm: bool = False  # standardise the head input per batch (BatchNorm, no affine; MAE's linear-probe trick)
+    # pool "time": subtract the clip's mean over its time steps from the head input, so the head reads what changes
+    # within the clip (the mouth), not what the clip holds constant (who, light); the probe's `centre` for a fine-tune
+    centre: bool = False
     hflip: bool = False  # random horizontal flips in training (off: some labels are left / right specific)
     workers: int = 2  # DataLoader processes per rank
     seed: int = 0
@@ -134,6 +137,7 @@ class FinetuneConfig:
             (self.warmup_epochs >= 0, f"warmup epochs must be >= 0, got {self.warmup_epochs}"),
             (self.pool in POOLS, f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}"),
             (self.train_clip in ("random", "centre"), f"train clip must be random or centre, got {self.train_clip!r}"),
+            (not self.centre or self.pool == "time", "centre needs the time-kept head input (pool time)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -153,7 +157,8 @@ class FinetuneModel(nn.Module):
 
     `pool`: ``"mean"`` reads the released clip feature (all tokens averaged, then the final norm); ``"time"`` reads
     one such feature per time step (tokens averaged over the frame, then the norm), concatenated in order, so the head
-    knows *when* something happens (a word's place in a sentence), which a mean over the clip averages away.
+    knows *when* something happens (a word's place in a sentence), which a mean over the clip averages away; with
+    `centre` the clip's mean over its steps is subtracted from them first (what changes within the clip stays).
 
     Scores are logits for the classification tasks and values in the targets' units for regression (the head
     predicts train-standardised targets; ``target_mean`` / ``target_std`` undo that).
@@ -172,10 +177,14 @@ class FinetuneModel(nn.Module):
         test_clips: int = 4,
         pool: str = "mean",
         head_norm: bool = False,
+        centre: bool = False,
     ) -> None:
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        if centre and pool != "time":
+            raise ValueError("centre needs the time-kept head input (pool time)")
+        self.centre = centre
         self.config, self.task, self.names, self.label = config, task, list(names), label
         self.sample_rate, self.test_clips, self.pool = sample_rate, test_clips, pool
         self.meta: dict[str, Any] = {}  # what a loaded checkpoint says besides the weights (epoch, metrics, config)
@@ -198,7 +207,10 @@ class FinetuneModel(nn.Module):
         if self.pool == "time":
             enc, steps = self.encoder, self.config.clip_frames // self.config.tubelet_size
             h = enc.run_blocks(enc.embed(x))  # [B, N, D], tokens in (t, h, w) order
-            feats = enc.norm(h.view(len(x), steps, -1, h.shape[-1]).mean(2)).flatten(1)  # [B, T' * D]
+            feats = enc.norm(h.view(len(x), steps, -1, h.shape[-1]).mean(2))  # [B, T', D]
+            if self.centre:
+                feats = feats - feats.mean(1, keepdim=True)  # what changes over the clip's steps
+            feats = feats.flatten(1)  # [B, T' * D]
         else:
             feats = self.encoder.extract_features(x, seq_mean_pool=True)  # [B, D]
         z = self.head(self._normalise(feats))  # [B, K]
@@ -263,6 +275,7 @@ class FinetuneModel(nn.Module):
             "test_clips": self.test_clips,
             "pool": self.pool,
             "head_norm": self.head_norm is not None,
+            "centre": self.centre,
             **extra,
         }
 
@@ -277,7 +290,8 @@ def load_finetuned(path: str | os.PathLike, map_location: str | torch.device = "
     model = FinetuneModel(config, obj["task"], obj["names"], int(obj["num_outputs"]), label=obj.get("label", "label"),
                           sample_rate=int(obj.get("sample_rate", obj.get("stride", 2))),  # "stride": before 0.2
                           test_clips=int(obj.get("test_clips", 4)), pool=obj.get("pool", "mean"),
-                          head_norm=bool(obj.get("head_norm", False)))  # fmt: skip
+                          head_norm=bool(obj.get("head_norm", False)),
+                          centre=bool(obj.get("centre", False)))  # fmt: skip
     model.load_state_dict({**obj["state_dict"], **obj["head_state"]})
     model.meta = {k: v for k, v in obj.items() if k not in ("state_dict", "head_state")}
     return model.eval().to(map_location)
@@ -592,7 +606,7 @@ def _setup(cfg: FinetuneConfig, labels: LabelSet | None, encoder: MarlinEncoder 
         encoder = _load_encoder(cfg)
     model = FinetuneModel(encoder.config, labels.task, labels.names, labels.num_outputs, encoder=encoder,
                           label=labels.label, sample_rate=cfg.sample_rate, test_clips=cfg.test_clips,
-                          pool=cfg.pool, head_norm=cfg.head_norm)  # fmt: skip
+                          pool=cfg.pool, head_norm=cfg.head_norm, centre=cfg.centre)  # fmt: skip
     model.init_head(labels.targets[splits["train"]])
     return _Run(cfg, labels, model, splits, dist)
 
