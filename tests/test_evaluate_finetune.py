@@ -281,18 +281,24 @@ def test_multilabel_and_regression_run_end_to_end(colour_set, tmp_path) -> None:
         _cfg(tmp_path, colour_set / "labels.csv", ("colour",), layer_decay=1.5)
 
 
-def test_time_pool_tells_order_that_the_clip_mean_cannot(tmp_path) -> None:
-    """Two classes with the same colours in opposite order (red then blue, blue then red): the mean over a clip is
-    the same for both, the time-kept head input is not."""
+def _order_videos(tmp_path: Path, per_class: int) -> Path:
+    """Two classes with the same colours in opposite order (red then blue, blue then red), 4 frames each: the
+    labels CSV (column ``order``)."""
     rows = []
     for order in ("red_blue", "blue_red"):
         first, second = (COLOURS[c] for c in order.split("_"))
-        for i in range(10):
+        for i in range(per_class):
             path = tmp_path / f"{order}_{i}.mp4"
             write_video(path, n_frames=4, height=32, width=32, frame_fn=lambda k, h, w, a=first, b=second, s=i: _noisy(
                 a if k < 2 else b, s)(k, h, w))  # fmt: skip
             rows.append({"path": str(path), "order": order})
-    labels = _write_csv(tmp_path / "labels.csv", rows)
+    return _write_csv(tmp_path / "labels.csv", rows)
+
+
+def test_time_pool_tells_order_that_the_clip_mean_cannot(tmp_path) -> None:
+    """Two classes with the same colours in opposite order (red then blue, blue then red): the mean over a clip is
+    the same for both, the time-kept head input is not."""
+    labels = _order_videos(tmp_path, 10)
     acc = {}
     for pool in ("mean", "time"):
         r = finetune(_cfg(tmp_path / pool, labels, ("order",), pool=pool, epochs=6, sample_rate=1, test_clips=1,
@@ -314,15 +320,7 @@ def test_time_pool_tells_order_that_the_clip_mean_cannot(tmp_path) -> None:
 def test_centred_time_head_reads_what_changes_within_the_clip(tmp_path) -> None:
     """``centre``: the head input is each time step minus the clip's mean over its steps (exactly that, on the same
     encoder), saved with the model; order (red then blue vs blue then red) survives it."""
-    rows = []
-    for order in ("red_blue", "blue_red"):
-        first, second = (COLOURS[c] for c in order.split("_"))
-        for i in range(8):
-            path = tmp_path / f"{order}_{i}.mp4"
-            write_video(path, n_frames=4, height=32, width=32, frame_fn=lambda k, h, w, a=first, b=second, s=i: _noisy(
-                a if k < 2 else b, s)(k, h, w))  # fmt: skip
-            rows.append({"path": str(path), "order": order})
-    labels = _write_csv(tmp_path / "labels.csv", rows)
+    labels = _order_videos(tmp_path, 8)
     cfg = _cfg(tmp_path / "c", labels, ("order",), pool="time", centre=True, epochs=6, sample_rate=1, test_clips=1,
                split=(0.5, 0.25, 0.25), freeze_encoder=True, lr=3e-2, eval_train=False)  # fmt: skip
     run = finetune(cfg)
