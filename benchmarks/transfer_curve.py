@@ -607,10 +607,13 @@ def recon_table(args: argparse.Namespace, clips: int = 24) -> str:
 def health_table(args: argparse.Namespace) -> str:
     """Collapse check per encoder, on the last block's clip features (face tokens averaged over the clip, ``[N, D]``):
     the effective rank (exp of the entropy of the normalised PCA spectrum; D when every direction carries equal
-    variance, 1 when all clips lie on a line) and the share of variance in the first principal direction."""
+    variance, 1 when all clips lie on a line) and the share of variance in the first principal direction; and on the
+    time-kept mouth features (standardised as the probe does) the share of variance that changes within a window (1
+    minus the share of the windows' own means over their time steps): what a centred probe keeps."""
     import numpy as np
 
-    lines = ["| encoder | step | effective rank (of D) | top direction's variance share |", "|---|---|---|---|"]
+    lines = ["| encoder | step | effective rank (of D) | top direction's variance share | changing within a window |",
+             "|---|---|---|---|---|"]  # fmt: skip
     for folder in sorted((args.work / "features").iterdir(), key=lambda f: (f.name != "random", f.name)):
         layers = sorted(folder.glob("L*.npy"), key=lambda f: int(f.stem[1:])) if folder.is_dir() else []
         if not layers:
@@ -620,8 +623,23 @@ def health_table(args: argparse.Namespace) -> str:
         p = ev / ev.sum()
         rank = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
         name, _, step = folder.name.rpartition("_") if folder.name != "random" else ("random", "", "0")
-        lines.append(f"| {name} | {step or 0} | {rank:.1f} (of {x.shape[1]}) | {p[0]:.3f} |")
+        lines.append(f"| {name} | {step or 0} | {rank:.1f} (of {x.shape[1]}) | {p[0]:.3f} | "
+                     f"{_changing_share(folder / 'mouth.npy'):.4f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _changing_share(path: Path) -> float:
+    """Share of the (per-feature standardised) variance of time-kept features ``[N, W * T', D]`` that is not each
+    window's mean over its T' steps; nan without the file."""
+    import numpy as np
+
+    if not path.is_file():
+        return float("nan")
+    x = np.load(path).astype(np.float64)
+    n, steps, d = x.shape
+    z = x.reshape(n, -1)
+    z = ((z - z.mean(0)) / (z.std(0) + 1e-8)).reshape(n, N_WINDOWS, steps // N_WINDOWS, d)  # [N, W, T', D]
+    return float(((z - z.mean(2, keepdims=True)) ** 2).sum() / (z**2).sum())
 
 
 PARTS = {"mouth": (7, 8, 9), "eyes": (2, 3, 4, 5), "nose": (6,)}  # LaPa labels (brows with the eyes)
