@@ -567,8 +567,9 @@ RECON_SETS = (("grid_s1", "train", "GRID train sentences"), ("grid_s1", "val", "
 
 def recon_table(args: argparse.Namespace, clips: int = 24) -> str:
     """Hidden-patch error (normalised targets) of each probed checkpoint on four sets — what the model learnt to
-    reconstruct and for whom — next to predicting each hidden patch's own mean (~1.0). Evaluation only: nothing is
-    chosen on it (the GRID test sentences are never trained on)."""
+    reconstruct and for whom — next to predicting each hidden patch's own mean (~1.0); for the raw-pixel runs their
+    pixel MSE next to the visible patches' mean colour. Evaluation only: nothing is chosen on it (the GRID test
+    sentences are never trained on)."""
     import torch
 
     from marlin.data.datasets import PretrainDataset
@@ -595,7 +596,9 @@ def recon_table(args: argparse.Namespace, clips: int = 24) -> str:
                                                  sample_rate=cfg.data.temporal_sample_rate, mode="eval")  # fmt: skip
                 idx = list(range(0, len(ds), max(1, len(ds) // clips)))[:clips]
                 m = validate(model, ds, idx, cfg)
-                row[label] = [m["val/rec"], m["val/patch_mean_rec"]]
+                # raw-pixel targets (``*_raw``): pixel MSE against the visible patches' mean colour instead
+                row[label] = [m["val/rec"], m["val/patch_mean_rec"]] if cfg.loss.norm_target else [
+                    m["val/mse"], m["val/visible_mean_mse"]]  # fmt: skip
             cache[name] = row
             cache_path.write_text(json.dumps(cache, indent=1))
         run, step = name.split("@")
