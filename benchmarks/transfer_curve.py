@@ -561,6 +561,43 @@ def plot_curve(table: dict, path: Path) -> Path | None:
     return path
 
 
+def plot_centring(args: argparse.Namespace, table: dict, path: Path) -> Path | None:
+    """The mouth probe of every encoder against how much of its mouth features changes within a window (log scale),
+    linear (open) and centred (filled) joined by an arrow: the less a window's features change, the lower the plain
+    probe and the more centring gives back."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    plain, centred = table.get("linear L6 mouth", {}), table.get("centred L6 mouth", {})
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for name in sorted(set(plain) & set(centred)):
+        a, b = _slot_mean(plain[name]), _slot_mean(centred[name])
+        share = _changing_share(feature_file(args, name, "mouth"))
+        if a is None or b is None or share != share:  # nan: no features
+            continue
+        colour = "black" if "@" not in name else "tab:blue" if "tube" in name else "tab:red"  # no step: random init
+        ax.annotate("", (share, b), (share, a), arrowprops={"arrowstyle": "->", "color": colour, "alpha": 0.6})
+        ax.scatter([share], [a], facecolors="none", edgecolors=colour, s=30)
+        ax.scatter([share], [b], color=colour, s=30)
+        ax.annotate(name.replace("@1000", ""), (share, b), xytext=(4, 2), textcoords="offset points", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("share of the mouth features' variance that changes within a window")
+    ax.set_ylabel("GRID test accuracy, mean of 6 slots")
+    ax.set_title("linear L6 mouth (open) -> centred (filled); red: MARLIN, fasking, other masks; blue: tube; "
+                 "black: random init", fontsize=8)  # fmt: skip
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".part")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 RECON_SETS = (("grid_s1", "train", "GRID train sentences"), ("grid_s1", "val", "GRID test sentences"),
               ("faces", "train", "other people, trained on"), ("faces", "val", "unseen people"))  # fmt: skip
 
@@ -777,9 +814,10 @@ def main(argv: list[str] | None = None) -> None:
         print(health_table(args))
         print()
         print(sees_table(args))
-        picture = plot_curve(table, args.work / "transfer_curve.png")
-        if picture:
-            print(f"\npicture: {picture}")
+        for picture in (plot_curve(table, args.work / "transfer_curve.png"),
+                        plot_centring(args, table, args.work / "transfer_centring.png")):  # fmt: skip
+            if picture:
+                print(f"\npicture: {picture}")
 
 
 if __name__ == "__main__":

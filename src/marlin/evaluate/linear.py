@@ -186,7 +186,8 @@ def centre_steps(x: np.ndarray, clip_steps: int | None = None) -> np.ndarray:
     What a clip holds constant (who is in it, the light, the session) goes and what changes within it (the mouth over
     a sentence) stays. A per-sample operation, no statistics learnt: it cannot leak between training and test rows.
     Why it is offered: the time-kept features of MAE-pretrained encoders are dominated by such per-clip constants
-    (on GRID one direction carries 52-98% of the variance), which a PCA keeps first and a penalised probe prefers.
+    (GRID mouth features after 1000 pretraining steps: 98.4-99.8% of the variance, 91% at random init), which a PCA
+    keeps first and a penalised probe prefers.
     """
     x = np.asarray(x)
     if x.ndim != 3:
