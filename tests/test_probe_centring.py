@@ -98,6 +98,8 @@ def test_centring_options_are_checked():
         accuracy(x, y, centre="yes")
     with pytest.raises(ValueError, match="do not split into clips of 4"):
         accuracy(x, y, centre="on", clip_steps=4)
+    with pytest.raises(ValueError, match="not of the attentive one"):
+        accuracy(x, y, centre="on", head="attentive")
     flat, _ = accuracy(x.reshape(len(x), -1), y)
     kept, _ = accuracy(x, y)  # time-kept features without centring: flattened, the same probe
     assert flat == kept

@@ -141,6 +141,8 @@ def _check_inputs(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig) -> np.ndarr
     if cfg.head not in HEADS:
         raise ValueError(f"probe head must be one of {', '.join(HEADS)}, found {cfg.head!r}")
     if cfg.head == "attentive":
+        if cfg.centre != "off":
+            raise ValueError("centre is an option of the linear head (time-kept features), not of the attentive one")
         x = np.asarray(x)
         if x.ndim != 3:
             raise ValueError(f"the attentive probe needs tokens [N, L, D], got features of shape {tuple(x.shape)}")
