@@ -522,6 +522,18 @@ def summary(table: dict) -> str:
     return "\n".join(lines)
 
 
+def _save_png(fig, path: Path) -> Path:  # noqa: ANN001
+    """Write a matplotlib figure to `path` atomically (a partial file never takes its name) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".part")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def plot_curve(table: dict, path: Path) -> Path | None:
     """Mean test accuracy over the six slots against pretraining steps, one panel per protocol."""
     try:
@@ -553,12 +565,7 @@ def plot_curve(table: dict, path: Path) -> Path | None:
     for ax in axes[0]:
         legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)})
     axes[0][0].legend(list(legend.values()), list(legend), fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".part")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_centring(args: argparse.Namespace, table: dict, path: Path) -> Path | None:
@@ -590,12 +597,7 @@ def plot_centring(args: argparse.Namespace, table: dict, path: Path) -> Path | N
     ax.set_title("linear L6 mouth (open) -> centred (filled); red: MARLIN, fasking, other masks; blue: tube; "
                  "black: random init", fontsize=8)  # fmt: skip
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".part")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_png(fig, path)
 
 
 RECON_SETS = (("grid_s1", "train", "GRID train sentences"), ("grid_s1", "val", "GRID test sentences"),
