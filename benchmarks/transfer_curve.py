@@ -461,10 +461,10 @@ def stage_probe(args: argparse.Namespace) -> dict:
             continue
         src = args.work / "features" / "pixels.npy" if name == "pixels" else feature_file(args, name, kind)
         x = np.load(src, mmap_mode="r" if head == "attentive" else None)
+        # a window's 8 time steps are centred together; the pixels' 25 frames span the sentence: one clip
+        clip = None if name == "pixels" else CLIP_FRAMES // TUBELET
         for slot in todo:
             t0 = time.time()
-            # a window's 8 time steps are centred together; the pixels' 25 frames span the sentence: one clip
-            clip = None if name == "pixels" else CLIP_FRAMES // TUBELET
             r = job["slots"][slot] = _probe_one(x, labels[slot], head, clip)
             log(f"{proto:15s} {name:12s} {slot:12s} {r['accuracy']:.3f} [{r['low']:.3f}, {r['high']:.3f}] "
                 f"({time.time() - t0:.0f} s)")  # fmt: skip
@@ -624,8 +624,9 @@ def recon_table(args: argparse.Namespace, clips: int = 24) -> str:
     for name, ckpt in encoders(args).items():
         if ckpt is None:
             continue
+        run, step = name.split("@")
+        cfg = load_config(run_dir(args, run) / "config.yaml")
         if name not in cache:
-            cfg = load_config(run_dir(args, name.split("@")[0]) / "config.yaml")
             model = create_model(cfg.model, full=True)
             state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
             model.load_state_dict({k: v for k, v in state.items() if not k.startswith("discriminator.")})  # no critic
@@ -640,7 +641,7 @@ def recon_table(args: argparse.Namespace, clips: int = 24) -> str:
                     m["val/mse"], m["val/visible_mean_mse"]]  # fmt: skip
             cache[name] = row
             cache_path.write_text(json.dumps(cache, indent=1))
-        run, step = name.split("@")
+        run += "" if cfg.loss.norm_target else " (raw pixels: MSE vs visible mean)"
         cells = [f"{cache[name][label][0]:.3f} ({cache[name][label][1]:.3f})" for *_, label in RECON_SETS]
         lines.append(f"| {run} | {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -675,13 +676,15 @@ def _changing_share(path: Path) -> float:
     window's mean over its T' steps; nan without the file."""
     import numpy as np
 
+    from marlin.evaluate.linear import centre_steps
+
     if not path.is_file():
         return float("nan")
     x = np.load(path).astype(np.float64)
     n, steps, d = x.shape
     z = x.reshape(n, -1)
-    z = ((z - z.mean(0)) / (z.std(0) + 1e-8)).reshape(n, N_WINDOWS, steps // N_WINDOWS, d)  # [N, W, T', D]
-    return float(((z - z.mean(2, keepdims=True)) ** 2).sum() / (z**2).sum())
+    z = ((z - z.mean(0)) / (z.std(0) + 1e-8)).reshape(n, steps, d)  # [N, W * T', D], standardised per feature
+    return float((centre_steps(z, steps // N_WINDOWS) ** 2).sum() / (z**2).sum())
 
 
 PARTS = {"mouth": (7, 8, 9), "eyes": (2, 3, 4, 5), "nose": (6,)}  # LaPa labels (brows with the eyes)
