@@ -220,3 +220,22 @@ def test_a_mismatched_resume_says_what_differs(tmp_path) -> None:
     other = load_config("marlin_vit_tiny_test", [*ARGS, f"out_dir={tmp_path}", "max_steps=2", "model.img_size=64"])
     with pytest.raises(ValueError, match="img_size: checkpoint 32, run 64"):
         Pretrainer(other).fit(resume="auto")
+
+
+def test_a_checkpoint_older_than_a_model_field_resumes_with_its_default(tmp_path) -> None:
+    """A run checkpointed before `MarlinConfig.num_registers` existed has no such key; it was refused as "checkpoint
+    None, run 0". A field the checkpoint predates is the default it was built with: the run resumes."""
+    cfg = load_config("marlin_vit_tiny_test", [*ARGS, f"out_dir={tmp_path}", "max_steps=1", "ckpt.export=false"])
+    Pretrainer(cfg).fit()
+    path = tmp_path / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["train_config"]["model"]["num_registers"]  # as written before the field was added
+    torch.save(ckpt, path)
+    more = load_config("marlin_vit_tiny_test", [*ARGS, f"out_dir={tmp_path}", "max_steps=2", "ckpt.export=false"])
+    trainer = Pretrainer(more)
+    trainer.fit(resume="auto")
+    assert trainer.step == 2
+    registered = load_config("marlin_vit_tiny_test", [*ARGS, f"out_dir={tmp_path}", "max_steps=3",
+                                                      "model.num_registers=2"])  # fmt: skip
+    with pytest.raises(ValueError, match="num_registers: checkpoint 0, run 2"):
+        Pretrainer(registered).fit(resume="auto")  # a real difference is still refused

@@ -41,6 +41,7 @@ from ..data.sampling import KeyedItems, StreamBatchSampler
 from ..mae.critic import PatchCritic
 from ..mae.losses import critic_loss, generator_adv_loss, gradient_penalty, masked_targets, reconstruction_loss
 from ..mae.masking import Masker
+from ..models.config import MarlinConfig
 from ..models.model import Marlin
 from ..utils.distributed import (
     DistInfo,
@@ -374,8 +375,9 @@ class Pretrainer:
     def resume(self, path: str | Path) -> None:
         ckpt = ckio.load_training_checkpoint(path)
         saved = ckpt["train_config"]
-        if saved.get("model") != self.cfg.model.to_dict():
-            theirs, ours = saved.get("model", {}), self.cfg.model.to_dict()
+        # fields added to MarlinConfig after the checkpoint was written take their defaults (what that model had)
+        theirs, ours = {**MarlinConfig().to_dict(), **saved.get("model", {})}, self.cfg.model.to_dict()
+        if theirs != ours:
             diff = ", ".join(
                 f"{k}: checkpoint {theirs.get(k)!r}, run {v!r}" for k, v in ours.items() if theirs.get(k) != v
             )
