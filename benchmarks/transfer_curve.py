@@ -153,7 +153,8 @@ def run_dir(args: argparse.Namespace, name: str) -> Path:
 
 
 def _pretrain_cmd(args: argparse.Namespace, stores: dict[str, Path], name: str) -> list[str]:
-    stop = ["--stop-at", str(args.variant_steps)] if name in VARIANTS else []
+    at = args.variant_steps if name in VARIANTS else args.stop_at
+    stop = ["--stop-at", str(at)] if at else []
     return marlin_cmd("pretrain", *COMMON, *RUNS[name], "--data", f"{stores['grid_s1']},{stores['faces']}",
                       "--out", str(run_dir(args, name)), f"val.source={stores['faces']}#val",
                       f"val.every={args.ckpt_every}", f"ckpt.every={args.ckpt_every}", "--max-steps", str(args.steps),
@@ -269,7 +270,8 @@ def encoders(args: argparse.Namespace) -> dict[str, Path | None]:
     checkpoints ``<run>@<step>`` at the ``--curve-steps`` and its latest one (a run still going, or stopped early,
     still gives its furthest point); then the ``--encoder NAME=PATH`` models, and with ``--copies int8 bf16`` each
     trained encoder again as ``<name>+int8`` / ``<name>+bf16`` (features from `Marlin.for_inference(precision)`:
-    what that precision does to a probe)."""
+    what that precision does to a probe), and with ``--views steps`` every fp32 encoder again as ``<name>~steps``
+    (each time step's tokens encoded on their own: see `encode_all`)."""
     out: dict[str, Path | None] = {"random": None}
     for name in args.runs:
         ckpts = sorted((int(p.stem.split("_")[1]), p) for p in run_dir(args, name).glob("checkpoints/step_*.pt"))
@@ -279,6 +281,8 @@ def encoders(args: argparse.Namespace) -> dict[str, Path | None]:
     out.update(args.encoder)
     for precision in args.copies:
         out.update({f"{name}+{precision}": ck for name, ck in list(out.items()) if ck is not None and "+" not in name})
+    for view in args.views:
+        out.update({f"{name}~{view}": ck for name, ck in list(out.items()) if "+" not in name and "~" not in name})
     return out
 
 
@@ -290,6 +294,7 @@ def encoder_model(args: argparse.Namespace, name: str, ckpt: Path | None):  # no
     from marlin.models.model import create_model, from_spec
     from marlin.train.config import load_config
 
+    name = name.split("~")[0]  # a view changes how the features are taken, not the model
     if ckpt is not None:
         model = from_spec(str(ckpt)).eval()
         return model.for_inference(name.split("+")[1]) if "+" in name else model
@@ -300,12 +305,16 @@ def encoder_model(args: argparse.Namespace, name: str, ckpt: Path | None):  # no
     return create_model(from_spec(str(next(iter(args.encoder.values())))).config).eval()
 
 
-def encode_all(model, clips, centres, layers: tuple[int, ...], batch: int = 12) -> dict[str, object]:  # noqa: ANN001
+def encode_all(model, clips, centres, layers: tuple[int, ...], batch: int = 12, per_step: bool = False) -> dict:  # noqa: ANN001
     """One pass of `model` over every cached window. Per kept block `k` (1-based, after the final norm) the tokens
     averaged over the crop per time step (``L<k>`` ``[N, W * T', D]``); for the last block also the 3 x 3 patches
     around the window's mouth averaged per time step (``mouth``, the region the raw-pixel baseline sees) and all
     its tokens averaged over 2 x 2 patch regions (``tokens`` ``[N, W * T' * ceil(g / 2)^2, D]`` float16; 4x fewer
-    for the attentive probe to attend, which keeps it to minutes on a CPU)."""
+    for the attentive probe to attend, which keeps it to minutes on a CPU).
+
+    `per_step`: each time step's g * g tokens (with their own positions) pass through the blocks as a sequence of
+    their own, so no token attends across time. Pretraining shows the encoder ~10% of a clip's tokens (39 of 392
+    for the tiny models); one time step is 49, near what it was trained on, where the whole clip is 10x more."""
     import numpy as np
     import torch
 
@@ -322,7 +331,10 @@ def encode_all(model, clips, centres, layers: tuple[int, ...], batch: int = 12) 
     for i in range(0, len(flat), batch):
         x = torch.from_numpy(np.array(flat[i : i + batch])).permute(0, 4, 1, 2, 3).float().div_(255)  # a copy: writable
         with torch.inference_mode(), autocast("cpu", low):
-            for k, h in enumerate(enc.iter_blocks(enc.embed(x)), 1):  # [b, T' * g * g, D] after block k
+            e = enc.embed(x)  # [b, T' * g * g, D]
+            e = e.reshape(len(x) * t_steps, g * g, -1) if per_step else e  # [b * T', g * g, D]: one step a sequence
+            for k, h in enumerate(enc.iter_blocks(e), 1):
+                h = h.reshape(len(x), t_steps * g * g, -1)  # [b, T' * g * g, D] after block k
                 if k in per_layer:
                     per_layer[k].append(enc.norm(h).float().reshape(len(x), t_steps, g * g, -1).mean(2).numpy())
             z = enc.norm(h).float().reshape(len(x), t_steps, g, g, -1)  # [b, T', g, g, D]
@@ -356,7 +368,8 @@ def stage_features(args: argparse.Namespace, stores: dict[str, Path]) -> None:
         depth = len(model.encoder.blocks)
         layers = tuple(sorted({depth // 3, 2 * depth // 3, depth}))
         # int8 quantises activations per call: one clip per call, as `Marlin.for_inference` runs it on a CPU
-        feats = encode_all(model, clips, centres, layers, batch=1 if name.endswith("+int8") else 12)
+        feats = encode_all(model, clips, centres, layers, batch=1 if name.endswith("+int8") else 12,
+                           per_step=name.endswith("~steps"))  # fmt: skip
         for kind, arr in feats.items():
             target = feature_file(args, name, kind)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -779,6 +792,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--variant-steps", type=int, default=1000,
                     help="masking variants stop at this step of the --steps schedule (resumable)")  # fmt: skip
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="marlin and tube stop at this step of their schedule (resumable; default: all)")  # fmt: skip
     ap.add_argument("--parallel", type=int, default=2, help="pretraining runs at a time")
     ap.add_argument("--threads-per-run", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the feature and probe stages")
@@ -793,6 +808,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="also probe this trained encoder (an exported model or checkpoint; repeatable)")  # fmt: skip
     ap.add_argument("--copies", nargs="*", default=[], choices=("int8", "bf16"),
                     help="also probe each trained encoder in these precisions (NAME+int8, ...)")  # fmt: skip
+    ap.add_argument(
+        "--views",
+        nargs="*",
+        default=[],
+        choices=("steps",),
+        help="also probe every encoder with each time step's tokens encoded alone (NAME~steps)",
+    )
     ap.add_argument("--from", dest="start", choices=STAGES, default=STAGES[0], help="skip the stages before this one")
     ap.add_argument("--until", choices=STAGES, default=STAGES[-1], help="stop after this stage")
     args = ap.parse_args(argv)
