@@ -389,11 +389,13 @@ def protocols(depth: int) -> dict[str, tuple[str, str]]:
     """Protocol name -> (feature kind, head): linear probes on the time-kept face features of the last block and of
     the block at two thirds of the depth and on the last block's mouth features, the attentive probe on the last
     block's tokens, and ``centred`` linear probes on the last block's face and mouth features (each window's mean
-    over its time steps subtracted, or not, chosen with the L2 strength by the inner CV: ``ProbeConfig.centre``).
+    over its time steps subtracted, or not, chosen with the L2 strength by the inner CV: ``ProbeConfig.centre``), and
+    the attentive probe again on tokens centred so, per place (always: beside the plain one, both are scored).
     (Features of the block at one third are kept too; probing them as well doubles the stage's time.)"""
     out = {f"linear L{k}": (f"L{k}", "linear") for k in sorted({2 * depth // 3, depth})}
     out[f"linear L{depth} mouth"] = ("mouth", "linear")
     out["attentive"] = ("tokens", "attentive")
+    out["centred attentive"] = ("tokens", "centred attentive")
     out[f"centred L{depth}"] = (f"L{depth}", "centred")
     out[f"centred L{depth} mouth"] = ("mouth", "centred")
     return out
@@ -413,7 +415,8 @@ def _probe_one(x, labels, head: str, clip_steps: int | None) -> dict:  # noqa: A
         # one pool per time step (3 windows x 8), in order: a word slot is *when* the mouth says it; the epoch count is
         # chosen on a held-out fifth of the training sentences
         acfg = AttentiveConfig(epochs=20, lr_grid=(3e-3,), time_steps=N_WINDOWS * CLIP_FRAMES // TUBELET)
-        cfg = ProbeConfig(head="attentive", folds=None, seed=0, attentive=acfg)
+        centre = "on" if head == "centred attentive" else "off"
+        cfg = ProbeConfig(head="attentive", folds=None, seed=0, attentive=acfg, centre=centre, clip_steps=clip_steps)
     res = run_probe(x, labels, cfg)["by_fraction"]["1"]
     ci = res["ci95"]
     return {"accuracy": res["metrics"]["accuracy"]["mean"], "low": ci["low"], "high": ci["high"],
@@ -421,14 +424,17 @@ def _probe_one(x, labels, head: str, clip_steps: int | None) -> dict:  # noqa: A
 
 
 # job order: the most telling first
-PRIORITY = ("linear L6 mouth", "centred L6 mouth", "attentive", "centred L6", "linear L6", "linear L4")
+PRIORITY = ("linear L6 mouth", "centred L6 mouth", "attentive", "centred attentive", "centred L6", "linear L6",
+            "linear L4")  # fmt: skip
 PIXELS = ("pixels", "centred pixels")  # the raw-pixel baseline's protocols (its encoder is "pixels")
 
 
 def probe_jobs(args: argparse.Namespace) -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     """(protocol, encoder, feature kind, head, slots) for every encoder with features, most telling protocol first;
-    the attentive probe (the costly one) on ``--attentive-slots`` of ``--attentive-encoders`` only."""
+    the attentive probes (the costly ones) on ``--attentive-slots`` of ``--attentive-encoders`` only; with
+    ``--protocols``, only those."""
     jobs = [("pixels", "pixels", "pixels", "linear", SLOTS), ("centred pixels", "pixels", "pixels", "centred", SLOTS)]
+    jobs = [j for j in jobs if args.protocols is None or j[0] in args.protocols]
     per_encoder = []
     for name in encoders(args):
         if not feature_file(args, name, "tokens").is_file():
@@ -436,10 +442,10 @@ def probe_jobs(args: argparse.Namespace) -> list[tuple[str, str, str, str, tuple
         depth = int(max(int(f.stem[1:]) for f in feature_file(args, name, "x").parent.glob("L*.npy")))
         for proto, (kind, head) in protocols(depth).items():
             slots = SLOTS
-            if head == "attentive":
+            if head.endswith("attentive"):
                 wanted = args.attentive_encoders is None or name in args.attentive_encoders
                 slots = tuple(args.attentive_slots) if wanted else ()
-            if slots:
+            if slots and (args.protocols is None or proto in args.protocols):
                 per_encoder.append((proto, name, kind, head, slots))
     rank = {p: i for i, p in enumerate(PRIORITY)}
     return jobs + sorted(per_encoder, key=lambda j: rank.get(j[0], len(rank)))
@@ -473,7 +479,7 @@ def stage_probe(args: argparse.Namespace) -> dict:
         if not todo:
             continue
         src = args.work / "features" / "pixels.npy" if name == "pixels" else feature_file(args, name, kind)
-        x = np.load(src, mmap_mode="r" if head == "attentive" else None)
+        x = np.load(src, mmap_mode="r" if head.endswith("attentive") else None)
         # a window's 8 time steps are centred together; the pixels' 25 frames span the sentence: one clip
         clip = None if name == "pixels" else CLIP_FRAMES // TUBELET
         for slot in todo:
@@ -489,9 +495,17 @@ def stage_probe(args: argparse.Namespace) -> dict:
 
 # ---- stage 5: report ------------------------------------------------------------------------------------------------
 def _step(name: str) -> int:
-    """The pretraining step of a curve encoder (``run@step``, also as a ``+int8`` / ``+bf16`` copy; random init 0);
-    -1 for ``--encoder`` models."""
+    """The pretraining step of a curve encoder (``run@step``, also as a ``+int8`` / ``+bf16`` copy or a ``~steps``
+    view; random init 0); -1 for ``--encoder`` models."""
+    name = name.split("~")[0]
     return 0 if name == "random" else int(name.split("@")[1].split("+")[0]) if "@" in name else -1
+
+
+def _label(name: str) -> str:
+    """An encoder's row label: its run, with the copy or view it is (``marlin+int8``, ``tube~steps``); the step has a
+    column of its own."""
+    run, _, rest = name.partition("@")
+    return run + rest.lstrip("0123456789")
 
 
 def _slot_mean(cells: dict) -> float | None:
@@ -514,7 +528,7 @@ def markdown(table: dict) -> str:
                 continue
             shown = [f"{cells[s]['accuracy']:.3f} [{cells[s]['low']:.2f}, {cells[s]['high']:.2f}]" for s in SLOTS]
             step = "-" if name == "pixels" or _step(name) < 0 else str(_step(name))
-            lines.append(f"| {proto} | {name.split('@')[0]} | {step} | " + " | ".join(shown) +
+            lines.append(f"| {proto} | {_label(name)} | {step} | " + " | ".join(shown) +
                          f" | {_mean_cell(cells)} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -527,7 +541,7 @@ def summary(table: dict) -> str:
     for name in names:
         cells = [_mean_cell(table[proto].get(name, {})) for proto in protos]
         step = _step(name)
-        lines.append(f"| {name.split('@')[0]} | {step if step >= 0 else '-'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_label(name)} | {step if step >= 0 else '-'} | " + " | ".join(cells) + " |")
     for proto in PIXELS:
         pixels = table.get(proto, {}).get("pixels", {})
         if all(s in pixels for s in SLOTS):
@@ -563,7 +577,8 @@ def plot_curve(table: dict, path: Path) -> Path | None:
         pixels = table.get("centred pixels" if proto.startswith("centred") else "pixels", {}).get("pixels", {})
         for run, colour in zip(RUNS, COLOURS, strict=True):
             pts = sorted((_step(n), _slot_mean(c)) for n, c in rows.items()
-                         if (n == "random" or n.startswith(run + "@")) and _slot_mean(c) is not None)  # fmt: skip
+                         if (n == "random" or n.startswith(run + "@")) and _label(n) in ("random", run)
+                         and _slot_mean(c) is not None)  # fmt: skip
             if len(pts) > 1:  # step 0 alone (a run not probed yet) is not drawn; a variant's point joins step 0 dotted
                 ls = "-" if run in ("marlin", "tube") else ":"
                 ax.plot(*zip(*pts, strict=True), marker="o", color=colour, ls=ls, label=run)
@@ -635,7 +650,7 @@ def recon_table(args: argparse.Namespace, clips: int = 24) -> str:
     cache_path = args.work / "recon.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     for name, ckpt in encoders(args).items():
-        if ckpt is None:
+        if ckpt is None or _label(name) != name.split("@")[0]:  # a copy or a view has its weights' reconstructions
             continue
         run, step = name.split("@")
         cfg = load_config(run_dir(args, run) / "config.yaml")
@@ -783,6 +798,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--attentive-encoders", nargs="*", metavar="NAME",
                     help="encoders of the attentive probe (e.g. random tube@1000; default: all)")  # fmt: skip
+    ap.add_argument("--protocols", nargs="+", metavar="NAME", choices=[*PRIORITY, *PIXELS],
+                    help="probe stage: only these protocols (default: all)")  # fmt: skip
     ap.add_argument(
         "--part",
         type=lambda t: tuple(int(v) for v in t.split("/")),

@@ -1,5 +1,6 @@
-"""Centring time-kept features in the linear probe (``ProbeConfig.centre``, ``marlin probe --centre``): what a clip
-holds constant goes, what changes within it stays, and ``auto`` chooses on training data only."""
+"""Centring time-kept features in the linear and attentive probes (``ProbeConfig.centre``, ``marlin probe
+--centre``): what a clip holds constant goes, what changes within it stays, and ``auto`` chooses on training data
+only."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from marlin.evaluate.attentive import AttentiveConfig, centre_tokens
 from marlin.evaluate.features import load_features
 from marlin.evaluate.linear import centre_steps
 from marlin.evaluate.manifest import LabelSet
@@ -98,11 +100,56 @@ def test_centring_options_are_checked():
         accuracy(x, y, centre="yes")
     with pytest.raises(ValueError, match="do not split into clips of 4"):
         accuracy(x, y, centre="on", clip_steps=4)
-    with pytest.raises(ValueError, match="not of the attentive one"):
-        accuracy(x, y, centre="on", head="attentive")
+    with pytest.raises(ValueError, match="needs their time steps"):
+        accuracy(x, y, centre="on", head="attentive")  # one pool over all tokens: no time steps to centre over
+    with pytest.raises(ValueError, match="6 time steps do not split into clips of 4"):
+        accuracy(x, y, centre="on", head="attentive", clip_steps=4, attentive=AttentiveConfig(time_steps=6))
     flat, _ = accuracy(x.reshape(len(x), -1), y)
     kept, _ = accuracy(x, y)  # time-kept features without centring: flattened, the same probe
     assert flat == kept
+
+
+def tokens(n: int = 200, steps: int = 4, places: int = 3, dim: int = 8, k: int = 3, where: str = "change"):
+    """Tokens ``[n, steps * places, dim]`` (time step major) and classes, as :func:`clips` with a per-clip constant
+    of its own at every place."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, k, n)
+    noise = rng.normal(size=(n, steps, places, dim)) * 0.3
+    if where == "change":
+        pattern = rng.normal(size=(k, steps, places, dim))
+        pattern -= pattern.mean(1, keepdims=True)
+        x = pattern[y] + rng.normal(size=(n, 1, places, dim)) * 10.0 + noise
+    else:
+        x = rng.normal(size=(k, 1, places, dim))[y] * 3.0 + noise
+    return x.reshape(n, steps * places, dim).astype(np.float32), y
+
+
+def test_centre_tokens_centres_each_place_over_its_clips_steps():
+    x, _ = tokens(n=5, steps=6)
+    c = centre_tokens(x, time_steps=6)
+    per_place = c.reshape(5, 6, 3, 8)
+    assert np.allclose(per_place.mean(1), 0, atol=1e-5)
+    assert np.allclose(per_place[:, :, 1], centre_steps(x.reshape(5, 6, 3, 8)[:, :, 1]), atol=1e-5)
+    halves = centre_tokens(x, time_steps=6, clip_steps=3).reshape(5, 2, 3, 3, 8)  # two clips of 3 steps
+    assert np.allclose(halves.mean(2), 0, atol=1e-5)
+    with pytest.raises(ValueError, match="in 5 time steps"):
+        centre_tokens(x, time_steps=5)
+
+
+@pytest.mark.parametrize("where", ["change", "constant"])
+def test_attentive_centring_auto_takes_what_the_validation_part_prefers(where):
+    """A class that changes over time under a per-clip constant at every place is at chance for the attentive probe
+    as it is and found centred; a class that is the constant is kept by leaving the tokens as they are."""
+    x, y = tokens(where=where)
+    acfg = AttentiveConfig(time_steps=4, epochs=10, lr_grid=(3e-3,))
+    runs = {}
+    for centre in ("off", "on", "auto"):
+        res = run_probe(x, labelset(y), ProbeConfig(head="attentive", folds=None, centre=centre, attentive=acfg))
+        runs[centre] = res["by_fraction"]["1"]
+    acc = {c: r["metrics"]["accuracy"]["mean"] for c, r in runs.items()}
+    kept, lost = ("on", "off") if where == "change" else ("off", "on")
+    assert acc[kept] > 0.9 and acc[lost] < 0.6
+    assert acc["auto"] == acc[kept] and runs["auto"]["chosen"][0]["centred"] is (where == "change")
 
 
 def test_cli_probe_centre_on_window_features(tmp_path, capsys):

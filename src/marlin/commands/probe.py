@@ -70,8 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="low-data regime: fit on these fractions of each training part (default 1)")  # fmt: skip
     ev.add_argument("--centre", choices=("off", "on", "auto"), default="off",
                     help="linear head with --reduce concat: subtract each video's mean over its windows (what a "
-                         "video holds constant: who, light, session), or let the inner CV choose (auto); for tasks "
-                         "about what changes within a video")  # fmt: skip
+                         "video holds constant: who, light, session), or let the inner CV choose (auto); attentive "
+                         "head with --time-steps T > 1: each token place's mean over the T steps (auto: chosen on "
+                         "the validation part); for tasks about what changes within a video")  # fmt: skip
     ev.add_argument("--pca", type=int, help="PCA dimensions learnt on each training part")
     ev.add_argument("--no-standardize", action="store_true", help="skip per-feature standardisation")
     ev.add_argument("--l2", type=float, help="fixed L2 strength (default: chosen by inner CV on training data)")
@@ -96,13 +97,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--time-steps is an option of the attentive head (--head attentive)")
         if args.time_steps < 1:
             raise ValueError(f"--time-steps must be >= 1, found {args.time_steps}")
-        if args.centre != "off" and (args.head != "linear" or args.reduce != "concat"):
-            raise ValueError("--centre needs the time-kept linear probe: --head linear --reduce concat")
+        if args.centre != "off" and args.head == "linear" and args.reduce != "concat":
+            raise ValueError("--centre with the linear head needs time-kept features: --reduce concat")
+        if args.centre != "off" and args.head == "attentive" and args.time_steps < 2:
+            raise ValueError("--centre with the attentive head needs its time steps: --time-steps T (> 1)")
         labels = read_labels(args.labels, args.label, task=args.task, path_col=args.path_col,
                              group_col=args.group_col, split_col=args.split_col)  # fmt: skip
         feats_src = args.features if args.features is not None else _extract(args, labels)
         x = load_features(feats_src, labels, args.reduce, tokens=args.head == "attentive",
-                          keep_steps=args.centre != "off")  # fmt: skip
+                          keep_steps=args.centre != "off" and args.head == "linear")  # fmt: skip
         cfg = ProbeConfig(
             head=args.head, folds=args.folds if args.split == "kfold" else None, split=args.split_fractions,
             train_fractions=args.train_fractions, pca=args.pca, standardize=not args.no_standardize, l2=args.l2,

@@ -21,6 +21,10 @@ Tokens are standardised per position and channel on the training rows (as the li
 features: a frozen encoder's tokens are mostly alike, and the pooler did not even fit its training clips without it),
 and a learnt embedding per token position tells the pooler where a token comes from.
 
+With ``centre`` (and ``clip_steps``), each token position's mean over a clip's time steps is subtracted first (per
+sample, like :func:`marlin.evaluate.linear.centre_steps` for the linear head): what a clip holds constant at a place
+(who, light, pose) goes, what changes there over time (the mouth) stays.
+
 Hyper-parameters are chosen on training data only: :meth:`AttentiveProbe.fit` with ``select=True`` holds out a
 stratified part of the training rows, trains once per learning rate, keeps the (learning rate, epoch) with the best
 validation score, and refits on all training rows with that rate and the same schedule, stopped at that epoch.
@@ -36,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .linear import centre_steps
 from .metrics import primary_value
 from .splits import split_indices
 
-__all__ = ["AttentiveConfig", "AttentivePooler", "AttentiveProbe"]
+__all__ = ["AttentiveConfig", "AttentivePooler", "AttentiveProbe", "centre_tokens"]
 
 
 @dataclass
@@ -51,12 +56,30 @@ class AttentiveConfig:
     # pool each of this many consecutive token groups (time steps) on its own and keep them in order; 1 = one pool
     # over all tokens. For tasks about when things happen (lip reading): the encoder's time steps (x the windows)
     time_steps: int = 1
+    # subtract each token position's mean over a clip's time steps (runs of clip_steps of the time_steps; None: all
+    # of them one clip): the per-clip constants dominate a pretrained encoder's tokens (see centre_tokens)
+    centre: bool = False
+    clip_steps: int | None = None
     epochs: int = 40  # passes over the training rows (the refit uses the epoch count chosen on validation)
     batch_size: int = 32  # small batches: a few hundred labelled clips still give enough optimiser steps
     lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # AdamW peak rates tried; the best on validation is kept
     weight_decay: float = 0.05
     val_fraction: float = 0.2  # of the training rows, held out to choose the learning rate and the epoch count
     seed: int = 0
+
+
+def centre_tokens(x: np.ndarray, time_steps: int, clip_steps: int | None = None) -> np.ndarray:
+    """Tokens ``[N, L, D]`` (``time_steps`` consecutive groups of ``L / time_steps`` places) minus each place's mean
+    over its clip's time steps (runs of `clip_steps`; None: all steps one clip). A per-sample operation: nothing is
+    learnt, nothing leaks between rows."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 3 or x.shape[1] % time_steps:
+        raise ValueError(f"centring needs tokens [N, L, D] in {time_steps} time steps, got shape {tuple(x.shape)}")
+    n, length, d = x.shape
+    places = length // time_steps
+    per_place = x.reshape(n, time_steps, places, d).transpose(0, 2, 1, 3).reshape(n * places, time_steps, d)
+    centred = centre_steps(per_place, clip_steps)  # [N * places, T, D]
+    return centred.reshape(n, places, time_steps, d).transpose(0, 2, 1, 3).reshape(n, length, d)
 
 
 class AttentivePooler(nn.Module):
@@ -153,14 +176,18 @@ class AttentiveProbe:
         axes = (0,) if self.cfg.positions else (0, 1)
         s1 = s2 = 0.0
         for i in range(0, len(x), chunk):
-            b = np.asarray(x[i : i + chunk], dtype=np.float64)
+            b = self._centred(x[i : i + chunk]).astype(np.float64)
             s1, s2 = s1 + b.sum(axes), s2 + (b**2).sum(axes)
         n = len(x) * (1 if self.cfg.positions else x.shape[1])
         self.mu = (s1 / n).astype(np.float32)
         self.sigma = np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0) + 1e-6).astype(np.float32)
 
+    def _centred(self, x: np.ndarray) -> np.ndarray:
+        cfg = self.cfg
+        return centre_tokens(x, cfg.time_steps, cfg.clip_steps) if cfg.centre else np.asarray(x, dtype=np.float32)
+
     def _inputs(self, x: np.ndarray) -> Tensor:
-        return torch.from_numpy((np.asarray(x, dtype=np.float32) - self.mu) / self.sigma)
+        return torch.from_numpy((self._centred(x) - self.mu) / self.sigma)
 
     def _train(self, x: np.ndarray, y: np.ndarray, lr: float, stop: int, val: tuple | None = None) -> list[float]:
         """Train a fresh pooler for `stop` epochs of the ``cfg.epochs``-long schedule; returns the validation score

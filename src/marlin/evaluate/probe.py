@@ -52,9 +52,10 @@ class ProbeConfig:
     max_iter: int = 200  # L-BFGS iterations per fit
     # linear head on time-kept features [N, S, D]: "on" subtracts each clip's mean over its time steps (what a clip
     # holds constant: who, light, session; see linear.centre_steps), "auto" tries both and keeps the better one by
-    # the same inner CV / validation part as the L2 strength; "off" flattens them as they are
+    # the same inner CV / validation part as the L2 strength; "off" flattens them as they are. Attentive head (with
+    # attentive.time_steps > 1): the same per token place (attentive.centre_tokens), auto choosing on validation
     centre: str = "off"
-    clip_steps: int | None = None  # time steps per clip for centring (None: all S steps of a sample are one clip)
+    clip_steps: int | None = None  # time steps per clip for centring (None: all steps of a sample are one clip)
     seed: int = 0
     attentive: AttentiveConfig = field(default_factory=AttentiveConfig)  # the attentive head's training
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the results
@@ -93,9 +94,7 @@ def _fit_part(x: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, labe
     inputs of every row as the probe reads them)."""
     task, k = labels.task, labels.num_outputs
     if cfg.head == "attentive":
-        acfg = replace(cfg.attentive, seed=cfg.seed)
-        probe = AttentiveProbe(task, k, acfg).fit(x[tr], y[tr], val=(x[va], y[va]) if len(va) else None)
-        return probe, probe.chosen, x
+        return _fit_attentive(x, y, tr, va, labels, cfg)
     kw = {"pca": cfg.pca, "standardize": cfg.standardize, "max_iter": cfg.max_iter}
     inputs = _linear_inputs(x, cfg)
     best: tuple[float, bool, float] | None = None  # (score, centred, l2)
@@ -108,6 +107,22 @@ def _fit_part(x: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, labe
     z = inputs[centred]
     probe = LinearProbe(task, k, l2=l2, **kw).fit(z[tr], y[tr])
     return probe, ({"l2": l2, "centred": centred} if len(inputs) > 1 else l2), z
+
+
+def _fit_attentive(x: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, labels: LabelSet,
+                   cfg: ProbeConfig) -> tuple[Any, Any, np.ndarray]:  # fmt: skip
+    """The attentive head of :func:`_fit_part`; with ``centre="auto"`` one pooler per candidate, the better by its
+    validation score kept (ties: uncentred)."""
+    best = None
+    for centred in CENTRING[cfg.centre]:
+        acfg = replace(cfg.attentive, seed=cfg.seed, centre=centred, clip_steps=cfg.clip_steps)
+        probe = AttentiveProbe(labels.task, labels.num_outputs, acfg)
+        probe.fit(x[tr], y[tr], val=(x[va], y[va]) if len(va) else None)
+        score = probe.chosen.get("val_score", -math.inf)
+        if best is None or score > best[0]:
+            best = (score, probe)
+    probe = best[1]
+    return probe, ({**probe.chosen, "centred": probe.cfg.centre} if cfg.centre != "off" else probe.chosen), x
 
 
 def _linear_inputs(x: np.ndarray, cfg: ProbeConfig) -> dict[bool, np.ndarray]:
@@ -141,11 +156,10 @@ def _check_inputs(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig) -> np.ndarr
     if cfg.head not in HEADS:
         raise ValueError(f"probe head must be one of {', '.join(HEADS)}, found {cfg.head!r}")
     if cfg.head == "attentive":
-        if cfg.centre != "off":
-            raise ValueError("centre is an option of the linear head (time-kept features), not of the attentive one")
         x = np.asarray(x)
         if x.ndim != 3:
             raise ValueError(f"the attentive probe needs tokens [N, L, D], got features of shape {tuple(x.shape)}")
+        _check_token_centring(x, cfg)
         if not np.issubdtype(x.dtype, np.floating):
             x = x.astype(np.float32)
     else:
@@ -170,6 +184,19 @@ def _check_centring(x: np.ndarray, cfg: ProbeConfig) -> None:
         raise ValueError("centre='auto' is chosen with the L2 strength on training data: leave l2 unset")
     if x.ndim == 3 and cfg.clip_steps is not None and (cfg.clip_steps < 1 or x.shape[1] % cfg.clip_steps):
         raise ValueError(f"{x.shape[1]} time steps do not split into clips of {cfg.clip_steps}")
+
+
+def _check_token_centring(x: np.ndarray, cfg: ProbeConfig) -> None:
+    """Centring tokens needs their time steps (``attentive.time_steps`` > 1) and clips that split them."""
+    if cfg.centre not in CENTRING:
+        raise ValueError(f"centre must be one of {', '.join(CENTRING)}, found {cfg.centre!r}")
+    steps = cfg.attentive.time_steps
+    if cfg.centre != "off" and steps < 2:
+        raise ValueError("centring tokens needs their time steps: set attentive.time_steps (> 1)")
+    if x.shape[1] % steps:
+        raise ValueError(f"{x.shape[1]} tokens do not divide into {steps} time steps")
+    if cfg.centre != "off" and cfg.clip_steps is not None and (cfg.clip_steps < 1 or steps % cfg.clip_steps):
+        raise ValueError(f"{steps} time steps do not split into clips of {cfg.clip_steps}")
 
 
 def _pooled_entry(labels: LabelSet, scores: np.ndarray, tested: np.ndarray, seed: int) -> dict[str, Any]:
