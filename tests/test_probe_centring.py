@@ -177,3 +177,22 @@ def test_cli_probe_centre_on_window_features(tmp_path, capsys):
     assert main([*base, "--reduce", "concat", "--out", str(tmp_path / "o2")]) == 0  # uncentred: the nuisance wins
     res = json.loads((tmp_path / "o2" / "results.json").read_text())
     assert res["by_fraction"]["1"]["metrics"]["accuracy"]["mean"] < 0.6
+
+
+def test_cli_probe_centre_with_the_attentive_head(tmp_path, capsys):
+    from marlin.cli import main
+
+    x, y = tokens(n=90)
+    (tmp_path / "f").mkdir()
+    for i in range(len(y)):
+        np.save(tmp_path / "f" / f"v{i}.npy", x[i][None])  # [W, L, D]: one window's tokens (--keep-seq)
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        f.write("path,word\n" + "".join(f"v{i}.mp4,{y[i]}\n" for i in range(len(y))))
+    base = ["probe", "--labels", str(tmp_path / "m.csv"), "--label", "word", "--features", str(tmp_path / "f"),
+            "--head", "attentive", "--split", "fixed", "--no-plot", "--centre", "on"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "o")]) == 2  # one pool over all tokens: no time steps
+    assert "--time-steps" in capsys.readouterr().err
+    assert main([*base, "--time-steps", "4", "--out", str(tmp_path / "o")]) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["config"]["centre"] == "on" and all(c["centred"] for c in res["by_fraction"]["1"]["chosen"])
+    assert res["by_fraction"]["1"]["metrics"]["accuracy"]["mean"] > 0.9
