@@ -570,9 +570,13 @@ def plot_curve(table: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    protos = [p for p in table if p not in PIXELS]
-    fig, axes = plt.subplots(1, len(protos), figsize=(4.4 * len(protos), 4.0), sharey=True, squeeze=False)
-    for ax, proto in zip(axes[0], protos, strict=True):
+    protos = sorted((p for p in table if p not in PIXELS), key=lambda p: (p.startswith("centred"), p))
+    cols = min(len(protos), 4)  # plain protocols on the first row, centred ones below
+    rows_ = -(-len(protos) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.4 * cols, 4.0 * rows_), sharey=True, squeeze=False)
+    for ax in axes.flat[len(protos) :]:
+        ax.set_visible(False)
+    for ax, proto in zip(axes.flat, protos, strict=False):
         rows = table[proto]
         pixels = table.get("centred pixels" if proto.startswith("centred") else "pixels", {}).get("pixels", {})
         for run, colour in zip(RUNS, COLOURS, strict=True):
@@ -588,9 +592,10 @@ def plot_curve(table: dict, path: Path) -> Path | None:
         ax.set_title(proto)
         ax.set_xlabel("pretraining steps (0 = random init)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("GRID test accuracy, mean of 6 slots")
+    for row in axes:
+        row[0].set_ylabel("GRID test accuracy, mean of 6 slots")
     legend: dict = {}  # every run drawn in any panel (a variant may lack a protocol)
-    for ax in axes[0]:
+    for ax in axes.flat:
         legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)})
     axes[0][0].legend(list(legend.values()), list(legend), fontsize=8)
     return _save_png(fig, path)
@@ -610,6 +615,8 @@ def plot_centring(args: argparse.Namespace, table: dict, path: Path) -> Path | N
     plain, centred = table.get("linear L6 mouth", {}), table.get("centred L6 mouth", {})
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for name in sorted(set(plain) & set(centred)):
+        if _label(name) != name.split("@")[0] or _step(name) not in (-1, 0, 1000):  # 1000-step encoders, as they are
+            continue
         a, b = _slot_mean(plain[name]), _slot_mean(centred[name])
         share = _changing_share(feature_file(args, name, "mouth"))
         if a is None or b is None or share != share:  # nan: no features
@@ -693,7 +700,7 @@ def health_table(args: argparse.Namespace) -> str:
         ev = np.clip(np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1], 0, None)
         p = ev / ev.sum()
         rank = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
-        name, _, step = folder.name.rpartition("_") if folder.name != "random" else ("random", "", "0")
+        name, _, step = folder.name.rpartition("_") if "_" in folder.name else (folder.name, "", "0")
         lines.append(f"| {name} | {step or 0} | {rank:.1f} (of {x.shape[1]}) | {p[0]:.3f} | "
                      f"{_changing_share(folder / 'mouth.npy'):.4f} |")  # fmt: skip
     return "\n".join(lines)
