@@ -657,7 +657,8 @@ def recon_table(args: argparse.Namespace, clips: int = 24) -> str:
     cache_path = args.work / "recon.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     for name, ckpt in encoders(args).items():
-        if ckpt is None or _label(name) != name.split("@")[0]:  # a copy or a view has its weights' reconstructions
+        # curve checkpoints only: a copy or a view has its weights' reconstructions, an --encoder model no run config
+        if ckpt is None or "@" not in name or _label(name) != name.split("@")[0]:
             continue
         run, step = name.split("@")
         cfg = load_config(run_dir(args, run) / "config.yaml")

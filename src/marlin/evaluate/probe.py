@@ -155,6 +155,8 @@ def _choose_l2(z: np.ndarray, y: np.ndarray, tr: np.ndarray, va: np.ndarray, lab
 def _check_inputs(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig) -> np.ndarray:
     if cfg.head not in HEADS:
         raise ValueError(f"probe head must be one of {', '.join(HEADS)}, found {cfg.head!r}")
+    if cfg.centre not in CENTRING:
+        raise ValueError(f"centre must be one of {', '.join(CENTRING)}, found {cfg.centre!r}")
     if cfg.head == "attentive":
         x = np.asarray(x)
         if x.ndim != 3:
@@ -174,8 +176,6 @@ def _check_inputs(x: np.ndarray, labels: LabelSet, cfg: ProbeConfig) -> np.ndarr
 
 def _check_centring(x: np.ndarray, cfg: ProbeConfig) -> None:
     """The linear head reads ``[N, F]``, or time-kept ``[N, S, D]`` (needed by, and only useful with, centring)."""
-    if cfg.centre not in CENTRING:
-        raise ValueError(f"centre must be one of {', '.join(CENTRING)}, found {cfg.centre!r}")
     if x.ndim not in (2, 3):
         raise ValueError(f"the linear probe needs features [N, F] or time-kept [N, S, D], got shape {tuple(x.shape)}")
     if cfg.centre != "off" and x.ndim != 3:
@@ -188,8 +188,6 @@ def _check_centring(x: np.ndarray, cfg: ProbeConfig) -> None:
 
 def _check_token_centring(x: np.ndarray, cfg: ProbeConfig) -> None:
     """Centring tokens needs their time steps (``attentive.time_steps`` > 1) and clips that split them."""
-    if cfg.centre not in CENTRING:
-        raise ValueError(f"centre must be one of {', '.join(CENTRING)}, found {cfg.centre!r}")
     steps = cfg.attentive.time_steps
     if cfg.centre != "off" and steps < 2:
         raise ValueError("centring tokens needs their time steps: set attentive.time_steps (> 1)")
