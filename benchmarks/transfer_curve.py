@@ -37,6 +37,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -701,10 +702,17 @@ def health_table(args: argparse.Namespace) -> str:
         ev = np.clip(np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1], 0, None)
         p = ev / ev.sum()
         rank = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
-        name, _, step = folder.name.rpartition("_") if "_" in folder.name else (folder.name, "", "0")
-        lines.append(f"| {name} | {step or 0} | {rank:.1f} (of {x.shape[1]}) | {p[0]:.3f} | "
+        name = _encoder_of_folder(folder.name)
+        step = "-" if _step(name) < 0 else _step(name)
+        lines.append(f"| {_label(name)} | {step} | {rank:.1f} (of {x.shape[1]}) | {p[0]:.3f} | "
                      f"{_changing_share(folder / 'mouth.npy'):.4f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _encoder_of_folder(folder: str) -> str:
+    """The encoder name a features folder was written for (`feature_file` turns ``run@step`` into ``run_step``)."""
+    m = re.fullmatch(r"(.+)_(\d+)([+~].*)?", folder)
+    return f"{m[1]}@{m[2]}{m[3] or ''}" if m else folder
 
 
 def _changing_share(path: Path) -> float:
