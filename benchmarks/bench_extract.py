@@ -68,11 +68,20 @@ def official_model(variant: str):
     ).eval()  # fmt: skip
 
 
-def build_paths(variant: str, paths: list[str]) -> dict:
-    """name -> callable(x) -> pooled features, every path with the same weights."""
+#: Paths that exist on a CPU only (torch's int8 engine, marlin's CPU kernels turned off to measure them).
+CPU_ONLY = ("int8", "int8-sdpa", "fp32-plain", "bf16-autocast")
+
+
+def build_paths(variant: str, paths: list[str], device: torch.device) -> dict:
+    """name -> callable(x) -> pooled features, every path with the same weights, on `device`."""
     import warnings
 
     from marlin import Marlin, get_config
+
+    def copy_of(model: Marlin) -> Marlin:
+        twin = Marlin(get_config(variant)).eval()
+        twin.load_state_dict(model.state_dict())
+        return twin.to(device)
 
     torch.manual_seed(0)
     ours = Marlin(get_config(variant)).eval()
@@ -80,11 +89,12 @@ def build_paths(variant: str, paths: list[str]) -> dict:
     if "official" in paths:
         off = official_model(variant)
         ours.load_state_dict(off.state_dict())
+        off = off.to(device)
         fns["official"] = lambda x: off.extract_features(x, keep_seq=False)
+    ours = ours.to(device)
     for name in paths:
         if name == "naive":
-            naive = Marlin(get_config(variant)).eval().set_fused_attention(False)
-            naive.load_state_dict(ours.state_dict())
+            naive = copy_of(ours).set_fused_attention(False)
             fns["naive"] = lambda x, m=naive: m.extract_features(x, keep_seq=False)
         elif name == "int8":
             with warnings.catch_warnings():
@@ -97,8 +107,7 @@ def build_paths(variant: str, paths: list[str]) -> dict:
             q = quantize_int8(ours, bf16_attn=False)
             fns[name] = lambda x, m=q: m.extract_features(x, keep_seq=False)
         elif name in ("bf16", "bf16-autocast", "fp16"):
-            low = Marlin(get_config(variant)).eval()
-            low.load_state_dict(ours.state_dict())
+            low = copy_of(ours)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # emulated on this CPU: measured on purpose (--paths)
                 low.for_inference(name.removesuffix("-autocast"))
@@ -106,8 +115,7 @@ def build_paths(variant: str, paths: list[str]) -> dict:
                 low.set_cpu_kernels("")
             fns[name] = lambda x, m=low: m.extract_features(x, keep_seq=False)
     if "fp32-plain" in paths:
-        plain = Marlin(get_config(variant)).eval()
-        plain.load_state_dict(ours.state_dict())
+        plain = copy_of(ours)
         plain.for_inference("fp32").set_cpu_kernels("")
         fns["fp32-plain"] = lambda x, m=plain: m.extract_features(x, keep_seq=False)
     if "fp32" in paths:
@@ -116,14 +124,20 @@ def build_paths(variant: str, paths: list[str]) -> dict:
     return {k: fns[k] for k in paths if k in fns}
 
 
-def matmul_probes(batch: int, bf16: bool) -> dict:
-    """Lone matmuls of the ViT-B MLP shape: name -> (callable, GFLOP per call)."""
+def matmul_probes(batch: int, bf16: bool, device: torch.device) -> dict:
+    """Lone matmuls of the ViT-B MLP shape: name -> (callable, GFLOP per call). On a GPU: fp32 (true float32: TF32
+    is off, as in our fp32 inference), bf16 and fp16 through `F.linear` (cuBLAS)."""
     import warnings
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     m, k, n = batch * 1568, 768, 3072
     x, w = torch.randn(m, k), torch.randn(n, k) / k**0.5
+    gflop = 2 * m * k * n / 1e9
+    if device.type == "cuda":
+        x, w = x.to(device), w.to(device)
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        return {name: (lambda a=x.to(dt), b=w.to(dt): F.linear(a, b), gflop) for name, dt in dtypes.items()}
     lin = torch.nn.Linear(k, n)
     lin.weight.data.copy_(w)
     with warnings.catch_warnings():  # the same quantisation as the int8 path (`marlin.models.quantize`)
@@ -137,16 +151,21 @@ def matmul_probes(batch: int, bf16: bool) -> dict:
             return lambda: packed(x, w, (None,), x.dtype)
         return lambda: F.linear(x, w)
 
-    probes = {"fp32": (best(x, w), 2 * m * k * n / 1e9), "int8": (lambda: qlin(x), 2 * m * k * n / 1e9)}
+    probes = {"fp32": (best(x, w), gflop), "int8": (lambda: qlin(x), gflop)}
     if bf16:
-        probes["bf16"] = (best(x.bfloat16(), w.bfloat16()), 2 * m * k * n / 1e9)
+        probes["bf16"] = (best(x.bfloat16(), w.bfloat16()), gflop)
     return probes
 
 
-def timed(fn, *args) -> float:
+def timed(fn, *args, device: torch.device = torch.device("cpu")):  # noqa: ANN201
+    """(seconds, result) of one call; on a GPU the queued kernels are waited for on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0
+    out = fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, out
 
 
 @torch.inference_mode()
@@ -154,28 +173,33 @@ def run_speed(args: argparse.Namespace) -> list[dict]:
     from marlin import get_config
     from marlin.utils.precision import device_capabilities
 
-    caps = device_capabilities("cpu")
-    paths = args.paths or ["official", "fp32", "int8"] + (["bf16"] if caps.bf16 else [])
+    device = torch.device(args.device)
+    caps = device_capabilities(device)
+    on_gpu = device.type == "cuda"
+    default = ["official", "fp32", "bf16" if caps.bf16 else "fp16"] if on_gpu else ["official", "fp32", "int8"] + (
+        ["bf16"] if caps.bf16 else [])  # fmt: skip
+    paths = args.paths or default
+    if on_gpu and set(paths) & set(CPU_ONLY):
+        raise SystemExit(f"{sorted(set(paths) & set(CPU_ONLY))}: CPU-only paths; on {device} use {default}")
     cfg = get_config(args.variant)
     with torch.inference_mode(False):  # models built as users build them (inference-mode weights stay unpacked)
-        fns = build_paths(args.variant, paths)
+        fns = build_paths(args.variant, paths, device)
     gflop = clip_gflop(cfg)
-    print(f"torch {torch.__version__}, cpu {caps.cpu_capability}, bf16 units {caps.bf16}, vnni {caps.vnni}, "
-          f"threads {torch.get_num_threads()}, {args.variant} {gflop:.0f} GFLOP/clip, paths {list(fns)}")  # fmt: skip
-    inputs = {b: torch.rand(b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size) for b in args.batches}
-    probes = {b: matmul_probes(b, any(p.startswith("bf16") for p in fns)) for b in args.batches}
+    where = f"gpu {caps.name}" if on_gpu else f"cpu {caps.cpu_capability}, vnni {caps.vnni}"
+    print(f"torch {torch.__version__}, {where}, bf16 units {caps.bf16}, threads {torch.get_num_threads()}, "
+          f"{args.variant} {gflop:.0f} GFLOP/clip, paths {list(fns)}")  # fmt: skip
+    inputs = {b: torch.rand(b, 3, cfg.clip_frames, cfg.img_size, cfg.img_size, device=device) for b in args.batches}
+    probes = {b: matmul_probes(b, any(p.startswith("bf16") for p in fns), device) for b in args.batches}
     times = {(b, p): [] for b in args.batches for p in [*fns, *(f"mm-{k}" for k in probes[args.batches[0]])]}
     feats = {}
     for rep in range(args.warmup + args.reps):
         for b in args.batches:
             for name, fn in fns.items():
-                t0 = time.perf_counter()
-                feats[(b, name)] = fn(inputs[b])
-                t = time.perf_counter() - t0
+                t, feats[(b, name)] = timed(fn, inputs[b], device=device)
                 if rep >= args.warmup:
                     times[(b, name)].append(t)
             for name, (fn, _) in probes[b].items():
-                t = min(timed(fn) for _ in range(3))
+                t = min(timed(fn, device=device)[0] for _ in range(3))
                 if rep >= args.warmup:
                     times[(b, f"mm-{name}")].append(t)
         print(f"  rep {rep + 1}/{args.warmup + args.reps} done ({time.strftime('%H:%M:%S')})", flush=True)
@@ -280,12 +304,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed turns (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (GPU: official, naive, fp32, bf16, fp16)")
     p.add_argument("--fidelity", action="store_true", help="measure fidelity on face clips instead of speed")
     p.add_argument("--fidelity-paths", nargs="+", default=["int8", "bf16"], choices=("int8", "bf16", "fp16"))
     p.add_argument("--checkpoint", help="--fidelity: a trained checkpoint instead of the random-init --variant")
     p.add_argument("--clips", type=int, default=8, help="--fidelity: number of face clips")
     p.add_argument("--json", help="also write all rows to this JSON file")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU here")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run_fidelity(args) if args.fidelity else run_speed(args)

@@ -11,6 +11,11 @@ counted as explicit matmuls in both): the speed-up that equally efficient kernel
     python benchmarks/bench_pretrain.py                                   # ViT-S, batch 2, CPU
     python benchmarks/bench_pretrain.py --model marlin_vit_base --batch 4 --reps 5 --bf16
     python benchmarks/bench_pretrain.py --curve-steps 20                  # + bf16-vs-fp32 loss curve (tiny model)
+    python benchmarks/bench_pretrain.py --device cuda --batch 32 --reps 10 --bf16   # on a GPU: + clips/s, % of peak
+
+On a GPU every row runs with TF32 allowed for float32 matmuls (what training runs set: `allow_tf32`), and each row's
+arithmetic rate is also given against a lone 8192^3 matmul measured in the same run (bf16 and TF32): the fraction of
+the chip's reachable peak the step uses.
 """
 
 from __future__ import annotations
@@ -40,15 +45,24 @@ def _batches(cfg, n: int, batch: int) -> list[dict]:
     return out
 
 
-def _time_interleaved(fns: dict, batches: list[dict], warmup: int) -> dict[str, tuple[float, list[dict]]]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_interleaved(
+    fns: dict, batches: list[dict], warmup: int, device: torch.device
+) -> dict[str, tuple[float, list[dict]]]:
     """Median seconds per step of each function, taking turns step by step so load drift on a shared machine hits
     every row alike; also every step's returned metrics."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     results: dict[str, list[dict]] = {name: [] for name in fns}
     for i, b in enumerate(batches):
         for name, fn in fns.items():
+            _sync(device)
             t0 = time.perf_counter()
             results[name].append(fn(b))
+            _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: (statistics.median(times[name]), results[name]) for name in fns}
@@ -59,8 +73,10 @@ def bench_speed(args: argparse.Namespace) -> None:
     from marlin.train import Pretrainer, load_config
     from marlin.train.reference import two_forward_step
 
+    device = torch.device(args.device)
     overrides = [f"batch_size={args.batch}", "optim.warmup_steps=0", "optim.scale_lr=false", "max_steps=1000",
-                 f"out_dir={tempfile.mkdtemp()}", "log.tensorboard=false", "mask.strategy=fasking"]  # fmt: skip
+                 f"out_dir={tempfile.mkdtemp()}", "log.tensorboard=false", "mask.strategy=fasking",
+                 f"device={args.device}"]  # fmt: skip
     cfg = load_config(args.model, overrides)
     batches = _batches(cfg, args.warmup + args.reps, args.batch)
     m = cfg.model
@@ -83,13 +99,15 @@ def bench_speed(args: argparse.Namespace) -> None:
     def official(fused: bool):
         base = Pretrainer(cfg)  # same seed -> same initial weights as ours
         model, critic = copy.deepcopy(base.model).set_fused_attention(fused), copy.deepcopy(base.critic)
+        model, critic = model.to(device), critic.to(device)
         o = cfg.optim
         g_opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=0.0)
         d_opt = torch.optim.AdamW(critic.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=0.0)
 
         def step(b: dict) -> dict:
             return two_forward_step(
-                model, critic, g_opt, d_opt, b["video"], b["visible"], tubelet=m.tubelet_size, patch=m.patch_size,
+                model, critic, g_opt, d_opt, b["video"].to(device), b["visible"].to(device), tubelet=m.tubelet_size,
+                patch=m.patch_size,
                 adv_weight=cfg.loss.adv_weight,
             )  # fmt: skip
 
@@ -103,10 +121,11 @@ def bench_speed(args: argparse.Namespace) -> None:
     if args.bf16:
         modes["marlin (1 forward, SDPA, bf16 autocast)"] = lambda: ours("bf16")
     print(f"{m.name}, batch {args.batch}, {torch.get_num_threads()} threads, {args.reps} timed steps after "
-          f"{args.warmup} warm-up, rows taking turns; device cpu")  # fmt: skip
-    rows = _time_interleaved({name: make() for name, make in modes.items()}, batches, args.warmup)
+          f"{args.warmup} warm-up, rows taking turns; device {device}")  # fmt: skip
+    rows = _time_interleaved({name: make() for name, make in modes.items()}, batches, args.warmup, device)
     for name, (sec, results) in rows.items():
-        print(f"  {name:<44} {sec:7.2f} s/step  {1 / sec:6.3f} steps/s  rec {results[-1]['loss/rec']:.5f}", flush=True)
+        print(f"  {name:<44} {sec:7.3f} s/step  {args.batch / sec:8.2f} clips/s  rec {results[-1]['loss/rec']:.5f}",
+              flush=True)  # fmt: skip
     ref = rows["official (2 forwards, explicit attention)"][0]
     for name, (sec, _) in rows.items():
         print(f"  speed-up vs official: {name:<44} {ref / sec:5.2f}x")
@@ -120,6 +139,12 @@ def bench_speed(args: argparse.Namespace) -> None:
         f"  arithmetic per step: official {flops['official'] / 1e9:.1f} GFLOP, marlin {flops['marlin'] / 1e9:.1f} "
         f"GFLOP ({flops['official'] / flops['marlin']:.2f}x fewer); the rest of a speed-up is kernel efficiency"
     )
+    peaks = _matmul_peaks(device)
+    print("  lone matmul: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+    for name, (sec, _) in rows.items():
+        rate = flops["official" if name.startswith(("official", "2 forwards")) else "marlin"] / sec
+        peak = peaks["bf16" if "bf16" in name else "fp32"]
+        print(f"  {name:<44} {rate / 1e9:9.0f} GFLOP/s = {100 * rate / peak:5.1f}% of the lone matmul")
 
 
 def _step_flops(make, batch: dict) -> float:
@@ -129,6 +154,25 @@ def _step_flops(make, batch: dict) -> float:
     with FlopCounterMode(display=False) as counter:
         step(batch)
     return float(counter.get_total_flops())
+
+
+def _matmul_peaks(device: torch.device) -> dict[str, float]:
+    """FLOP/s of a lone square matmul on `device` in fp32 (TF32 where allowed) and bf16: the reachable rate a step's
+    arithmetic is held against (8192 on a GPU, 1536 on a CPU)."""
+    n = 8192 if device.type == "cuda" else 1536
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(5):
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = 2 * n**3 / best
+    return out
 
 
 def bench_curve(args: argparse.Namespace) -> None:
@@ -158,11 +202,14 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--bf16", action="store_true", help="also time our step under bf16 autocast")
     p.add_argument("--curve-steps", type=int, default=0, help="also compare a short fp32 / bf16 loss curve")
     p.add_argument("--curve-model", default="marlin_vit_tiny")
     p.add_argument("--skip-speed", action="store_true")
     args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU here")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.skip_speed:

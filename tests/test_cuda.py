@@ -32,10 +32,12 @@ def clips(n: int = 3, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32():
-    """Each test starts with torch's default (no TF32 for float32 matmuls) and leaves it so."""
+def _torch_default_tf32():
+    """Each test starts with torch's defaults, what a user's process has: no TF32 for float32 matmuls, TF32 allowed
+    for cuDNN convolutions (so fp32 inference must not run its patch embedding as a convolution); restored after."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
@@ -46,6 +48,16 @@ def test_fp32_features_on_the_gpu_equal_the_cpus() -> None:
     gpu = tiny().cuda().for_inference("fp32").extract_features(x.cuda(), keep_seq=True).cpu()
     assert gpu.dtype == torch.float32
     torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_the_patch_embedding_on_the_gpu_is_float32_although_cudnn_may_use_tf32() -> None:
+    """cuDNN's default TF32 for convolutions would put ~1e-3 relative error into every token (a Conv3d embedding)."""
+    x = torch.rand(2, 3, 16, 224, 224, generator=torch.Generator().manual_seed(0))
+    model = Marlin(get_config("marlin_vit_tiny").replace(encoder_depth=1)).eval()
+    with torch.no_grad():
+        cpu = model.encoder.embed(x)
+        gpu = model.cuda().encoder.embed(x.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, atol=2e-5, rtol=1e-5)
 
 
 def test_auto_picks_bf16_or_fp16_on_the_gpu_and_stays_faithful() -> None:

@@ -61,8 +61,20 @@ class MarlinEncoder(nn.Module):
             )
 
     def embed(self, x: Tensor) -> Tensor:  # [B, C, T, H, W] -> [B, N, D]
+        """Every patch embedded, plus its position. On a GPU as a matmul (same numbers up to float rounding): cuDNN
+        runs float32 convolutions in TF32 unless told otherwise (``torch.backends.cudnn.allow_tf32`` is True by
+        default), matmuls only where ``torch.backends.cuda.matmul.allow_tf32`` allows it (off by default; training
+        runs turn it on), so fp32 inference on a GPU stays float32 like the CPU's. `set_fused_attention(False)`
+        keeps the official Conv3d everywhere."""
         self.check_input(x)
+        if x.is_cuda and self.fused:
+            return self.pos_embedding(self._project(patchify(x, self.config.tubelet_size, self.config.patch_size)))
         return self.pos_embedding(self.patch_embedding(x))
+
+    def _project(self, patches: Tensor) -> Tensor:  # [B, n, C*t*p*p] -> [B, n, D]
+        """The Conv3d's projection as a matmul on patches in its weight's (c, t, h, w) order."""
+        proj = self.patch_embedding.projection
+        return F.linear(patches, proj.weight.flatten(1), proj.bias)
 
     def embed_visible(self, x: Tensor, visible: Tensor) -> Tensor:  # [B, C, T, H, W], [B, N] -> [B, N_vis, D]
         """`embed(x)[visible]` without embedding the hidden patches: the Conv3d as a matmul on the visible ones.
@@ -74,8 +86,7 @@ class MarlinEncoder(nn.Module):
         c, b = self.config, x.shape[0]
         patches = patchify(x, c.tubelet_size, c.patch_size)  # [B, N, C*t*p*p], the Conv3d weight's (c, t, h, w) order
         patches = patches[visible].view(b, -1, patches.shape[-1])  # [B, N_vis, C*t*p*p]
-        proj = self.patch_embedding.projection
-        tokens = F.linear(patches, proj.weight.flatten(1), proj.bias)  # [B, N_vis, D]
+        tokens = self._project(patches)  # [B, N_vis, D]
         pos = self.pos_embedding.emb.expand(b, -1, -1)[visible].view_as(tokens)  # [B, N_vis, D]
         return tokens + pos
 
