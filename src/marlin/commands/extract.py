@@ -12,8 +12,14 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from marlin.commands.options import add_model_arguments
+
+if TYPE_CHECKING:
+    import torch
+
+    from marlin import Marlin
 
 # Ranks wait for the slowest at the end (extraction shards can differ by hours): far beyond torch's 30 min default.
 RANK_TIMEOUT = timedelta(days=7)
@@ -32,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reduction", choices=("none", "mean", "max"), default="none", help="pool over windows")
     p.add_argument("--keep-seq", action="store_true", help="keep all tokens per window: [windows, 1568, D]")
     p.add_argument("--batch-size", type=int, default=8, help="windows per encoder call, across videos")
+    p.add_argument("--compile", action="store_true", help="torch.compile each encoder block (GPUs; the first batch "
+                   "of each size compiles)")  # fmt: skip
     p.add_argument(
         "--dtype",
         choices=("auto", "fp32", "bf16", "fp16", "int8"),
@@ -85,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _run_rank(args, inputs)
-    from marlin.models.model import from_spec
     from marlin.video.extract import extract_many, write_combined
     from marlin.video.shard import Shard
 
@@ -94,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--combined with --shard: a shard has part of the features; once every shard is done run "
                          f"`marlin extract --merge {args.out} --combined {args.combined}`")  # fmt: skip
     options = _options(args, shard)  # checks the option values before the model loads
-    model = from_spec(args.model, random_init=args.random_init).to(args.device).eval().for_inference(args.dtype)
+    model = _model(args, args.device)
     summary = extract_many(model, inputs, args.out, options)
     print_summary(summary)
     if args.combined:
@@ -102,9 +109,16 @@ def run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _model(args: argparse.Namespace, device: str | torch.device) -> Marlin:
+    """The encoder the options ask for, on `device`, ready for inference in ``--dtype`` (compiled with --compile)."""
+    from marlin.models.model import from_spec
+
+    model = from_spec(args.model, random_init=args.random_init).to(device).eval().for_inference(args.dtype)
+    return model.compile_blocks() if args.compile else model
+
+
 def _run_rank(args: argparse.Namespace, inputs: list[Path]) -> int:
     """One rank of a torchrun job: extract shard RANK/WORLD_SIZE; rank 0 then merges every rank's rows."""
-    from marlin.models.model import from_spec
     from marlin.utils.distributed import barrier, gather_to_main, init_distributed, shutdown_distributed
     from marlin.video.extract import extract_many, index_row
     from marlin.video.shard import Shard, merge_shards
@@ -115,7 +129,7 @@ def _run_rank(args: argparse.Namespace, inputs: list[Path]) -> int:
     try:
         shard = Shard(info.rank, info.world_size)
         options = _options(args, shard)
-        model = from_spec(args.model, random_init=args.random_init).to(info.device).eval().for_inference(args.dtype)
+        model = _model(args, info.device)
         summary = extract_many(model, inputs, args.out, options)
         print_summary(summary, f"rank {info.rank} (shard {shard}): ")
         gathered = gather_to_main([index_row(r) for r in summary.results])

@@ -84,6 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute encoder activations in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile each encoder block (GPUs)")
     p.add_argument("--no-train-eval", action="store_true", help="skip the final metrics on the training split")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines "
                    "(default: %(default)s)")  # fmt: skip
@@ -104,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         train_clip=args.train_clip, head_norm=args.head_norm, centre=args.centre, hflip=args.hflip,
         workers=args.workers, seed=args.seed,
         out=args.out, device=args.device, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
-        eval_train=not args.no_train_eval, log_every=args.log_every,
+        compile=args.compile, eval_train=not args.no_train_eval, log_every=args.log_every,
     )  # fmt: skip
 
 

@@ -43,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, help="DataLoader workers per process")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute encoder activations in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (GPUs)")
     p.add_argument("--seed", type=int)
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--export-from", metavar="CHECKPOINT", help="only export a training checkpoint's model to OUT")
@@ -59,6 +60,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         ("epochs", args.epochs), ("batch_size", args.batch_size), ("accum_steps", args.accum),
         ("precision", args.precision), ("device", args.device), ("data.num_workers", args.workers),
         ("seed", args.seed), ("grad_checkpointing", True if args.grad_checkpointing else None),
+        ("compile", True if args.compile else None),
     ]  # fmt: skip
     return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in pairs if v is not None]
 

@@ -7,10 +7,15 @@ part of the public checkpoint format: renaming any of them breaks loading of the
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+log = logging.getLogger("marlin")
 
 
 def sincos_table(n_positions: int, dim: int) -> Tensor:
@@ -40,6 +45,16 @@ class SinCosPositionalEmbedding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [B, N, D] -> [B, N, D]
         return x + self.emb
+
+
+def compile_each(modules: Iterable[nn.Module], **options: Any) -> int:
+    """``torch.compile`` each module in place (`nn.Module.compile`: its state dict keeps its keys, unlike a wrapping
+    ``torch.compile(module)``), `options` passed on; logged once per call. Returns how many."""
+    modules = list(modules)
+    for module in modules:
+        module.compile(**options)
+    log.info("torch.compile: %d blocks (the first call per input shape compiles)", len(modules))
+    return len(modules)
 
 
 class PatchEmbedding3d(nn.Module):

@@ -33,7 +33,7 @@ from . import checkpoint as ckpt_io
 from .config import MarlinConfig
 from .decoder import MarlinDecoder
 from .encoder import MarlinEncoder
-from .layers import KERNEL_DTYPES, Attention, Mlp, packed_linear_available
+from .layers import KERNEL_DTYPES, Attention, Mlp, compile_each, packed_linear_available
 from .registry import get_config
 
 log = logging.getLogger("marlin")
@@ -264,6 +264,15 @@ class Marlin(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> Marlin:
         self.encoder.grad_checkpointing = enable
+        return self
+
+    def compile_blocks(self, **options: Any) -> Marlin:
+        """Each transformer block (encoder and decoder) through ``torch.compile`` in place, `options` passed on; the
+        state dict, checkpoints and exports keep their keys. The first call per input shape compiles (tens of seconds
+        on a CPU); what training configs' ``compile=true`` and ``marlin extract --compile`` do. Meant for GPUs
+        (fused element-wise work around the matmuls); on a CPU marlin's inference kernels already run the matmuls
+        near the machine's rate."""
+        compile_each([*self.encoder.blocks, *(self.decoder.blocks if self.decoder is not None else [])], **options)
         return self
 
     def no_weight_decay(self) -> set[str]:

@@ -145,6 +145,8 @@ class PretrainConfig:
     # master weights and losses stay float32)
     precision: str = "auto"
     grad_checkpointing: bool = False  # recompute encoder activations in the backward pass
+    # torch.compile each transformer block (`Marlin.compile_blocks`): for long runs on GPUs; the first steps compile
+    compile: bool = False
     device: str = "auto"  # "auto" (cuda:LOCAL_RANK when available, else cpu), "cpu", "cuda"
     out_dir: str = "runs/pretrain"
     data: DataConfig = field(default_factory=DataConfig)

@@ -47,6 +47,7 @@ from ..evaluate.metrics import bootstrap_interval, compute_metrics, primary_metr
 from ..evaluate.splits import SplitError, split_indices, subsample
 from ..models.config import MarlinConfig
 from ..models.encoder import MarlinEncoder
+from ..models.layers import compile_each
 from ..utils.distributed import DistInfo, init_distributed, is_distributed, shutdown_distributed
 from ..utils.fileio import atomic_write, atomic_write_text, json_safe
 from ..utils.monitor import format_duration
@@ -118,6 +119,7 @@ class FinetuneConfig:
     device: str = "auto"
     precision: str = "fp32"  # or "bf16" (autocast), or "auto" (`training_precision`); fp32: bf16 not measured here yet
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile each encoder block (GPUs; the first steps compile)
     eval_train: bool = True  # also report metrics on the training split with the best weights
     log_every: int = 50  # steps between progress lines within an epoch
 
@@ -476,6 +478,8 @@ class _Run:
         if cfg.freeze_encoder:
             model.encoder.requires_grad_(False)
         model.encoder.grad_checkpointing = cfg.grad_checkpointing
+        if cfg.compile:
+            compile_each(model.encoder.blocks)
         self.groups = layer_decay_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
         self.optimizer = make_optimizer(self.groups, cfg.lr)
         self.params = [p for g in self.groups for p in g["params"]]

@@ -132,6 +132,8 @@ class Pretrainer:
         if cfg.init:
             self._load_init(cfg.init)
         self.model.set_grad_checkpointing(cfg.grad_checkpointing)
+        if cfg.compile:
+            self.model.compile_blocks()
         self.model.train()
         self.critic = PatchCritic.from_config(cfg.model).to(self.device) if cfg.loss.adversarial else None
         torch.manual_seed(derive_seed(cfg.seed, "rank", self.dist.rank))  # per-rank stream for anything else
