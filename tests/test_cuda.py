@@ -112,3 +112,19 @@ def test_allow_tf32_applies_on_cuda_only() -> None:
     assert allow_tf32("cuda") and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     assert not allow_tf32("cpu") and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_the_attentive_probe_trains_on_the_gpu_like_on_the_cpu() -> None:
+    from marlin.evaluate.attentive import AttentiveConfig, AttentiveProbe
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    x = rng.normal(size=(200, 8, 16)).astype(np.float32)
+    x[np.arange(200), 3, :3] += 3 * np.eye(3, dtype=np.float32)[y]  # the class sits in token 3
+    acc = {}
+    for device in ("cpu", "cuda"):
+        probe = AttentiveProbe("multiclass", 3, AttentiveConfig(epochs=10, lr_grid=(3e-3,), device=device))
+        scores = probe.fit(x[:150], y[:150], select=False).scores(x[150:])
+        assert next(probe.model.parameters()).device.type == device and isinstance(scores, np.ndarray)
+        acc[device] = (scores.argmax(1) == y[150:]).mean()
+    assert acc["cuda"] > 0.9 and abs(acc["cuda"] - acc["cpu"]) <= 0.06, acc

@@ -118,6 +118,18 @@ def test_attentive_probe_regression_and_binary_shapes():
         AttentiveProbe("binary", 1, cfg).fit(x.mean(1), y)
 
 
+def test_attentive_probe_device_auto_trains_where_torch_sees_a_gpu_and_a_missing_gpu_is_refused():
+    x, y = marker_tokens(80, k=2)
+    cfg = AttentiveConfig(epochs=2, lr_grid=(1e-3,))
+    cpu = AttentiveProbe("multiclass", 2, cfg).fit(x, y, select=False).scores(x)
+    auto = AttentiveProbe("multiclass", 2, AttentiveConfig(epochs=2, lr_grid=(1e-3,), device="auto"))
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        np.testing.assert_array_equal(auto.fit(x, y, select=False).scores(x), cpu)  # same seed, same device
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            AttentiveProbe("multiclass", 2, AttentiveConfig(epochs=2, device="cuda")).fit(x, y)
+
+
 def test_run_probe_attentive_head_on_a_fixed_split_with_interval():
     x, y = marker_tokens(300)
     splits = ["test" if i % 5 == 0 else "train" for i in range(300)]
@@ -257,6 +269,10 @@ def test_cli_probe_attentive_head_and_layer_extract_on_the_fly(tmp_path, capsys)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "attentive head" in captured.out and "95% bootstrap interval" in captured.out
+    if not torch.cuda.is_available():
+        argv = ["probe", "--labels", str(tmp_path / "m.csv"), "--label", "kind", "--device", "cuda"]
+        assert main([*argv, "--out", str(tmp_path / "o2")]) == 2
+        assert "--device cuda: torch sees no CUDA GPU here" in capsys.readouterr().err
     feats = list((tmp_path / "o" / "features_layer1_tokens").glob("*.npy"))
     assert len(feats) == 12 and np.load(feats[0]).ndim == 3  # [W, L, D] tokens were extracted
     res = json.loads((tmp_path / "o" / "results.json").read_text())

@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "(without it, features are extracted with --model)")  # fmt: skip
     add_model_arguments(src)
     src.add_argument("--crop-face", action="store_true", help="with --model: detect and crop faces first")
+    src.add_argument("--device", default="cpu", help="where the encoder runs (with --model) and the attentive head "
+                     "trains: cpu (default), cuda[:i], or auto (the GPU when there is one)")  # fmt: skip
+    src.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16", "int8"), default="auto",
+                     help="with --model: encoder precision, as in `marlin extract` (default: auto)")  # fmt: skip
     src.add_argument("--layer", type=int, metavar="K",
                      help="with --model: features from encoder block K (1 = first; default: the last)")  # fmt: skip
     src.add_argument("--reduce", choices=("mean", "max", "concat"), default="mean",
@@ -93,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.layer is not None and args.features is not None:
             raise ValueError("--layer picks the encoder block to extract from: it needs --model, not --features")
+        if args.device.startswith("cuda") and not _cuda_available():
+            raise ValueError(f"--device {args.device}: torch sees no CUDA GPU here (use cpu or auto)")
         if args.time_steps != 1 and args.head != "attentive":
             raise ValueError("--time-steps is an option of the attentive head (--head attentive)")
         if args.time_steps < 1:
@@ -110,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             head=args.head, folds=args.folds if args.split == "kfold" else None, split=args.split_fractions,
             train_fractions=args.train_fractions, pca=args.pca, standardize=not args.no_standardize, l2=args.l2,
             centre=args.centre,
-            attentive=AttentiveConfig(time_steps=args.time_steps), seed=args.seed,
+            attentive=AttentiveConfig(time_steps=args.time_steps, device=args.device), seed=args.seed,
             extra={"features": str(feats_src), "labels": str(args.labels), "reduce": args.reduce, "layer": args.layer},
         )  # fmt: skip
         results = run_probe(x, labels, cfg)
@@ -134,8 +140,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _extract(args: argparse.Namespace, labels) -> Path:  # noqa: ANN001
     """Extract features for the labelled videos into OUT/features[_layerK][_tokens] (resumable); return that folder."""
+    import torch
+
     from marlin.commands.extract import print_summary
     from marlin.models.model import from_spec
     from marlin.video.extract import ExtractOptions, extract_many
@@ -148,6 +162,8 @@ def _extract(args: argparse.Namespace, labels) -> Path:  # noqa: ANN001
     model = from_spec(args.model, random_init=args.random_init).eval()
     if args.layer is not None:
         model = model.at_layer(args.layer)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = model.to(device).for_inference(args.dtype)
     opts = ExtractOptions(crop_face=args.crop_face, keep_seq=tokens)
     summary = extract_many(model, [Path(p) for p in labels.paths], out, opts)
     print_summary(summary)

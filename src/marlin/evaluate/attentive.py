@@ -66,6 +66,7 @@ class AttentiveConfig:
     weight_decay: float = 0.05
     val_fraction: float = 0.2  # of the training rows, held out to choose the learning rate and the epoch count
     seed: int = 0
+    device: str = "cpu"  # where the pooler trains: "cpu", "cuda[:i]", or "auto" (the GPU when there is one)
 
 
 def centre_tokens(x: np.ndarray, time_steps: int, clip_steps: int | None = None) -> np.ndarray:
@@ -187,7 +188,21 @@ class AttentiveProbe:
         return centre_tokens(x, cfg.time_steps, cfg.clip_steps) if cfg.centre else np.asarray(x, dtype=np.float32)
 
     def _inputs(self, x: np.ndarray) -> Tensor:
-        return torch.from_numpy((self._centred(x) - self.mu) / self.sigma)
+        batch = torch.from_numpy((self._centred(x) - self.mu) / self.sigma)
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch
+
+    @property
+    def device(self) -> torch.device:
+        """``cfg.device`` resolved; a GPU asked for where torch sees none is refused with the reason."""
+        name = self.cfg.device
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"attentive probe device {name!r}: torch {torch.__version__} sees no CUDA GPU here")
+        return dev
 
     def _train(self, x: np.ndarray, y: np.ndarray, lr: float, stop: int, val: tuple | None = None) -> list[float]:
         """Train a fresh pooler for `stop` epochs of the ``cfg.epochs``-long schedule; returns the validation score
@@ -197,12 +212,12 @@ class AttentiveProbe:
         torch.manual_seed(cfg.seed)
         n_tokens = x.shape[1] if cfg.positions else None
         self.model = AttentivePooler(x.shape[-1], self.n_outputs, heads=cfg.heads, n_tokens=n_tokens,
-                                     time_steps=cfg.time_steps)  # fmt: skip
+                                     time_steps=cfg.time_steps).to(self.device)  # fmt: skip
         opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=cfg.epochs * steps_per_epoch,
                                                     pct_start=0.1)  # fmt: skip
-        targets, history = self._targets(y), []
+        targets, history = self._targets(y).to(self.device), []
         for _ in range(stop):
             self.model.train()
             for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
@@ -252,7 +267,7 @@ class AttentiveProbe:
         if self.model is None:
             raise RuntimeError("AttentiveProbe: call fit() first")
         self.model.eval()
-        out = [self.model(self._inputs(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+        out = [self.model(self._inputs(x[i : i + batch_size])).cpu() for i in range(0, len(x), batch_size)]
         s = torch.cat(out)
         if self.task == "regression":
             s = s * self.y_std + self.y_mean
