@@ -158,9 +158,9 @@ def window_losses(gen: LipGenerator, batch: dict[str, Tensor], expert: Any, sync
     the generator hears silence instead of a window's sound with probability `sound_dropout` (the expert always
     hears the sound)."""
     c = gen.config
-    target = batch["target"].to(device).float().div_(255.0)  # [B, 3, T, S, S]
-    reference = batch["reference"].to(device).float().div_(255.0)
-    mel = batch["mel"].to(device)  # [B, 80, L]
+    target = batch["target"].to(device, non_blocking=True).float().div_(255.0)  # [B, 3, T, S, S]
+    reference = batch["reference"].to(device, non_blocking=True).float().div_(255.0)
+    mel = batch["mel"].to(device, non_blocking=True)  # [B, 80, L]
     pred = (net or gen)(target, reference, drop_sound(mel, sound_dropout, SILENCE_MEL, rng))  # [B, N_lower, patch_dim]
     truth = patchify(target, c.tubelet_size, c.patch_size)[:, gen.lower]
     ref = patchify(reference, c.tubelet_size, c.patch_size)[:, gen.lower]
@@ -193,7 +193,7 @@ def evaluate_generator(gen: LipGenerator, data: LipWindows, *, expert: Any = Non
     device = torch.device(device)
     sums: dict[str, float] = {}
     n = 0
-    for batch in DataLoader(data, batch_size=batch_size, num_workers=workers):
+    for batch in DataLoader(data, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"):
         terms = window_losses(gen, batch, None, 0.0, device)
         b = len(batch["mel"])
         if b > 1:  # each window drawn with another one's sound: as good as with its own means a deaf generator

@@ -90,10 +90,12 @@ def evaluate_pairs(expert: SyncExpert, data: SyncPairs, *, batch_size: int = 8, 
     from ..evaluate.metrics import binary_auc
 
     expert.eval()
-    loader = DataLoader(data, batch_size=batch_size, num_workers=workers)
+    device = torch.device(device)
+    loader = DataLoader(data, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     losses, firsts, scores, labels = [], [], [], []
     for batch in loader:
-        logits = expert(batch["video"].to(device).float().div_(255.0), batch["mel"].to(device)).float().cpu()
+        video, mel = batch["video"].to(device, non_blocking=True), batch["mel"].to(device, non_blocking=True)
+        logits = expert(video.float().div_(255.0), mel).float().cpu()
         per, first = pair_loss(logits)
         losses.append(per), firsts.append(first)
         scores.append(logits.flatten())
@@ -139,7 +141,8 @@ class _Run(StepRun):
         if self.cfg.freeze_encoder and self.expert.encoder is not None:
             self.expert.encoder.eval()
         with autocast(dev, self.cfg.precision):
-            logits = self.net(batch["video"].to(dev).float().div_(255.0), batch["mel"].to(dev))
+            video, mel = batch["video"].to(dev, non_blocking=True), batch["mel"].to(dev, non_blocking=True)
+            logits = self.net(video.float().div_(255.0), mel)
         per, first = pair_loss(logits)
         loss = per.mean()
         if not torch.isfinite(loss):
