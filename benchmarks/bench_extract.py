@@ -4,7 +4,8 @@ Speed (default): one process holds every path with the same weights (the officia
 paths take turns clip batch by clip batch, so a loaded machine slows them alike and the ratios hold. Paths: `official`
 (marlin-pytorch 0.3.4 fp32, needs `pip install --no-deps marlin-pytorch==0.3.4 einops`), `naive` (ours with explicit
 attention, the official computation), `fp32` (ours, SDPA), `int8` (`Marlin.for_inference("int8")`: its attention in
-bf16 where the CPU has bf16 units), `int8-sdpa` (int8 linears, float32 SDPA attention everywhere), `bf16` / `fp16`
+bf16 where the CPU has bf16 units), `int8-sdpa` (int8 linears, float32 SDPA attention everywhere), `int8-7bit`
+(the int8 path with the 7-bit activation grid of CPUs without VNNI, where `int8` takes 8 bits), `bf16` / `fp16`
 (`for_inference`: autocast, plus marlin's bf16 kernels on CPUs with bf16 units; by default only where the device has
 native units), `bf16-autocast` (plain bf16 autocast and SDPA, what the bf16 kernels replace), `fp32-plain` (`F.linear`
 instead of the fp32 path's prepacked linears). In the same turns it
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-PATHS = ("official", "naive", "fp32", "fp32-plain", "int8", "int8-sdpa", "bf16", "bf16-autocast", "fp16")
+PATHS = ("official", "naive", "fp32", "fp32-plain", "int8", "int8-sdpa", "int8-7bit", "bf16", "bf16-autocast", "fp16")
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "marlin_samples"
 
 
@@ -69,7 +70,7 @@ def official_model(variant: str):
 
 
 #: Paths that exist on a CPU only (torch's int8 engine, marlin's CPU kernels turned off to measure them).
-CPU_ONLY = ("int8", "int8-sdpa", "fp32-plain", "bf16-autocast")
+CPU_ONLY = ("int8", "int8-sdpa", "int8-7bit", "fp32-plain", "bf16-autocast")
 
 
 def build_paths(variant: str, paths: list[str], device: torch.device) -> dict:
@@ -101,10 +102,10 @@ def build_paths(variant: str, paths: list[str], device: torch.device) -> dict:
                 warnings.simplefilter("ignore")  # its fidelity warning: measured on purpose
                 q = ours.for_inference("int8")
             fns["int8"] = lambda x, m=q: m.extract_features(x, keep_seq=False)
-        elif name == "int8-sdpa":
+        elif name in ("int8-sdpa", "int8-7bit"):
             from marlin.models.quantize import quantize_int8
 
-            q = quantize_int8(ours, bf16_attn=False)
+            q = quantize_int8(ours, bf16_attn=False) if name == "int8-sdpa" else quantize_int8(ours, full_range=False)
             fns[name] = lambda x, m=q: m.extract_features(x, keep_seq=False)
         elif name in ("bf16", "bf16-autocast", "fp16"):
             low = copy_of(ours)
@@ -259,6 +260,13 @@ def spread_error(feats: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((d - r) / r.std(0).clamp_min(1e-12)).pow(2).mean().sqrt())
 
 
+def varying_error(feats: torch.Tensor, ref: torch.Tensor) -> float:
+    """`spread_error` of the part of the change that differs between clips (the change minus its mean over the
+    clips): a shift shared by every clip is removed by any probe's standardisation, so this is what a probe sees."""
+    d = (feats.double() - ref.double()).flatten(1)
+    return spread_error(ref.double().flatten(1) + d - d.mean(0), ref)
+
+
 @torch.inference_mode()
 def run_fidelity(args: argparse.Namespace) -> list[dict]:
     """Cosine of pooled features and of tokens, int8 (and `--fidelity-paths`) vs fp32, on real face clips."""
@@ -281,17 +289,25 @@ def run_fidelity(args: argparse.Namespace) -> list[dict]:
     for path in args.fidelity_paths:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = model.for_inference(path)
+            if path == "int8-7bit":
+                from marlin.models.quantize import quantize_int8
+
+                m = quantize_int8(model.for_inference("fp32"), full_range=False)
+            else:
+                m = model.for_inference(path)
         pool = torch.cat([m.extract_features(c[None], keep_seq=False) for c in x])
         tok = torch.cat([m.extract_features(c[None], keep_seq=True) for c in x])
         cp, ct = F.cosine_similarity(pool, ref_pool, dim=-1), F.cosine_similarity(tok, ref_tok, dim=-1)
         row = {"model": name, "path": path, "pooled_min": cp.min().item(), "pooled_mean": cp.mean().item(),
                "tokens_min": ct.min().item(), "tokens_mean": ct.mean().item(), "pooled_spread_err":
-               spread_error(pool, ref_pool), "tokens_spread_err": spread_error(tok, ref_tok)}  # fmt: skip
+               spread_error(pool, ref_pool), "tokens_spread_err": spread_error(tok, ref_tok), "pooled_varying_err":
+               varying_error(pool, ref_pool), "tokens_varying_err": varying_error(tok, ref_tok)}  # fmt: skip
         rows.append(row)
         print(f"  {path}: pooled cosine min {row['pooled_min']:.5f} mean {row['pooled_mean']:.5f}; "
               f"tokens min {row['tokens_min']:.5f} mean {row['tokens_mean']:.5f}; error / spread between clips: "
-              f"pooled {row['pooled_spread_err']:.3f}, tokens {row['tokens_spread_err']:.3f}", flush=True)  # fmt: skip
+              f"pooled {row['pooled_spread_err']:.3f}, tokens {row['tokens_spread_err']:.3f}; its part that differs "
+              f"between clips: pooled {row['pooled_varying_err']:.3f}, tokens {row['tokens_varying_err']:.3f}",
+              flush=True)  # fmt: skip
         model.for_inference("fp32")
     return rows
 
@@ -306,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (GPU: official, naive, fp32, bf16, fp16)")
     p.add_argument("--fidelity", action="store_true", help="measure fidelity on face clips instead of speed")
-    p.add_argument("--fidelity-paths", nargs="+", default=["int8", "bf16"], choices=("int8", "bf16", "fp16"))
+    fid_paths = ("int8", "int8-7bit", "bf16", "fp16")
+    p.add_argument("--fidelity-paths", nargs="+", default=["int8", "bf16"], choices=fid_paths)
     p.add_argument("--checkpoint", help="--fidelity: a trained checkpoint instead of the random-init --variant")
     p.add_argument("--clips", type=int, default=8, help="--fidelity: number of face clips")
     p.add_argument("--json", help="also write all rows to this JSON file")

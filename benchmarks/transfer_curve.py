@@ -298,7 +298,12 @@ def encoder_model(args: argparse.Namespace, name: str, ckpt: Path | None):  # no
     name = name.split("~")[0]  # a view changes how the features are taken, not the model
     if ckpt is not None:
         model = from_spec(str(ckpt)).eval()
-        return model.for_inference(name.split("+")[1]) if "+" in name else model
+        precision = name.split("+")[1] if "+" in name else None
+        if precision == "int8-7bit":  # the int8 path as CPUs without VNNI run it (see marlin.models.quantize)
+            from marlin.models.quantize import quantize_int8
+
+            return quantize_int8(model.for_inference("fp32"), full_range=False)
+        return model.for_inference(precision) if precision else model
     torch.manual_seed(0)
     config = run_dir(args, args.runs[0]) / "config.yaml"
     if config.is_file() or not args.encoder:
@@ -369,7 +374,7 @@ def stage_features(args: argparse.Namespace, stores: dict[str, Path]) -> None:
         depth = len(model.encoder.blocks)
         layers = tuple(sorted({depth // 3, 2 * depth // 3, depth}))
         # int8 quantises activations per call: one clip per call, as `Marlin.for_inference` runs it on a CPU
-        feats = encode_all(model, clips, centres, layers, batch=1 if name.endswith("+int8") else 12,
+        feats = encode_all(model, clips, centres, layers, batch=1 if "+int8" in name else 12,
                            per_step=name.endswith("~steps"))  # fmt: skip
         for kind, arr in feats.items():
             target = feature_file(args, name, kind)
@@ -839,7 +844,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--encoder", action="append", default=[], metavar="NAME=PATH",
                     help="also probe this trained encoder (an exported model or checkpoint; repeatable)")  # fmt: skip
-    ap.add_argument("--copies", nargs="*", default=[], choices=("int8", "bf16"),
+    ap.add_argument("--copies", nargs="*", default=[], choices=("int8", "int8-7bit", "bf16"),
                     help="also probe each trained encoder in these precisions (NAME+int8, ...)")  # fmt: skip
     ap.add_argument(
         "--views",

@@ -12,7 +12,7 @@ from marlin import Marlin, get_config
 from marlin.models import quantize
 from marlin.models.layers import Attention, Mlp, PackedLinear, bf16_attention, packed_linear_available
 from marlin.utils import precision as prec
-from marlin.utils.precision import DeviceCaps, resolve_precision
+from marlin.utils.precision import DeviceCaps, _cpu_flags, resolve_precision
 
 CUDA_BF16 = DeviceCaps("cuda", "H100", bf16=True, fp16=True)
 CUDA_OLD = DeviceCaps("cuda", "T4", bf16=False, fp16=True)
@@ -348,3 +348,37 @@ def test_fp32_kernels_leave_other_dtypes_and_gradients_to_the_plain_modules():
     out = model.extract_features(grad_x, keep_seq=False)  # input needing gradients: the autograd path
     out.sum().backward()
     assert grad_x.grad is not None and torch.allclose(out, ref, atol=1e-5)
+
+
+@needs_int8
+def test_int8_activation_grid_is_8_bit_only_where_int8_dot_products_cannot_overflow():
+    """Inputs at the top of the activation grid against weights of +127: on AVX2, u8 x s8 pairs summed in saturating
+    16 bits overflow at 8 bits (255 * 127 * 2 > 32767) and halve the result; at 7 bits (127 * 127 * 2) they cannot.
+    The grid chosen for this CPU must give the float result."""
+    flags = _cpu_flags()
+    full = quantize.int8_full_range(flags)
+    assert full == bool({"avx512_vnni", "amx_int8"} & flags)
+    for grid in sorted({False, full}):  # 7 bits everywhere, and 8 where this CPU allows it
+        linear = torch.nn.Linear(64, 4, bias=False)
+        with torch.no_grad():
+            linear.weight.fill_(1.0)
+        q = quantize.quantize_linears(torch.nn.Sequential(linear), full_range=grid)
+        assert [m.full_range for m in q.modules() if isinstance(m, quantize.Int8Linear)] == [grid]
+        out = q(torch.ones(3, 64))
+        assert torch.allclose(out, torch.full((3, 4), 64.0), rtol=0.02), (grid, out)  # not ~32: saturated pairs
+
+
+@needs_int8
+@pytest.mark.filterwarnings("ignore:int8 linears")
+def test_int8_copy_takes_its_activation_grid_from_the_capability_probe():
+    model = tiny()
+    vnni = DeviceCaps("cpu", "cpu", int8=True, vnni=True, cpu_capability="AVX512", flags=frozenset({"avx512_vnni"}))
+    copies = {"avx2": model.for_inference("int8", caps=CPU_AVX2), "vnni": model.for_inference("int8", caps=vnni)}
+    grids = {k: {m.full_range for m in q.modules() if isinstance(m, quantize.Int8Linear)} for k, q in copies.items()}
+    assert grids == {"avx2": {False}, "vnni": {True}}
+    x = clips(2)
+    ref = model.extract_features(x, keep_seq=True)
+    safe = ["avx2", "vnni"] if quantize.int8_full_range(_cpu_flags()) else ["avx2"]  # 8 bits would overflow here
+    for name in safe:
+        out = copies[name].extract_features(x, keep_seq=True)
+        assert F.cosine_similarity(out, ref, dim=-1).min() >= 0.99

@@ -209,9 +209,9 @@ class Marlin(nn.Module):
         # on a 2-core EPYC); a GPU needs the whole batch
         self.encoder.clips_per_pass = 1 if self.device.type == "cpu" else 0
         if name == "int8":
-            from .quantize import quantize_int8
+            from .quantize import int8_full_range, quantize_int8
 
-            return quantize_int8(self, bf16_attn=caps.bf16)
+            return quantize_int8(self, bf16_attn=caps.bf16, full_range=int8_full_range(caps.flags))
         return self
 
     def _cpu_kernels(self, caps: DeviceCaps) -> str:
