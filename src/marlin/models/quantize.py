@@ -12,7 +12,8 @@ measured on an AVX512-BF16 EPYC, whose CPU flash attention gains nothing from bf
 is emulated there). LayerNorm, GELU and the Conv3d patch embedding stay float32. Measured: ViT-B 1.3-1.4x fp32 on a
 2-core AVX2 CPU, ~2.2x on a 2-core AVX512-BF16 EPYC; pooled-feature cosine to fp32 > 0.9999 on face clips, yet on GRID
 clips the features moved by 0.56 (random init) / 0.08 (pretrained) of their spread between clips and a lip-reading probe
-lost 0.10 / 0.02-0.03 of mean accuracy (README "Precision"): which is why `auto` never picks this path.
+lost 0.10 / 0.02-0.03 of mean accuracy with 7-bit activations, 0.027 (random init) with 8 bits, against bf16's 0.008
+(README "Precision"): which is why `auto` never picks this path.
 
 The fp32 model keeps a bias-free `qkv` Linear plus separate q / v biases (the checkpoint layout) and calls
 `F.linear` on its weight; dynamic quantisation only replaces real `nn.Linear` modules that are called, so the copy
