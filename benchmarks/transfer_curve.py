@@ -141,15 +141,19 @@ RUNS = {
     "tube_raw": ["mask.strategy=tube", "loss.adversarial=false", "loss.norm_target=false"],
     # one speaker is 86% of the clips ("what the models learn is one speaker"): each store drawn as often as the other
     "marlin_balance": [*RUNS_MARLIN, "data.balance=store"],
+    "marlin_seed1": [*RUNS_MARLIN, "seed=1"],
+    "marlin_balance_seed1": [*RUNS_MARLIN, "data.balance=store", "seed=1"],
     # the learning rate: 5x lower (MAE's linear scaling rule would give 4.7e-6 for batch 8; the runs use 5e-4)
     "tube_lr1e-4": ["mask.strategy=tube", "loss.adversarial=false", "optim.lr=1e-4"],
 }
 # per run, in RUNS order
 COLOURS = ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:pink",
-           "tab:gray", "black", "lightsteelblue", "darkred", "goldenrod", "navy", "tab:cyan")  # fmt: skip
+           "tab:gray", "black", "lightsteelblue", "darkred", "goldenrod", "lightcoral", "khaki", "navy",
+           "tab:cyan")  # fmt: skip
 # short runs, stopped at --variant-steps
 VARIANTS = ("fasking", "fasking_opp", "random_mask", "fasking_75", "fasking_reg", "marlin_reg", "fasking_seed1",
-            "fasking_reg_seed1", "tube_seed1", "marlin_raw", "tube_raw", "marlin_balance", "tube_lr1e-4")  # fmt: skip
+            "fasking_reg_seed1", "tube_seed1", "marlin_raw", "tube_raw", "marlin_balance", "marlin_seed1",
+            "marlin_balance_seed1", "tube_lr1e-4")  # fmt: skip
 
 
 def run_dir(args: argparse.Namespace, name: str) -> Path:
